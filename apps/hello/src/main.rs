@@ -1,0 +1,46 @@
+//! `hello`: prints its arguments and the guest time, optionally sleeps
+//! (tickless: HLT until a one-shot timer), and exits with a chosen status.
+//!
+//! Arguments: `exit=N` (status, default 0), `sleep-ms=N` (sleep before exit),
+//! any other words are echoed.
+#![no_std]
+#![no_main]
+
+use core::time::Duration;
+
+use ferry_runtime::{Env, println, time};
+
+ferry_runtime::main!(main);
+
+fn main(env: &Env) -> i32 {
+    let t = time::now().since_boot();
+    println!(
+        "hello from ferry-runtime on {}: args={:?} guest_time_us={} tsc_khz={}",
+        env.platform().name(),
+        env.args(),
+        t.as_micros(),
+        time::tsc_khz()
+    );
+    if let Some(ms) = env.arg("sleep-ms") {
+        let Ok(ms) = ms.parse::<u64>() else {
+            println!("hello: sleep-ms wants a whole number of milliseconds, got {ms:?}");
+            return 2;
+        };
+        let start = time::now();
+        time::sleep(Duration::from_millis(ms));
+        let slept = time::now().duration_since(start);
+        println!(
+            "hello: slept_us={} guest_time_us={}",
+            slept.as_micros(),
+            time::now().since_boot().as_micros()
+        );
+    }
+    match env.arg("exit").map(str::parse::<i32>) {
+        None => 0,
+        Some(Ok(code)) => code,
+        Some(Err(_)) => {
+            println!("hello: exit wants an integer status");
+            2
+        }
+    }
+}

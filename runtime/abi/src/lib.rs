@@ -1,0 +1,232 @@
+//! The contract between Ferry's guest runtime and Ferry's VMM.
+//!
+//! Everything both sides must agree on lives here and nowhere else: where the
+//! VMM puts its boot structures in guest-physical memory, which I/O ports are
+//! hypercalls, and the layout of the clock page through which the guest reads
+//! time. The crate is `no_std`, has no dependencies and is versioned by
+//! [`ABI_VERSION`]; a change to any layout below bumps it.
+//!
+//! Hypercalls follow uhyve's interface v2 (crate `uhyve-interface`) so that one
+//! image runs under stock uhyve and under Ferry: the guest writes to a port and
+//! passes its argument in `rdi` (a value, or the guest-physical address of a
+//! parameter block).
+//!
+//! ```
+//! use ferry_abi::ClockPage;
+//! let page = ClockPage::new(1_000, 0, 2_000_000, 0);
+//! // 2 GHz: 2,000 ticks after the base are one microsecond.
+//! assert_eq!(page.ns_at(3_000), 1_000);
+//! ```
+#![no_std]
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+/// Version of this contract. The VMM writes it into the device tree
+/// (`/ferry,vmm` `abi-version`); the runtime refuses a VMM with another one.
+pub const ABI_VERSION: u32 = 1;
+
+/// Guest-physical layout of the boot structures Ferry's VMM writes.
+///
+/// Everything below [`layout::KERNEL_ADDR`] belongs to the VMM's boot
+/// structures; the image is loaded at `KERNEL_ADDR` and the guest owns all
+/// memory after its image.
+pub mod layout {
+    /// Global descriptor table (3 entries: null, code, data).
+    pub const GDT_ADDR: u64 = 0x0;
+    /// Flattened device tree: `/chosen/bootargs`, memory, `/ferry,vmm`.
+    pub const FDT_ADDR: u64 = 0x1000;
+    /// Largest device tree the VMM writes.
+    pub const FDT_MAX_SIZE: u64 = 0x4000;
+    /// Hermit `RawBootInfo`.
+    pub const BOOT_INFO_ADDR: u64 = 0x5000;
+    /// The clock page ([`crate::ClockPage`]), one 4 KiB page.
+    pub const CLOCK_PAGE_ADDR: u64 = 0x6000;
+    /// Top-level page table (PML4); the PDPT follows at +0x1000.
+    pub const PML4_ADDR: u64 = 0x10000;
+    /// Page directories (2 MiB pages) start here, one per GiB of memory.
+    pub const PD_ADDR: u64 = 0x12000;
+    /// End of the page-table area.
+    pub const PAGE_TABLES_END: u64 = 0x38000;
+    /// Initial stack top (the runtime switches to its own stack at once).
+    pub const BOOT_STACK_TOP: u64 = 0x40000;
+    /// Where the image's first loadable segment goes (1 MiB, as under QEMU PVH).
+    pub const KERNEL_ADDR: u64 = 0x10_0000;
+    /// Start of the hole below 4 GiB kept free of RAM for device MMIO and the
+    /// local APIC; memory above it continues at 4 GiB.
+    pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+    /// End of the MMIO hole.
+    pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+}
+
+/// I/O ports the guest uses as hypercalls (uhyve interface v2 numbering).
+pub mod ports {
+    /// Exit the VM; `rdi` holds the exit status (an `i32`).
+    pub const EXIT: u16 = 0x1010;
+    /// Write one byte to the console; the byte is the low byte of `rdi`.
+    pub const SERIAL_WRITE_BYTE: u16 = 0x1020;
+    /// Write a buffer to the console; `rdi` holds the guest-physical address
+    /// of a [`crate::SerialWriteBuffer`].
+    pub const SERIAL_WRITE_BUFFER: u16 = 0x1030;
+}
+
+/// Parameter block of the serial-write-buffer hypercall (uhyve v2 layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SerialWriteBuffer {
+    /// Length of the buffer in bytes.
+    pub len: u64,
+    /// Guest-physical address of the buffer.
+    pub buf: u64,
+}
+
+/// Largest buffer one serial-write hypercall may pass; the VMM rejects more.
+pub const SERIAL_WRITE_MAX: u64 = 64 * 1024;
+
+/// Device-tree names the VMM uses for Ferry-specific information.
+pub mod fdt {
+    /// Node present only under Ferry's VMM.
+    pub const VMM_NODE: &str = "ferry,vmm";
+    /// Absolute path of [`VMM_NODE`].
+    pub const VMM_NODE_PATH: &str = "/ferry,vmm";
+    /// `u32` property of [`VMM_NODE`]: [`crate::ABI_VERSION`].
+    pub const ABI_VERSION_PROP: &str = "abi-version";
+    /// `u64` property of [`VMM_NODE`]: guest-physical address of the clock page.
+    pub const CLOCK_PAGE_PROP: &str = "clock-page";
+}
+
+/// The clock page: the VMM's statement of what time it is in the guest.
+///
+/// The guest's `rdtsc` is the host's TSC, which Ferry cannot move (see
+/// `shared/reference/pvm-facts.md`) and which is another counter altogether on
+/// another host. So guest time is `ns_base + (tsc - tsc_base) * mult >> 32`,
+/// with the page rewritten by the VMM whenever the relation changes (resume
+/// after pause, restore, migration). `generation` works as a seqlock: odd
+/// while the VMM writes, bumped to the next even value when done; a reader
+/// retries if it saw an odd value or the value changed under it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockPage {
+    /// Seqlock generation: odd while being written.
+    pub generation: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+    /// Host TSC value at which guest time was `ns_base`.
+    pub tsc_base: u64,
+    /// Guest monotonic time in ns at `tsc_base`.
+    pub ns_base: u64,
+    /// TSC rate in kHz (informational; `mult` is what the guest uses).
+    pub tsc_khz: u64,
+    /// `ns = ticks * mult >> 32`: `(10^6 << 32) / tsc_khz`.
+    pub mult: u64,
+    /// Unix time in ns at guest monotonic time 0 (for wall-clock time).
+    pub unix_ns_at_zero: u64,
+}
+
+impl ClockPage {
+    /// A page stating that guest time was `ns_base` when the TSC read
+    /// `tsc_base`, with the TSC running at `tsc_khz`.
+    ///
+    /// `tsc_khz` must not be zero (the VMM checks it before calling).
+    pub const fn new(tsc_base: u64, ns_base: u64, tsc_khz: u64, unix_ns_at_zero: u64) -> Self {
+        ClockPage {
+            generation: 0,
+            flags: 0,
+            tsc_base,
+            ns_base,
+            tsc_khz,
+            mult: mult_for_khz(tsc_khz),
+            unix_ns_at_zero,
+        }
+    }
+
+    /// Guest monotonic time in ns at TSC value `tsc`. A TSC value before the
+    /// base counts as the base: time never goes backwards.
+    pub const fn ns_at(&self, tsc: u64) -> u64 {
+        let ticks = tsc.saturating_sub(self.tsc_base);
+        self.ns_base.saturating_add(ticks_to_ns(ticks, self.mult))
+    }
+}
+
+/// The `mult` for a TSC rate: `(10^6 << 32) / tsc_khz`, saturating.
+pub const fn mult_for_khz(tsc_khz: u64) -> u64 {
+    if tsc_khz == 0 {
+        return 0;
+    }
+    let m = (1_000_000u128 << 32) / tsc_khz as u128;
+    if m > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        m as u64
+    }
+}
+
+/// Converts TSC ticks to ns with a `mult` from [`mult_for_khz`].
+pub const fn ticks_to_ns(ticks: u64, mult: u64) -> u64 {
+    let ns = (ticks as u128 * mult as u128) >> 32;
+    if ns > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        ns as u64
+    }
+}
+
+/// Converts ns to TSC ticks at `tsc_khz` (for arming timers), saturating.
+pub const fn ns_to_ticks(ns: u64, tsc_khz: u64) -> u64 {
+    let t = ns as u128 * tsc_khz as u128 / 1_000_000;
+    if t > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        t as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_is_exact_for_round_rates() {
+        for khz in [1_000_000u64, 2_000_000, 2_300_000, 3_000_000] {
+            let p = ClockPage::new(5, 7, khz, 0);
+            // one second of ticks is one second of ns (within 1 ns of rounding)
+            let ns = p.ns_at(5 + khz * 1000) - 7;
+            assert!(ns.abs_diff(1_000_000_000) <= 1, "{khz} kHz: {ns}");
+        }
+    }
+
+    #[test]
+    fn time_never_goes_before_base() {
+        let p = ClockPage::new(1_000_000, 42, 2_000_000, 0);
+        assert_eq!(p.ns_at(0), 42);
+        assert_eq!(p.ns_at(1_000_000), 42);
+    }
+
+    #[test]
+    fn slow_and_fast_tsc_rates_work() {
+        // a 500 MHz counter (mult above 2^32) and a 5 GHz one
+        let slow = ClockPage::new(0, 0, 500_000, 0);
+        assert_eq!(slow.ns_at(500), 1_000);
+        let fast = ClockPage::new(0, 0, 5_000_000, 0);
+        assert_eq!(fast.ns_at(5_000_000_000), 1_000_000_000);
+    }
+
+    #[test]
+    fn conversions_saturate() {
+        assert_eq!(ticks_to_ns(u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(ns_to_ticks(u64::MAX, u64::MAX), u64::MAX);
+        assert_eq!(mult_for_khz(0), 0);
+        assert_eq!(ns_to_ticks(1_000, 2_000_000), 2_000);
+    }
+
+    #[test]
+    fn layout_regions_do_not_overlap() {
+        use layout::*;
+        assert!(GDT_ADDR + 0x1000 <= FDT_ADDR);
+        assert!(FDT_ADDR + FDT_MAX_SIZE <= BOOT_INFO_ADDR);
+        assert!(BOOT_INFO_ADDR + 0x1000 <= CLOCK_PAGE_ADDR);
+        assert!(CLOCK_PAGE_ADDR + 0x1000 <= PML4_ADDR);
+        assert!(PD_ADDR < PAGE_TABLES_END && PAGE_TABLES_END < BOOT_STACK_TOP);
+        assert!(BOOT_STACK_TOP <= KERNEL_ADDR);
+        assert!(core::mem::size_of::<ClockPage>() <= 4096);
+    }
+}
