@@ -1,1 +1,32 @@
+//! Ferry's VMM: runs a Ferry (Hermit-ABI) unikernel image on KVM.
+//!
+//! Layers, bottom up:
+//! - [`memory`]: guest RAM (bounds-checked access, VMM-side dirty bitmap);
+//! - [`kvm`]: the only module that sets up KVM (VM, memory slots, vCPU state);
+//! - [`boot`]: the validating ELF loader and the Hermit boot structures;
+//! - [`clock`]: the clock page through which guest time survives pauses and moves;
+//! - [`devices`]: what the guest reaches by I/O (the console);
+//! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear guest faults;
+//! - [`vm`]: all of it, created from a [`vm::VmConfig`] and run to the end.
+//!
+//! The `ferry` binary (`src/bin/ferry.rs`) is the command line on top.
+//!
+//! ```no_run
+//! use ferry::{devices::console::Console, vm::{Vm, VmConfig}};
+//! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![] };
+//! let mut vm = Vm::create(&config, Console::new(Box::new(std::io::stdout()))).unwrap();
+//! let status = vm.run().unwrap();
+//! # let _ = status;
+//! ```
+//!
+//! Linux/KVM on x86_64 only.
+#![deny(missing_docs)]
 
+pub mod boot;
+pub mod clock;
+pub mod devices;
+pub mod kvm;
+pub mod memory;
+pub mod size;
+pub mod vcpu;
+pub mod vm;

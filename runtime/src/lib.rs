@@ -40,6 +40,7 @@ pub mod arch {
 }
 pub mod args;
 pub mod console;
+pub mod fdt;
 pub mod heap;
 pub mod platform;
 pub mod time;

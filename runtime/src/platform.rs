@@ -8,6 +8,7 @@ use ferry_abi::{ClockPage, SerialWriteBuffer, ports};
 use hermit_entry::boot_info::{BootInfo, PlatformInfo, RawBootInfo};
 
 use crate::arch::{apic, cpu, idt};
+use crate::fdt::Fdt;
 use crate::{args, heap, time};
 
 /// The machine the runtime booted on.
@@ -95,13 +96,17 @@ fn image_end() -> u64 {
 pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
     idt::init();
     let info = BootInfo::from(*raw);
-    let fdt_addr = info.hardware_info.device_tree.map(|a| a.get());
-    // SAFETY: the loader put a device tree at this address (or none).
-    let fdt = fdt_addr.and_then(|a| unsafe { fdt::Fdt::from_ptr(a as *const u8) }.ok());
-    let ferry_node = fdt
-        .as_ref()
-        .and_then(|f| f.find_node(ferry_abi::fdt::VMM_NODE_PATH));
-    let is_ferry = ferry_node.is_some();
+    let fdt = info
+        .hardware_info
+        .device_tree
+        .and_then(|a| device_tree(a.get()));
+    let is_ferry = fdt.is_some_and(|f| {
+        f.int_property(
+            ferry_abi::fdt::VMM_NODE_PATH,
+            ferry_abi::fdt::ABI_VERSION_PROP,
+        )
+        .is_some()
+    });
     PLATFORM.store(
         if is_ferry {
             Platform::Ferry
@@ -124,25 +129,19 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
     heap::init(ram.start, ram.end);
 
     // Time: Ferry's clock page, else the loader's TSC rate.
-    let mut clock_page = None;
-    if let Some(node) = ferry_node {
-        let version = node
-            .property(ferry_abi::fdt::ABI_VERSION_PROP)
-            .and_then(|p| p.as_usize());
-        if version != Some(ferry_abi::ABI_VERSION as usize) {
+    let vmm = |prop| fdt.and_then(|f| f.int_property(ferry_abi::fdt::VMM_NODE_PATH, prop));
+    if is_ferry {
+        let version = vmm(ferry_abi::fdt::ABI_VERSION_PROP);
+        if version != Some(u64::from(ferry_abi::ABI_VERSION)) {
             crate::console::write_fmt(format_args!(
                 "ferry-runtime: VMM speaks ABI version {version:?}, this image needs {}\n",
                 ferry_abi::ABI_VERSION
             ));
             exit(103);
         }
-        clock_page = node
-            .property(ferry_abi::fdt::CLOCK_PAGE_PROP)
-            .and_then(|p| p.as_usize())
-            .map(|a| a as *const ClockPage);
     }
-    match clock_page {
-        Some(page) => time::init_clock_page(page),
+    match vmm(ferry_abi::fdt::CLOCK_PAGE_PROP) {
+        Some(page) => time::init_clock_page(page as *const ClockPage),
         None => {
             let (khz, boot_ns) = match info.platform_info {
                 PlatformInfo::Uhyve {
@@ -156,7 +155,10 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
                 _ => (None, None),
             };
             let khz = khz
-                .or_else(|| fdt.as_ref().and_then(fdt_tsc_khz))
+                .or_else(|| {
+                    fdt.and_then(|f| f.int_property("/hermit,tsc", "khz"))
+                        .filter(|&k| k != 0)
+                })
                 .unwrap_or_else(time::calibrate_tsc_khz);
             let unix = boot_ns.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
             time::init_fixed(khz, unix);
@@ -164,20 +166,22 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
     }
 
     let bootargs = fdt
-        .as_ref()
-        .and_then(|f| f.chosen().bootargs())
+        .and_then(|f| f.str_property("/chosen", "bootargs"))
         .unwrap_or("");
     let args = args::parse(bootargs);
     apic::init();
     crate::run_app(args)
 }
 
-fn fdt_tsc_khz(fdt: &fdt::Fdt<'_>) -> Option<u64> {
-    let node = fdt.find_node("/hermit,tsc")?;
-    node.property("khz")
-        .and_then(|p| p.as_usize())
-        .map(|k| k as u64)
-        .filter(|&k| k != 0)
+/// The device tree the loader put at `addr`, if it is one.
+fn device_tree(addr: u64) -> Option<Fdt<'static>> {
+    const MAX: usize = 1 << 20;
+    // SAFETY: the loader put a device tree (at least its 40-byte header) at
+    // `addr` in identity-mapped RAM; it stays there for the VM's life.
+    let header = unsafe { core::slice::from_raw_parts(addr as *const u8, 40) };
+    let total = Fdt::total_size(header)?.min(MAX);
+    // SAFETY: as above; the header says the tree is `total` bytes long.
+    Fdt::new(unsafe { core::slice::from_raw_parts(addr as *const u8, total) })
 }
 
 /// `struct hvm_start_info` (Xen PVH ABI), the part we read.

@@ -1,0 +1,171 @@
+//! The console: uhyve's serial hypercalls (write one byte, write a buffer).
+//!
+//! The guest passes the guest-physical address of a `{len, buf}` block in
+//! `rdi`; both the block and the buffer are read through bounds-checked
+//! guest-memory accesses, and `len` is capped at
+//! [`ferry_abi::SERIAL_WRITE_MAX`].
+
+use std::io::Write;
+
+use ferry_abi::SERIAL_WRITE_MAX;
+
+use crate::memory::{self, GuestRam};
+
+/// What the guest did wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The parameter block is not in guest memory.
+    #[error("console write: parameter block at {0:#x} is outside guest memory")]
+    ParamsOutside(u64),
+    /// The buffer is not in guest memory.
+    #[error("console write: buffer {addr:#x}+{len:#x} is outside guest memory")]
+    BufferOutside {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u64,
+    },
+    /// The buffer is longer than allowed.
+    #[error("console write of {0} bytes; at most {SERIAL_WRITE_MAX} per call")]
+    TooLong(u64),
+    /// Writing to the host output failed.
+    #[error("console output: {0}")]
+    Output(String),
+}
+
+/// Saved console state (the console keeps none that the guest can see).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleState {
+    /// Bytes the guest has written so far.
+    pub bytes_written: u64,
+}
+
+/// The console device.
+pub struct Console {
+    out: Box<dyn Write + Send>,
+    bytes_written: u64,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("bytes_written", &self.bytes_written)
+            .finish()
+    }
+}
+
+impl Console {
+    /// A console writing to `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Console {
+            out,
+            bytes_written: 0,
+        }
+    }
+
+    /// Handles the write-buffer hypercall with parameter block at `params`.
+    pub fn write_buffer(&mut self, mem: &GuestRam, params: u64) -> Result<(), Error> {
+        let mut block = [0u8; 16];
+        memory::read(mem, params, &mut block).map_err(|_| Error::ParamsOutside(params))?;
+        let len = u64::from_le_bytes(block[..8].try_into().expect("8 bytes"));
+        let addr = u64::from_le_bytes(block[8..].try_into().expect("8 bytes"));
+        if len > SERIAL_WRITE_MAX {
+            return Err(Error::TooLong(len));
+        }
+        let mut buf = vec![0u8; len as usize];
+        memory::read(mem, addr, &mut buf).map_err(|_| Error::BufferOutside { addr, len })?;
+        self.emit(&buf)
+    }
+
+    /// Handles the write-byte hypercall.
+    pub fn write_byte(&mut self, byte: u8) -> Result<(), Error> {
+        self.emit(&[byte])
+    }
+
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.out
+            .write_all(bytes)
+            .and_then(|()| self.out.flush())
+            .map_err(|e| Error::Output(e.to_string()))?;
+        self.bytes_written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The console's saved state.
+    pub fn save(&self) -> ConsoleState {
+        ConsoleState {
+            bytes_written: self.bytes_written,
+        }
+    }
+
+    /// A console from saved state, writing to `out`.
+    pub fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Self {
+        Console {
+            out,
+            bytes_written: state.bytes_written,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn setup() -> (GuestRam, Sink, Console) {
+        let mem = memory::create(memory::MIN_MEMORY).unwrap();
+        let sink = Sink::default();
+        let console = Console::new(Box::new(sink.clone()));
+        (mem, sink, console)
+    }
+
+    fn params(mem: &GuestRam, at: u64, len: u64, buf: u64) {
+        memory::write_u64(mem, at, len).unwrap();
+        memory::write_u64(mem, at + 8, buf).unwrap();
+    }
+
+    #[test]
+    fn writes_a_buffer() {
+        let (mem, sink, mut c) = setup();
+        memory::write(&mem, 0x2000, b"hi there").unwrap();
+        params(&mem, 0x1000, 8, 0x2000);
+        c.write_buffer(&mem, 0x1000).unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi there");
+        assert_eq!(c.save().bytes_written, 8);
+    }
+
+    #[test]
+    fn rejects_bad_guest_input() {
+        let (mem, sink, mut c) = setup();
+        assert_eq!(
+            c.write_buffer(&mem, 1 << 40),
+            Err(Error::ParamsOutside(1 << 40))
+        );
+        params(&mem, 0x1000, 16, memory::MIN_MEMORY - 8);
+        assert!(matches!(
+            c.write_buffer(&mem, 0x1000),
+            Err(Error::BufferOutside { .. })
+        ));
+        params(&mem, 0x1000, SERIAL_WRITE_MAX + 1, 0x2000);
+        assert_eq!(
+            c.write_buffer(&mem, 0x1000),
+            Err(Error::TooLong(SERIAL_WRITE_MAX + 1))
+        );
+        params(&mem, 0x1000, u64::MAX, u64::MAX);
+        assert!(c.write_buffer(&mem, 0x1000).is_err());
+        assert!(sink.0.lock().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,179 @@
+//! The only module that sets up KVM: the VM (in-kernel irqchip, memory
+//! slots) and the boot vCPU (CPUID, long-mode segments, registers).
+//! Each ioctl's failure maps to the step that failed.
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot::{BootCpu, CODE_SELECTOR, DATA_SELECTOR};
+use crate::memory::GuestRam;
+
+/// KVM setup errors, one per step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// /dev/kvm could not be opened.
+    #[error(
+        "cannot open /dev/kvm ({0}); Ferry needs KVM: load kvm (or kvm_pvm) and run as a user who may open /dev/kvm"
+    )]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_VM failed.
+    #[error("KVM_CREATE_VM: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// KVM_CREATE_IRQCHIP failed.
+    #[error("KVM_CREATE_IRQCHIP: {0}")]
+    CreateIrqChip(#[source] kvm_ioctls::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("KVM_SET_USER_MEMORY_REGION (slot {slot}): {source}")]
+    SetMemoryRegion {
+        /// Memory slot.
+        slot: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_CREATE_VCPU failed.
+    #[error("KVM_CREATE_VCPU: {0}")]
+    CreateVcpu(#[source] kvm_ioctls::Error),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_SET_CPUID2 failed.
+    #[error("KVM_SET_CPUID2: {0}")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_GET_SREGS failed.
+    #[error("KVM_GET_SREGS: {0}")]
+    GetSregs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_SREGS failed.
+    #[error("KVM_SET_SREGS: {0}")]
+    SetSregs(#[source] kvm_ioctls::Error),
+    /// KVM_SET_REGS failed.
+    #[error("KVM_SET_REGS: {0}")]
+    SetRegs(#[source] kvm_ioctls::Error),
+    /// KVM_GET_TSC_KHZ failed.
+    #[error("KVM_GET_TSC_KHZ: {0}")]
+    GetTscKhz(#[source] kvm_ioctls::Error),
+    /// A capability Ferry needs is missing.
+    #[error("this KVM lacks {0}, which Ferry needs")]
+    MissingCap(&'static str),
+}
+
+/// An opened KVM with a VM whose memory is registered.
+#[derive(Debug)]
+pub struct Machine {
+    /// The KVM system handle.
+    pub kvm: Kvm,
+    /// The VM.
+    pub vm: VmFd,
+}
+
+/// Opens KVM, creates a VM with an in-kernel irqchip (LAPIC timers, later
+/// irqfd) and registers every RAM region as a memory slot.
+pub fn create_machine(mem: &GuestRam) -> Result<Machine, Error> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    if !kvm.check_extension(Cap::ImmediateExit) {
+        return Err(Error::MissingCap("KVM_CAP_IMMEDIATE_EXIT"));
+    }
+    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+    vm.create_irq_chip().map_err(Error::CreateIrqChip)?;
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live host mapping of exactly `memory_size`
+        // bytes owned by `mem`, which the caller keeps alive for as long as
+        // the VM exists (the `Vm` owns both and drops the VM first).
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|source| Error::SetMemoryRegion { slot, source })?;
+    }
+    Ok(Machine { kvm, vm })
+}
+
+const CPUID_HYPERVISOR: u32 = 1 << 31;
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Creates vCPU `id` with Ferry's CPUID and puts it in the Hermit boot
+/// state for `boot`.
+pub fn create_boot_vcpu(machine: &Machine, id: u64, boot: &BootCpu) -> Result<VcpuFd, Error> {
+    let vcpu = machine.vm.create_vcpu(id).map_err(Error::CreateVcpu)?;
+
+    let mut cpuid = machine
+        .kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    let deadline = machine.kvm.check_extension(Cap::TscDeadlineTimer);
+    for e in cpuid.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= CPUID_HYPERVISOR;
+            if deadline {
+                e.ecx |= CPUID_TSC_DEADLINE;
+            }
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+    set_boot_registers(&vcpu, boot)?;
+    Ok(vcpu)
+}
+
+/// The Hermit boot state: long mode, flat segments, identity paging from
+/// `boot.cr3`, `rip`/`rsp`/`rdi` as given, `rsi` = CPU id 0.
+pub fn set_boot_registers(vcpu: &VcpuFd, boot: &BootCpu) -> Result<(), Error> {
+    let mut sregs = vcpu.get_sregs().map_err(Error::GetSregs)?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xFFFF_FFFF,
+        selector: CODE_SELECTOR,
+        type_: 0xB,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: DATA_SELECTOR,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.gdt.base = boot.gdt.0;
+    sregs.gdt.limit = boot.gdt.1;
+    // PE | MP | ET | NE | WP | PG. No SSE enablement in CR4: guest code is
+    // soft-float, and an SSE instruction should fault (#UD) rather than
+    // reach PVM's emulator.
+    sregs.cr0 = 0x8005_0033;
+    sregs.cr3 = boot.cr3;
+    sregs.cr4 = 0x20; // PAE
+    sregs.efer = 0x500; // LME | LMA
+    vcpu.set_sregs(&sregs).map_err(Error::SetSregs)?;
+
+    let regs = kvm_bindings::kvm_regs {
+        rip: boot.rip,
+        rsp: boot.rsp,
+        rdi: boot.rdi,
+        rsi: 0,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(Error::SetRegs)
+}
+
+/// The vCPU's TSC rate in kHz (the host's: PVM cannot scale it).
+pub fn tsc_khz(vcpu: &VcpuFd) -> Result<u32, Error> {
+    vcpu.get_tsc_khz().map_err(Error::GetTscKhz)
+}

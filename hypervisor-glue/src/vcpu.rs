@@ -1,0 +1,218 @@
+//! Running a vCPU and handling its exits.
+//!
+//! KVM_RUN returns on every exit to user space; this module turns each into
+//! one of: carry on (a hypercall handled), the guest's orderly end
+//! ([`Stop::Exited`]), or a [`GuestFault`] naming what the guest did.
+//! Hypercall arguments come from `rdi` through KVM's synced registers, so a
+//! hypercall costs one exit and no extra ioctl.
+
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+
+use crate::devices::console::{self, Console};
+use crate::memory::GuestRam;
+
+/// Why the vCPU stopped in good order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest asked to exit with this status.
+    Exited(i32),
+}
+
+/// Something the guest did that ends it.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestFault {
+    /// `out` to a port no device owns.
+    #[error("guest wrote {value:#x} to I/O port {port:#x}, which no device owns (rip {rip:#x})")]
+    UnknownPortWrite {
+        /// Port.
+        port: u16,
+        /// Value written.
+        value: u32,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// `in` from a port no device owns.
+    #[error("guest read I/O port {port:#x}, which no device owns (rip {rip:#x})")]
+    UnknownPortRead {
+        /// Port.
+        port: u16,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// Access to a guest-physical address that is neither RAM nor a device.
+    #[error("guest {} guest-physical address {addr:#x}, which is neither RAM nor a device (rip {rip:#x})", if *.write { "wrote to" } else { "read from" })]
+    Mmio {
+        /// Address.
+        addr: u64,
+        /// Write or read.
+        write: bool,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// A hypercall with bad arguments.
+    #[error("guest hypercall at rip {rip:#x}: {source}")]
+    Console {
+        /// Guest instruction pointer.
+        rip: u64,
+        /// What was wrong.
+        source: console::Error,
+    },
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    #[error("guest triple-faulted (an exception with no usable handler); last rip {rip:#x}")]
+    TripleFault {
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// KVM could not emulate an instruction.
+    #[error(
+        "KVM internal error (suberror {suberror}) at rip {rip:#x}: most likely an instruction this KVM cannot emulate; on PVM, guest code must be soft-float (no SSE, x87, XGETBV)"
+    )]
+    Internal {
+        /// KVM's suberror code.
+        suberror: u32,
+        /// Guest instruction pointer.
+        rip: u64,
+    },
+    /// KVM could not enter the guest.
+    #[error("KVM could not enter the guest (hardware entry failure reason {0:#x})")]
+    FailEntry(u64),
+    /// The guest asked for a reset or power-off through a system event.
+    #[error("guest raised system event {0} (reset or crash)")]
+    SystemEvent(u32),
+    /// An exit kind Ferry does not handle.
+    #[error("unexpected KVM exit {0} (rip {1:#x})")]
+    Unexpected(String, u64),
+}
+
+/// vCPU errors: the host side failed, or the guest misbehaved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM_RUN itself failed.
+    #[error("KVM_RUN: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+    /// The guest misbehaved.
+    #[error(transparent)]
+    Guest(#[from] GuestFault),
+}
+
+/// A vCPU with the devices it reaches by I/O.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+}
+
+enum Exit {
+    Out(u16, u32),
+    In(u16),
+    Mmio(u64, bool),
+    Hlt,
+    Intr,
+    Shutdown,
+    Internal,
+    FailEntry(u64),
+    SystemEvent(u32),
+    Other(String),
+}
+
+impl Vcpu {
+    /// Wraps a vCPU ready to run.
+    pub fn new(fd: VcpuFd) -> Self {
+        Vcpu { fd }
+    }
+
+    fn rip(&self) -> u64 {
+        self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    /// Runs until the guest exits or faults.
+    pub fn run(&mut self, mem: &GuestRam, console: &mut Console) -> Result<Stop, Error> {
+        loop {
+            self.fd.set_sync_valid_reg(SyncReg::Register);
+            let exit = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let mut v = [0u8; 4];
+                    let n = data.len().min(4);
+                    v[..n].copy_from_slice(&data[..n]);
+                    Exit::Out(port, u32::from_le_bytes(v))
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    data.fill(0xFF);
+                    Exit::In(port)
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr, true),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xFF);
+                    Exit::Mmio(addr, false)
+                }
+                Ok(VcpuExit::Hlt) => Exit::Hlt,
+                Ok(VcpuExit::Intr) => Exit::Intr,
+                Ok(VcpuExit::Shutdown) => Exit::Shutdown,
+                Ok(VcpuExit::InternalError) => Exit::Internal,
+                Ok(VcpuExit::FailEntry(reason, _)) => Exit::FailEntry(reason),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Exit::SystemEvent(kind),
+                Ok(other) => Exit::Other(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
+                Err(e) => return Err(Error::Run(e)),
+            };
+            match exit {
+                Exit::Out(port, value) => {
+                    let rdi = self.fd.sync_regs().regs.rdi;
+                    match port {
+                        ferry_abi::ports::EXIT => return Ok(Stop::Exited(rdi as u32 as i32)),
+                        ferry_abi::ports::SERIAL_WRITE_BUFFER => console
+                            .write_buffer(mem, rdi)
+                            .map_err(|source| GuestFault::Console {
+                                rip: self.rip(),
+                                source,
+                            })?,
+                        ferry_abi::ports::SERIAL_WRITE_BYTE => console
+                            .write_byte(rdi as u8)
+                            .map_err(|source| GuestFault::Console {
+                                rip: self.rip(),
+                                source,
+                            })?,
+                        port => {
+                            return Err(GuestFault::UnknownPortWrite {
+                                port,
+                                value,
+                                rip: self.rip(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+                Exit::In(port) => {
+                    return Err(GuestFault::UnknownPortRead {
+                        port,
+                        rip: self.rip(),
+                    }
+                    .into());
+                }
+                Exit::Mmio(addr, write) => {
+                    return Err(GuestFault::Mmio {
+                        addr,
+                        write,
+                        rip: self.rip(),
+                    }
+                    .into());
+                }
+                Exit::Hlt | Exit::Intr => {}
+                Exit::Shutdown => return Err(GuestFault::TripleFault { rip: self.rip() }.into()),
+                Exit::Internal => {
+                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal`
+                    // member of the kvm_run exit union is the valid one.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    return Err(GuestFault::Internal {
+                        suberror,
+                        rip: self.rip(),
+                    }
+                    .into());
+                }
+                Exit::FailEntry(reason) => return Err(GuestFault::FailEntry(reason).into()),
+                Exit::SystemEvent(kind) => return Err(GuestFault::SystemEvent(kind).into()),
+                Exit::Other(what) => return Err(GuestFault::Unexpected(what, self.rip()).into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! A VM: guest memory, the KVM machine, the boot vCPU, the console and the
+//! guest clock, created from an image and run to its end.
+
+use std::path::PathBuf;
+
+use crate::boot::{self, BootParams};
+use crate::clock::GuestClock;
+use crate::devices::console::Console;
+use crate::kvm::{self, Machine};
+use crate::memory::{self, GuestRam};
+use crate::vcpu::{self, Stop, Vcpu};
+
+/// Largest image file read.
+pub const MAX_IMAGE_FILE: u64 = 1 << 30;
+
+/// What to run and how.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The image file.
+    pub image: PathBuf,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// Number of vCPUs (1 for now).
+    pub cpus: u32,
+    /// The application's arguments.
+    pub app_args: Vec<String>,
+}
+
+/// VM errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image file could not be read.
+    #[error("cannot read image {path}: {source}")]
+    ReadImage {
+        /// The path.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The image file is absurdly large.
+    #[error("image {path} is {size} bytes; images over {MAX_IMAGE_FILE} bytes are refused")]
+    ImageFileTooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// More vCPUs than supported.
+    #[error("{0} vCPUs asked for; this version of Ferry runs exactly 1")]
+    Cpus(u32),
+    /// An argument the guest command line cannot carry.
+    #[error(
+        "guest argument {0:?} is empty or contains whitespace, which the guest command line cannot carry"
+    )]
+    BadArg(String),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// KVM setup.
+    #[error(transparent)]
+    Kvm(#[from] kvm::Error),
+    /// Loading the image or writing boot structures.
+    #[error("{path}: {source}")]
+    Boot {
+        /// The image path.
+        path: PathBuf,
+        /// What failed.
+        source: boot::Error,
+    },
+    /// Running the vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+}
+
+/// A created VM, ready to run.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: the vCPU and VM fds close before the
+    // memory they map is unmapped.
+    vcpu: Vcpu,
+    _machine: Machine,
+    console: Console,
+    clock: GuestClock,
+    mem: GuestRam,
+}
+
+/// Builds the guest command line from the application's arguments.
+pub fn cmdline(app_args: &[String]) -> Result<String, Error> {
+    if let Some(bad) = app_args
+        .iter()
+        .find(|a| a.is_empty() || a.chars().any(char::is_whitespace))
+    {
+        return Err(Error::BadArg(bad.clone()));
+    }
+    Ok(if app_args.is_empty() {
+        String::new()
+    } else {
+        format!("-- {}", app_args.join(" "))
+    })
+}
+
+impl Vm {
+    /// Reads the image, maps memory, creates the VM and loads the image.
+    pub fn create(config: &VmConfig, console: Console) -> Result<Vm, Error> {
+        if config.cpus != 1 {
+            return Err(Error::Cpus(config.cpus));
+        }
+        let cmdline = cmdline(&config.app_args)?;
+        let image = read_image(&config.image)?;
+        let mem = memory::create(config.memory)?;
+        let machine = kvm::create_machine(&mem)?;
+        // The vCPU is created before boot setup only to learn the TSC rate;
+        // its registers are set once the entry point is known.
+        let probe = boot::BootCpu {
+            rip: 0,
+            rsp: 0,
+            rdi: 0,
+            cr3: 0,
+            gdt: (0, 0),
+        };
+        let fd = kvm::create_boot_vcpu(&machine, 0, &probe)?;
+        let tsc_khz = kvm::tsc_khz(&fd)?;
+        let params = BootParams {
+            cmdline: &cmdline,
+            tsc_khz,
+            cpus: config.cpus,
+        };
+        let (boot_cpu, _image) =
+            boot::setup(&mem, &image, &params).map_err(|source| Error::Boot {
+                path: config.image.clone(),
+                source,
+            })?;
+        kvm::set_boot_registers(&fd, &boot_cpu)?;
+        let clock = GuestClock::start(tsc_khz);
+        clock.publish(&mem)?;
+        Ok(Vm {
+            vcpu: Vcpu::new(fd),
+            _machine: machine,
+            console,
+            clock,
+            mem,
+        })
+    }
+
+    /// Runs the guest to its end; returns its exit status.
+    pub fn run(&mut self) -> Result<i32, Error> {
+        match self.vcpu.run(&self.mem, &mut self.console)? {
+            Stop::Exited(status) => Ok(status),
+        }
+    }
+
+    /// Guest time now, in ns since boot.
+    pub fn guest_time_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+}
+
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let err = |source| Error::ReadImage {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::other("not a regular file")));
+    }
+    if meta.len() > MAX_IMAGE_FILE {
+        return Err(Error::ImageFileTooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
+    }
+    std::fs::read(path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_app_args_after_separator() {
+        assert_eq!(cmdline(&[]).unwrap(), "");
+        assert_eq!(
+            cmdline(&["a".into(), "exit=3".into()]).unwrap(),
+            "-- a exit=3"
+        );
+        assert!(matches!(cmdline(&["a b".into()]), Err(Error::BadArg(_))));
+        assert!(matches!(cmdline(&["".into()]), Err(Error::BadArg(_))));
+    }
+}
