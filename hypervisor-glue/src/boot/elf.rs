@@ -442,7 +442,7 @@ mod tests {
         };
         // segment: file 0x200..0x400 at vaddr 0, 0x1000 in memory
         ph(&mut f, 0, PT_LOAD, 0x200, 0, 0x200, 0x1000);
-        ph(&mut f, 1, PT_NOTE, 0x100, 0, 20, 20);
+        ph(&mut f, 1, PT_NOTE, 0x100, 0, 24, 24);
         ph(&mut f, 2, PT_DYNAMIC, 0x140, 0, 48, 48);
         // note: namesz 7, descsz 1, type 0x5a00, "HERMIT\0\0", desc 4
         f[0x100..0x104].copy_from_slice(&7u32.to_le_bytes());
