@@ -1,1 +1,206 @@
+//! Ferry's test harness: finds the `ferry` binary and the images, runs
+//! guests under Ferry's VMM, stock uhyve and QEMU/KVM with a time limit, and
+//! measures them. Integration tests live in `tests/tests/` by capability
+//! (`boot.rs`, `faults.rs`); benchmarks in `src/bin/`.
+//!
+//! Tests that need `/dev/kvm` call [`kvm_or_skip`], which prints one loud
+//! line and skips when there is none, so a machine without KVM never passes
+//! such a test silently.
+#![deny(missing_docs)]
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The `ferry` binary (`$FERRY_BIN`, else `target/release/ferry`, which
+/// `just test` builds).
+pub fn ferry_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return p.into();
+    }
+    let p = root().join("target/release/ferry");
+    assert!(
+        p.exists(),
+        "{} is missing: run `just build` (or `just test`, which builds it)",
+        p.display()
+    );
+    p
+}
+
+/// A built image, `images/out/NAME`.
+pub fn image(name: &str) -> PathBuf {
+    let p = root().join("images/out").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `just build-image {name}` (`just test` builds the images it needs)",
+        p.display()
+    );
+    p
+}
+
+/// Whether `/dev/kvm` can be opened; if not, says so in one loud line.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "!!! SKIPPED {test}: /dev/kvm is not usable here ({e}); this test needs KVM !!!"
+            );
+            false
+        }
+    }
+}
+
+/// What a finished process did.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit status (None if killed by a signal).
+    pub status: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+    /// User + system CPU time the process used.
+    pub cpu: Duration,
+    /// Wall time from spawn to exit.
+    pub wall: Duration,
+}
+
+/// Runs `cmd` to its end, killing it after `limit`; collects its output and
+/// its own CPU time (wait4 rusage).
+pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let watchdog = {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // SAFETY: kill(2) on our own child's pid, which is not reaped
+            // until wait4 below returns.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        done
+    };
+    let mut wstatus = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; the pointers are to live locals.
+    let r = unsafe { libc::wait4(pid, &mut wstatus, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed: {}", std::io::Error::last_os_error());
+    watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
+    std::mem::forget(child); // reaped by wait4 above
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Finished {
+        status: libc::WIFEXITED(wstatus).then(|| libc::WEXITSTATUS(wstatus)),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        wall: start.elapsed(),
+    }
+}
+
+/// `ferry run IMAGE [EXTRA...] -- ARGS...`.
+pub fn ferry_run(image: &Path, extra: &[&str], args: &[&str]) -> Command {
+    let mut c = Command::new(ferry_bin());
+    c.arg("run").arg(image).args(extra).arg("--").args(args);
+    c
+}
+
+/// `uhyve IMAGE -- -- ARGS...` (uhyve's own `--`, then the app separator).
+pub fn uhyve_run(image: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("uhyve");
+    c.arg(image).arg("--").arg("--").args(args);
+    c
+}
+
+/// QEMU/KVM booting the image directly (PVH) on a microvm machine.
+/// The guest's status `s` comes back as QEMU's `(s << 1) | 1`: see [`qemu_status`].
+pub fn qemu_run(image: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-enable-kvm",
+        "-M",
+        "microvm",
+        "-cpu",
+        "host",
+        "-m",
+        "64M",
+        "-nodefaults",
+        "-no-user-config",
+    ])
+    .args([
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ])
+    .arg("-kernel")
+    .arg(image)
+    .arg("-append")
+    .arg(format!("-- {}", args.join(" ")));
+    c
+}
+
+/// The guest's exit status from QEMU's isa-debug-exit status.
+pub fn qemu_status(qemu: Option<i32>) -> Option<i32> {
+    qemu.filter(|s| s & 1 == 1).map(|s| s >> 1)
+}
+
+/// Whether a program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// The integer after `key=` in `text` (e.g. `guest_time_us=123`).
+pub fn field(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(&format!("{key}="))? + key.len() + 1;
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,162 @@
+//! Boot: the same hello image on Ferry's VMM, stock uhyve and QEMU/KVM.
+
+use std::time::Duration;
+
+use ferry_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn check_hello(out: &Finished, platform: &str) {
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("hello from"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no hello line on {platform}\nstdout: {}\nstderr: {}",
+                out.stdout, out.stderr
+            )
+        });
+    assert!(line.contains(&format!("on {platform}:")), "{line}");
+    assert!(
+        line.contains(r#"args=["alpha", "beta", "exit=7"]"#),
+        "{line}"
+    );
+    assert!(
+        field(line, "tsc_khz").unwrap_or(0) > 100_000,
+        "implausible TSC rate: {line}"
+    );
+}
+
+#[test]
+fn ferry_boots_hello_passes_args_and_exit_status() {
+    if !kvm_or_skip("ferry_boots_hello") {
+        return;
+    }
+    let out = run(
+        &mut ferry_run(&image("hello"), &[], &["alpha", "beta", "exit=7"]),
+        LIMIT,
+    );
+    check_hello(&out, "ferry");
+    assert_eq!(out.status, Some(7), "stderr: {}", out.stderr);
+    assert!(out.stderr.is_empty(), "unexpected stderr: {}", out.stderr);
+}
+
+#[test]
+fn ferry_exit_status_zero_and_other_memory_sizes() {
+    if !kvm_or_skip("ferry_exit_status_zero") {
+        return;
+    }
+    for mem in ["8M", "64M", "1G", "4G"] {
+        let out = run(
+            &mut ferry_run(&image("hello"), &["--memory", mem], &["size"]),
+            LIMIT,
+        );
+        assert_eq!(out.status, Some(0), "--memory {mem}: {}", out.stderr);
+        assert!(
+            out.stdout.contains("args=[\"size\"]"),
+            "--memory {mem}: {}",
+            out.stdout
+        );
+    }
+}
+
+/// Tickless idle: a sleeping guest advances guest time by the sleep and
+/// HLTs instead of spinning, so the VMM process uses little CPU meanwhile.
+#[test]
+fn ferry_guest_sleeps_in_hlt_and_time_advances() {
+    if !kvm_or_skip("ferry_guest_sleeps_in_hlt") {
+        return;
+    }
+    let out = run(
+        &mut ferry_run(&image("hello"), &[], &["sleep-ms=1000"]),
+        LIMIT,
+    );
+    assert_eq!(out.status, Some(0), "{}", out.stderr);
+    let slept = field(&out.stdout, "slept_us").expect("slept line");
+    assert!(slept >= 1_000_000, "guest slept {slept} us, asked for 1 s");
+    assert!(
+        out.wall >= Duration::from_secs(1),
+        "the guest's second took {:?} of host time",
+        out.wall
+    );
+    // A spinning guest would burn ~1 s of CPU here; HLT costs a few ms.
+    assert!(
+        out.cpu < Duration::from_millis(400),
+        "VMM used {:?} of CPU during a 1 s guest sleep",
+        out.cpu
+    );
+}
+
+#[test]
+fn uhyve_boots_the_same_image() {
+    if !kvm_or_skip("uhyve_boots_the_same_image") {
+        return;
+    }
+    assert!(have("uhyve"), "uhyve is not installed: run `just setup`");
+    let out = run(
+        &mut uhyve_run(&image("hello"), &["alpha", "beta", "exit=7"]),
+        LIMIT,
+    );
+    check_hello(&out, "uhyve");
+    assert_eq!(out.status, Some(7), "stderr: {}", out.stderr);
+    let out = run(&mut uhyve_run(&image("hello"), &["sleep-ms=200"]), LIMIT);
+    assert!(
+        field(&out.stdout, "slept_us").unwrap_or(0) >= 200_000,
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn qemu_boots_the_same_image() {
+    if !kvm_or_skip("qemu_boots_the_same_image") {
+        return;
+    }
+    assert!(
+        have("qemu-system-x86_64"),
+        "QEMU is not installed: run `just setup`"
+    );
+    let out = run(
+        &mut qemu_run(&image("hello"), &["alpha", "beta", "exit=7"]),
+        LIMIT,
+    );
+    check_hello(&out, "qemu-pvh");
+    assert_eq!(
+        qemu_status(out.status),
+        Some(7),
+        "QEMU status {:?}, stderr: {}",
+        out.status,
+        out.stderr
+    );
+    let out = run(&mut qemu_run(&image("hello"), &["sleep-ms=200"]), LIMIT);
+    assert!(
+        field(&out.stdout, "slept_us").unwrap_or(0) >= 200_000,
+        "{}",
+        out.stdout
+    );
+}
+
+/// Guest panics and CPU exceptions are reported by the runtime itself, on
+/// every platform alike.
+#[test]
+fn runtime_reports_panics_and_exceptions() {
+    if !kvm_or_skip("runtime_reports_panics_and_exceptions") {
+        return;
+    }
+    let img = image("misbehave");
+    let out = run(&mut ferry_run(&img, &[], &["panic"]), LIMIT);
+    assert_eq!(out.status, Some(101));
+    assert!(
+        out.stdout.contains("panic: ") && out.stdout.contains("misbehave was asked to panic"),
+        "{}",
+        out.stdout
+    );
+    let out = run(&mut ferry_run(&img, &[], &["exception"]), LIMIT);
+    assert_eq!(out.status, Some(102));
+    assert!(out.stdout.contains("#UD invalid opcode"), "{}", out.stdout);
+    let out = run(&mut uhyve_run(&img, &["exception"]), LIMIT);
+    assert_eq!(out.status, Some(102));
+    let out = run(&mut qemu_run(&img, &["panic"]), LIMIT);
+    assert_eq!(qemu_status(out.status), Some(101));
+}
