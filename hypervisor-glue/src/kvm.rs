@@ -2,7 +2,9 @@
 //! slots) and the boot vCPU (CPUID, long-mode segments, registers).
 //! Each ioctl's failure maps to the step that failed.
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, Msrs, kvm_msr_entry, kvm_segment, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -40,6 +42,9 @@ pub enum Error {
     /// KVM_SET_CPUID2 failed.
     #[error("KVM_SET_CPUID2: {0}")]
     SetCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_SET_MSRS failed.
+    #[error("KVM_SET_MSRS: {0}")]
+    SetMsrs(#[source] kvm_ioctls::Error),
     /// KVM_GET_SREGS failed.
     #[error("KVM_GET_SREGS: {0}")]
     GetSregs(#[source] kvm_ioctls::Error),
@@ -74,7 +79,9 @@ pub fn create_machine(mem: &GuestRam) -> Result<Machine, Error> {
         return Err(Error::MissingCap("KVM_CAP_IMMEDIATE_EXIT"));
     }
     let vm = kvm.create_vm().map_err(Error::CreateVm)?;
-    vm.create_irq_chip().map_err(Error::CreateIrqChip)?;
+    // Memory slots go in before the irqchip: on this KVM (PVM) the first
+    // slot registered after KVM_CREATE_IRQCHIP costs ~8 ms, before it
+    // ~0.02 ms (measured; the whole VM setup drops from ~8 ms to ~0.3 ms).
     for (slot, region) in mem.iter().enumerate() {
         let slot = slot as u32;
         let r = kvm_userspace_memory_region {
@@ -90,10 +97,14 @@ pub fn create_machine(mem: &GuestRam) -> Result<Machine, Error> {
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|source| Error::SetMemoryRegion { slot, source })?;
     }
+    vm.create_irq_chip().map_err(Error::CreateIrqChip)?;
     Ok(Machine { kvm, vm })
 }
 
 const CPUID_HYPERVISOR: u32 = 1 << 31;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2FF;
+const MTRR_ENABLE: u64 = 1 << 11;
+const MTRR_WRITE_BACK: u64 = 6;
 const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 
 /// Creates vCPU `id` with Ferry's CPUID and puts it in the Hermit boot
@@ -115,6 +126,19 @@ pub fn create_boot_vcpu(machine: &Machine, id: u64, boot: &BootCpu) -> Result<Vc
         }
     }
     vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+    // MTRRs on with write-back as the default memory type, as firmware
+    // leaves them on a real machine (KVM's reset value 0 means "MTRRs off",
+    // all memory uncached, for a guest that looks).
+    let msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_MTRR_DEF_TYPE,
+        data: MTRR_ENABLE | MTRR_WRITE_BACK,
+        ..Default::default()
+    }])
+    .expect("one entry fits");
+    let set = vcpu.set_msrs(&msrs).map_err(Error::SetMsrs)?;
+    if set != 1 {
+        return Err(Error::MissingCap("a writable IA32_MTRR_DEF_TYPE"));
+    }
     set_boot_registers(&vcpu, boot)?;
     Ok(vcpu)
 }

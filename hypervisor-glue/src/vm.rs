@@ -105,10 +105,14 @@ impl Vm {
         if config.cpus != 1 {
             return Err(Error::Cpus(config.cpus));
         }
+        let trace = Trace::new();
         let cmdline = cmdline(&config.app_args)?;
         let image = read_image(&config.image)?;
+        trace.mark("read image");
         let mem = memory::create(config.memory)?;
+        trace.mark("map memory");
         let machine = kvm::create_machine(&mem)?;
+        trace.mark("create VM");
         // The vCPU is created before boot setup only to learn the TSC rate;
         // its registers are set once the entry point is known.
         let probe = boot::BootCpu {
@@ -120,6 +124,7 @@ impl Vm {
         };
         let fd = kvm::create_boot_vcpu(&machine, 0, &probe)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
+        trace.mark("create vCPU");
         let params = BootParams {
             cmdline: &cmdline,
             tsc_khz,
@@ -130,9 +135,11 @@ impl Vm {
                 path: config.image.clone(),
                 source,
             })?;
+        trace.mark("load image");
         kvm::set_boot_registers(&fd, &boot_cpu)?;
         let clock = GuestClock::start(tsc_khz);
         clock.publish(&mem)?;
+        trace.mark("registers, clock");
         Ok(Vm {
             vcpu: Vcpu::new(fd),
             _machine: machine,
@@ -152,6 +159,27 @@ impl Vm {
     /// Guest time now, in ns since boot.
     pub fn guest_time_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+}
+
+/// Phase timings on stderr when `FERRY_TRACE=1` (for boot-time work).
+struct Trace(Option<std::time::Instant>);
+
+impl Trace {
+    fn new() -> Self {
+        Trace(
+            std::env::var_os("FERRY_TRACE")
+                .is_some_and(|v| v == "1")
+                .then(std::time::Instant::now),
+        )
+    }
+    fn mark(&self, phase: &str) {
+        if let Some(t) = self.0 {
+            eprintln!(
+                "ferry: trace: {:>8.3} ms  {phase}",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
     }
 }
 
