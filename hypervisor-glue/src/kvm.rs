@@ -107,9 +107,9 @@ const MTRR_ENABLE: u64 = 1 << 11;
 const MTRR_WRITE_BACK: u64 = 6;
 const CPUID_TSC_DEADLINE: u32 = 1 << 24;
 
-/// Creates vCPU `id` with Ferry's CPUID and puts it in the Hermit boot
-/// state for `boot`.
-pub fn create_boot_vcpu(machine: &Machine, id: u64, boot: &BootCpu) -> Result<VcpuFd, Error> {
+/// Creates vCPU `id` with Ferry's CPUID and MSRs; [`set_boot_registers`]
+/// then puts it in the boot state.
+pub fn create_vcpu(machine: &Machine, id: u64) -> Result<VcpuFd, Error> {
     let vcpu = machine.vm.create_vcpu(id).map_err(Error::CreateVcpu)?;
 
     let mut cpuid = machine
@@ -139,7 +139,6 @@ pub fn create_boot_vcpu(machine: &Machine, id: u64, boot: &BootCpu) -> Result<Vc
     if set != 1 {
         return Err(Error::MissingCap("a writable IA32_MTRR_DEF_TYPE"));
     }
-    set_boot_registers(&vcpu, boot)?;
     Ok(vcpu)
 }
 

@@ -60,7 +60,7 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 
 /// Maps `size` bytes of zeroed guest RAM.
 pub fn create(size: u64) -> Result<GuestRam, Error> {
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || size % 4096 != 0 {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || !size.is_multiple_of(4096) {
         return Err(Error::BadSize { size });
     }
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)

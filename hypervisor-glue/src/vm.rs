@@ -113,16 +113,9 @@ impl Vm {
         trace.mark("map memory");
         let machine = kvm::create_machine(&mem)?;
         trace.mark("create VM");
-        // The vCPU is created before boot setup only to learn the TSC rate;
-        // its registers are set once the entry point is known.
-        let probe = boot::BootCpu {
-            rip: 0,
-            rsp: 0,
-            rdi: 0,
-            cr3: 0,
-            gdt: (0, 0),
-        };
-        let fd = kvm::create_boot_vcpu(&machine, 0, &probe)?;
+        // The vCPU exists before the boot structures because they carry its
+        // TSC rate; its registers are set once the entry point is known.
+        let fd = kvm::create_vcpu(&machine, 0)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
         trace.mark("create vCPU");
         let params = BootParams {

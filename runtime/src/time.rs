@@ -82,7 +82,7 @@ impl Instant {
         Duration::from_nanos(self.0)
     }
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Instant {
+    pub fn saturating_add(self, d: Duration) -> Instant {
         Instant(
             self.0
                 .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
@@ -138,7 +138,7 @@ pub fn sleep_until(deadline: Instant) {
 
 /// Sleeps for `d`.
 pub fn sleep(d: Duration) {
-    sleep_until(now().add(d));
+    sleep_until(now().saturating_add(d));
 }
 
 /// Measures the TSC rate on loaders that say nothing of it (QEMU PVH):
@@ -155,10 +155,10 @@ pub(crate) fn calibrate_tsc_khz() -> u64 {
     let is_kvm = [b, c, d] == [0x4b4d_564b, 0x564b_4d56, 0x0000_004d]; // "KVMKVMKVM\0\0\0"
     if is_kvm && max_hv_leaf >= 0x4000_0001 {
         let [features, ..] = cpu::cpuid(0x4000_0001, 0);
-        if features & (1 << 3) != 0 {
-            if let Some(khz) = kvmclock_khz() {
-                return khz;
-            }
+        if features & (1 << 3) != 0
+            && let Some(khz) = kvmclock_khz()
+        {
+            return khz;
         }
     }
     let [max_leaf, ..] = cpu::cpuid(0, 0);

@@ -56,6 +56,17 @@ pub mod layout {
     pub const MMIO_HOLE_START: u64 = 0xC000_0000;
     /// End of the MMIO hole.
     pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+
+    // The regions must not overlap: checked when the crate compiles.
+    const _: () = {
+        assert!(GDT_ADDR + 0x1000 <= FDT_ADDR);
+        assert!(FDT_ADDR + FDT_MAX_SIZE <= BOOT_INFO_ADDR);
+        assert!(BOOT_INFO_ADDR + 0x1000 <= CLOCK_PAGE_ADDR);
+        assert!(CLOCK_PAGE_ADDR + 0x1000 <= PML4_ADDR);
+        assert!(PD_ADDR < PAGE_TABLES_END && PAGE_TABLES_END < BOOT_STACK_TOP);
+        assert!(BOOT_STACK_TOP <= KERNEL_ADDR);
+        assert!(core::mem::size_of::<crate::ClockPage>() <= 4096);
+    };
 }
 
 /// I/O ports the guest uses as hypercalls (uhyve interface v2 numbering).
@@ -217,17 +228,5 @@ mod tests {
         assert_eq!(ns_to_ticks(u64::MAX, u64::MAX), u64::MAX);
         assert_eq!(mult_for_khz(0), 0);
         assert_eq!(ns_to_ticks(1_000, 2_000_000), 2_000);
-    }
-
-    #[test]
-    fn layout_regions_do_not_overlap() {
-        use layout::*;
-        assert!(GDT_ADDR + 0x1000 <= FDT_ADDR);
-        assert!(FDT_ADDR + FDT_MAX_SIZE <= BOOT_INFO_ADDR);
-        assert!(BOOT_INFO_ADDR + 0x1000 <= CLOCK_PAGE_ADDR);
-        assert!(CLOCK_PAGE_ADDR + 0x1000 <= PML4_ADDR);
-        assert!(PD_ADDR < PAGE_TABLES_END && PAGE_TABLES_END < BOOT_STACK_TOP);
-        assert!(BOOT_STACK_TOP <= KERNEL_ADDR);
-        assert!(core::mem::size_of::<ClockPage>() <= 4096);
     }
 }

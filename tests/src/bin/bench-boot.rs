@@ -26,6 +26,9 @@ struct Args {
     image: String,
 }
 
+/// Builds the command that boots the image under one VMM.
+type CommandFactory<'a> = Box<dyn Fn() -> Command + 'a>;
+
 struct Sample {
     first_line: Duration,
     exit: Duration,
@@ -74,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let img: PathBuf = image(&args.image);
-    let vmms: [(&str, Box<dyn Fn() -> Command>); 3] = [
+    let vmms: [(&str, CommandFactory<'_>); 3] = [
         ("ferry", Box::new(|| ferry_run(&img, &[], &[]))),
         ("uhyve", Box::new(|| uhyve_run(&img, &[]))),
         ("qemu-microvm", Box::new(|| qemu_run(&img, &[]))),
