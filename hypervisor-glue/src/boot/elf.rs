@@ -278,14 +278,15 @@ impl<'a> Image<'a> {
     }
 
     /// Copies the segments into guest memory, zeroes .bss, applies relocations.
-    /// `mem_size` bounds where the image may go (below the MMIO hole).
+    /// The image and `min_free_after` bytes after it must fit in the RAM
+    /// below the MMIO hole.
     pub fn load(&self, mem: &GuestRam, min_free_after: u64) -> Result<LoadedImage, Error> {
         let range = self.load_range();
         let ram_low_end = memory::ram_ranges(memory::ram_end(mem))[0].1;
         let needed = range.end.saturating_add(min_free_after);
         if range.start < ferry_abi::layout::KERNEL_ADDR || needed > ram_low_end {
             return Err(Error::TooLarge {
-                needed: needed.max(range.end),
+                needed,
                 have: memory::ram_end(mem),
             });
         }
