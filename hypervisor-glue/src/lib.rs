@@ -5,7 +5,8 @@
 //! - [`kvm`]: the only module that sets up KVM (VM, memory slots, vCPU state);
 //! - [`boot`]: the validating ELF loader and the Hermit boot structures;
 //! - [`clock`]: the clock page through which guest time survives pauses and moves;
-//! - [`devices`]: what the guest reaches by I/O (the console);
+//! - [`net`]: a VM's network settings, validated;
+//! - [`devices`]: what the guest reaches by I/O (the console, PCI, virtio-net on a tap);
 //! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear guest faults;
 //! - [`vm`]: all of it, created from a [`vm::VmConfig`] and run to the end.
 //!
@@ -13,7 +14,7 @@
 //!
 //! ```no_run
 //! use ferry::{devices::console::Console, vm::{Vm, VmConfig}};
-//! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![] };
+//! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![], net: None };
 //! let mut vm = Vm::create(&config, Console::new(Box::new(std::io::stdout()))).unwrap();
 //! let status = vm.run().unwrap();
 //! # let _ = status;
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
+pub mod net;
 pub mod size;
 pub mod vcpu;
 pub mod vm;

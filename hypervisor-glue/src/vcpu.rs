@@ -8,7 +8,8 @@
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
-use crate::devices::console::{self, Console};
+use crate::devices::IoBus;
+use crate::devices::console;
 use crate::memory::GuestRam;
 
 /// Why the vCPU stopped in good order.
@@ -102,6 +103,7 @@ pub struct Vcpu {
 }
 
 enum Exit {
+    Handled,
     Out(u16, u32),
     In(u16),
     Mmio(u64, bool),
@@ -125,24 +127,42 @@ impl Vcpu {
     }
 
     /// Runs until the guest exits or faults.
-    pub fn run(&mut self, mem: &GuestRam, console: &mut Console) -> Result<Stop, Error> {
+    pub fn run(&mut self, mem: &GuestRam, bus: &mut IoBus) -> Result<Stop, Error> {
         loop {
             self.fd.set_sync_valid_reg(SyncReg::Register);
             let exit = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    let mut v = [0u8; 4];
-                    let n = data.len().min(4);
-                    v[..n].copy_from_slice(&data[..n]);
-                    Exit::Out(port, u32::from_le_bytes(v))
+                    if bus.pio_write(port, data) {
+                        Exit::Handled
+                    } else {
+                        let mut v = [0u8; 4];
+                        let n = data.len().min(4);
+                        v[..n].copy_from_slice(&data[..n]);
+                        Exit::Out(port, u32::from_le_bytes(v))
+                    }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    data.fill(0xFF);
-                    Exit::In(port)
+                    if bus.pio_read(port, data) {
+                        Exit::Handled
+                    } else {
+                        data.fill(0xFF);
+                        Exit::In(port)
+                    }
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => Exit::Mmio(addr, true),
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if bus.mmio_write(addr, data) {
+                        Exit::Handled
+                    } else {
+                        Exit::Mmio(addr, true)
+                    }
+                }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    data.fill(0xFF);
-                    Exit::Mmio(addr, false)
+                    if bus.mmio_read(addr, data) {
+                        Exit::Handled
+                    } else {
+                        data.fill(0xFF);
+                        Exit::Mmio(addr, false)
+                    }
                 }
                 Ok(VcpuExit::Hlt) => Exit::Hlt,
                 Ok(VcpuExit::Intr) => Exit::Intr,
@@ -155,17 +175,20 @@ impl Vcpu {
                 Err(e) => return Err(Error::Run(e)),
             };
             match exit {
+                Exit::Handled => {}
                 Exit::Out(port, value) => {
                     let rdi = self.fd.sync_regs().regs.rdi;
                     match port {
                         ferry_abi::ports::EXIT => return Ok(Stop::Exited(rdi as u32 as i32)),
-                        ferry_abi::ports::SERIAL_WRITE_BUFFER => console
+                        ferry_abi::ports::SERIAL_WRITE_BUFFER => bus
+                            .console
                             .write_buffer(mem, rdi)
                             .map_err(|source| GuestFault::Console {
                                 rip: self.rip(),
                                 source,
                             })?,
-                        ferry_abi::ports::SERIAL_WRITE_BYTE => console
+                        ferry_abi::ports::SERIAL_WRITE_BYTE => bus
+                            .console
                             .write_byte(rdi as u8)
                             .map_err(|source| GuestFault::Console {
                                 rip: self.rip(),

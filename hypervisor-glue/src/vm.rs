@@ -5,9 +5,12 @@ use std::path::PathBuf;
 
 use crate::boot::{self, BootParams};
 use crate::clock::GuestClock;
+use crate::devices::IoBus;
 use crate::devices::console::Console;
+use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::kvm::{self, Machine};
 use crate::memory::{self, GuestRam};
+use crate::net::NetSettings;
 use crate::vcpu::{self, Stop, Vcpu};
 
 /// Largest image file read.
@@ -24,7 +27,14 @@ pub struct VmConfig {
     pub cpus: u32,
     /// The application's arguments.
     pub app_args: Vec<String>,
+    /// The network card, if any.
+    pub net: Option<NetSettings>,
 }
+
+/// Guest-physical address of the virtio-net BAR (in the MMIO hole).
+pub const NET_BAR_ADDR: u32 = 0xE000_0000;
+/// IOAPIC pin of the virtio-net interrupt.
+pub const NET_GSI: u32 = 11;
 
 /// VM errors.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +80,9 @@ pub enum Error {
     /// Running the vCPU.
     #[error(transparent)]
     Vcpu(#[from] vcpu::Error),
+    /// The network card.
+    #[error(transparent)]
+    Net(#[from] net::Error),
 }
 
 /// A created VM, ready to run.
@@ -78,25 +91,27 @@ pub struct Vm {
     // Field order is drop order: the vCPU and VM fds close before the
     // memory they map is unmapped.
     vcpu: Vcpu,
+    bus: IoBus,
     _machine: Machine,
-    console: Console,
     clock: GuestClock,
     mem: GuestRam,
 }
 
-/// Builds the guest command line from the application's arguments.
-pub fn cmdline(app_args: &[String]) -> Result<String, Error> {
+/// Builds the guest command line: the runtime's words, then `--` and the
+/// application's arguments.
+pub fn cmdline(runtime_args: &[String], app_args: &[String]) -> Result<String, Error> {
     if let Some(bad) = app_args
         .iter()
         .find(|a| a.is_empty() || a.chars().any(char::is_whitespace))
     {
         return Err(Error::BadArg(bad.clone()));
     }
-    Ok(if app_args.is_empty() {
-        String::new()
-    } else {
-        format!("-- {}", app_args.join(" "))
-    })
+    let mut words = runtime_args.to_vec();
+    if !app_args.is_empty() {
+        words.push("--".into());
+        words.extend(app_args.iter().cloned());
+    }
+    Ok(words.join(" "))
 }
 
 impl Vm {
@@ -106,7 +121,12 @@ impl Vm {
             return Err(Error::Cpus(config.cpus));
         }
         let trace = Trace::new();
-        let cmdline = cmdline(&config.app_args)?;
+        let runtime_args = config
+            .net
+            .as_ref()
+            .map(NetSettings::runtime_args)
+            .unwrap_or_default();
+        let cmdline = cmdline(&runtime_args, &config.app_args)?;
         let image = read_image(&config.image)?;
         trace.mark("read image");
         let mem = memory::create(config.memory)?;
@@ -133,10 +153,27 @@ impl Vm {
         let clock = GuestClock::start(tsc_khz);
         clock.publish(&mem)?;
         trace.mark("registers, clock");
+        let net = match &config.net {
+            Some(n) => {
+                let dev = VirtioNet::new(
+                    &NetConfig {
+                        tap: n.tap.clone(),
+                        mac: n.mac.0,
+                        bar_addr: NET_BAR_ADDR,
+                        gsi: NET_GSI,
+                    },
+                    &machine.vm,
+                    &mem,
+                )?;
+                trace.mark("virtio-net");
+                Some(dev)
+            }
+            None => None,
+        };
         Ok(Vm {
             vcpu: Vcpu::new(fd),
+            bus: IoBus::new(console, net),
             _machine: machine,
-            console,
             clock,
             mem,
         })
@@ -144,7 +181,7 @@ impl Vm {
 
     /// Runs the guest to its end; returns its exit status.
     pub fn run(&mut self) -> Result<i32, Error> {
-        match self.vcpu.run(&self.mem, &mut self.console)? {
+        match self.vcpu.run(&self.mem, &mut self.bus)? {
             Stop::Exited(status) => Ok(status),
         }
     }
@@ -200,12 +237,19 @@ mod tests {
 
     #[test]
     fn cmdline_carries_app_args_after_separator() {
-        assert_eq!(cmdline(&[]).unwrap(), "");
+        assert_eq!(cmdline(&[], &[]).unwrap(), "");
         assert_eq!(
-            cmdline(&["a".into(), "exit=3".into()]).unwrap(),
+            cmdline(&[], &["a".into(), "exit=3".into()]).unwrap(),
             "-- a exit=3"
         );
-        assert!(matches!(cmdline(&["a b".into()]), Err(Error::BadArg(_))));
-        assert!(matches!(cmdline(&["".into()]), Err(Error::BadArg(_))));
+        assert_eq!(
+            cmdline(&["net.ip=10.0.0.2/24".into()], &["a".into()]).unwrap(),
+            "net.ip=10.0.0.2/24 -- a"
+        );
+        assert!(matches!(
+            cmdline(&[], &["a b".into()]),
+            Err(Error::BadArg(_))
+        ));
+        assert!(matches!(cmdline(&[], &["".into()]), Err(Error::BadArg(_))));
     }
 }

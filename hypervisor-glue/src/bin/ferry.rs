@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry::devices::console::Console;
+use ferry::net::NetSettings;
 use ferry::vm::{Vm, VmConfig};
 
 /// Exit status for Ferry's own failures (bad options, bad image, guest
@@ -40,10 +41,46 @@ enum Command {
         /// Number of vCPUs (only 1 is supported for now).
         #[arg(long, default_value_t = 1)]
         cpus: u32,
+        #[command(flatten)]
+        net: NetArgs,
         /// Arguments for the application, after `--` (e.g. `-- exit=3`).
         #[arg(last = true)]
         args: Vec<String>,
     },
+}
+
+/// The network card (all optional; `--tap` adds the card).
+#[derive(clap::Args, Debug)]
+struct NetArgs {
+    /// Give the guest a virtio-net card backed by this tap (created if missing;
+    /// it must not be open in another process). Needs --mac and --ip.
+    #[arg(long, requires_all = ["mac", "ip"])]
+    tap: Option<String>,
+    /// The card's MAC address, e.g. 02:bf:0a:4d:00:0a (unicast).
+    #[arg(long, requires = "tap")]
+    mac: Option<ferry::net::Mac>,
+    /// The guest's IPv4 address with prefix length, e.g. 10.77.0.10/24.
+    #[arg(long, requires = "tap")]
+    ip: Option<ferry::net::Ipv4Cidr>,
+    /// The guest's default gateway, inside its subnet, e.g. 10.77.0.1.
+    #[arg(long, requires = "tap")]
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    fn settings(self) -> anyhow::Result<Option<NetSettings>> {
+        let (Some(tap), Some(mac), Some(ip)) = (self.tap, self.mac, self.ip) else {
+            return Ok(None);
+        };
+        let s = NetSettings {
+            tap,
+            mac,
+            ip,
+            gateway: self.gateway,
+        };
+        s.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(s))
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -67,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             image,
             memory,
             cpus,
+            net,
             args,
         } => {
             let config = VmConfig {
@@ -74,6 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 memory,
                 cpus,
                 app_args: args,
+                net: net.settings()?,
             };
             let console = Console::new(Box::new(std::io::stdout()));
             let mut vm = Vm::create(&config, console).context("cannot start the VM")?;

@@ -1,0 +1,493 @@
+//! virtio-net over PCI, backed by a tap.
+//!
+//! Two halves:
+//! - [`VirtioNet`], on the vCPU thread: the PCI function, the transport
+//!   registers (feature negotiation, queue setup, status), the MAC in the
+//!   device configuration. On DRIVER_OK it checks the guest's queues and
+//!   hands them to the worker.
+//! - the worker thread ([`worker`]): waits in epoll on the tap and on the
+//!   queues' ioeventfds, moves frames between them, and interrupts the guest
+//!   through an irqfd only when the guest's `used_event` asks for it
+//!   (VIRTIO_F_EVENT_IDX), once per batch.
+//!
+//! The guest cannot make the device touch memory outside guest RAM: every
+//! ring and buffer access goes through vm-memory's bounds checks (in
+//! `virtio-queue`), descriptor chains are bounded by the queue size, and a
+//! queue set up badly (size not a power of two, rings outside RAM) is refused
+//! at DRIVER_OK with DEVICE_NEEDS_RESET and a line on stderr naming the fault.
+
+pub mod tap;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{F_EVENT_IDX, F_VERSION_1, bar, common, status};
+use crate::devices::pci::{ConfigSpace, PciFunction, reg};
+use crate::memory::GuestRam;
+use tap::Tap;
+
+/// virtio device type of a network card.
+pub const DEVICE_TYPE: u16 = 1;
+/// Largest queue size offered.
+pub const QUEUE_MAX: u16 = 256;
+/// Feature bit: the device has a MAC address in its configuration.
+pub const F_MAC: u64 = 1 << 5;
+/// Feature bit: the device configuration has a link status.
+pub const F_STATUS: u64 = 1 << 16;
+/// What the device offers.
+pub const DEVICE_FEATURES: u64 = F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS;
+/// Queue indices.
+const RX: usize = 0;
+const TX: usize = 1;
+/// Device configuration: mac[6], status u16, max_virtqueue_pairs u16.
+const DEVICE_CONFIG_LEN: u32 = 10;
+/// Link status "up".
+const LINK_UP: u16 = 1;
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tap.
+    #[error(transparent)]
+    Tap(#[from] tap::Error),
+    /// An eventfd.
+    #[error("virtio-net: eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// Registering an ioeventfd or irqfd with KVM.
+    #[error("virtio-net: {what}: {source}")]
+    Kvm {
+        /// Which registration.
+        what: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// Starting the worker thread.
+    #[error("virtio-net: cannot start the device thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Where and how the device is placed.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The tap to attach to.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// Guest-physical address of the BAR.
+    pub bar_addr: u32,
+    /// The IOAPIC pin (GSI) of the device's INTx#.
+    pub gsi: u32,
+}
+
+/// Counters the device keeps (read by `ferry status`, benchmarks and tests).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Frames sent by the guest.
+    pub tx_frames: AtomicU64,
+    /// Frames dropped: too large for the guest's buffer, malformed, or the
+    /// device was not running.
+    pub dropped: AtomicU64,
+    /// Interrupts raised.
+    pub interrupts: AtomicU64,
+}
+
+/// State shared by the vCPU thread and the worker.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The queues while the driver is running (DRIVER_OK), else `None`.
+    queues: Mutex<Option<[Queue; 2]>>,
+    /// ISR status: bit 0 = queue interrupt. A read by the guest clears it.
+    isr: AtomicU8,
+    /// Set to end the worker.
+    stop: AtomicBool,
+    stats: Stats,
+}
+
+/// One queue's registers as the guest sets them up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Size (entries).
+    pub size: u16,
+    /// Enabled.
+    pub ready: bool,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub driver: u64,
+    /// Used ring.
+    pub device: u64,
+}
+
+impl QueueConfig {
+    fn reset() -> Self {
+        QueueConfig {
+            size: QUEUE_MAX,
+            ..Default::default()
+        }
+    }
+}
+
+/// The vCPU-thread half of the device.
+#[derive(Debug)]
+pub struct VirtioNet {
+    pci: ConfigSpace,
+    mac: [u8; 6],
+    bar_addr: u64,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    queue_select: u16,
+    queues: [QueueConfig; 2],
+    mem: GuestRam,
+    shared: Arc<Shared>,
+    wake: EventFd,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VirtioNet {
+    /// Opens the tap, registers the notify ioeventfds and the irqfd with
+    /// KVM, and starts the worker thread.
+    pub fn new(config: &NetConfig, vm: &VmFd, mem: &GuestRam) -> Result<Self, Error> {
+        let tap = Tap::open(&config.tap)?;
+        let efd = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
+        let (rx_kick, tx_kick, irq, wake) = (efd()?, efd()?, efd()?, efd()?);
+        let bar_addr = u64::from(config.bar_addr);
+        for (q, fd) in [(RX, &rx_kick), (TX, &tx_kick)] {
+            let addr = bar_addr + bar::NOTIFY + q as u64 * u64::from(bar::NOTIFY_MULTIPLIER);
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|source| Error::Kvm {
+                    what: "KVM_IOEVENTFD",
+                    source,
+                })?;
+        }
+        vm.register_irqfd(&irq, config.gsi)
+            .map_err(|source| Error::Kvm {
+                what: "KVM_IRQFD",
+                source,
+            })?;
+
+        let mut pci = ConfigSpace::new(super::PCI_VENDOR, super::pci_device_id(DEVICE_TYPE));
+        pci.set8(reg::REVISION, 1);
+        pci.set8(reg::CLASS + 2, 0x02); // network controller
+        pci.set16(reg::SUBSYSTEM_VENDOR_ID, super::PCI_VENDOR);
+        pci.set16(reg::SUBSYSTEM_ID, 0x40);
+        pci.set_memory_bar(0, config.bar_addr, bar::SIZE);
+        pci.set8(reg::INTERRUPT_LINE, config.gsi as u8);
+        pci.set8(reg::INTERRUPT_PIN, 1);
+        super::add_capabilities(&mut pci, DEVICE_CONFIG_LEN);
+
+        let shared = Arc::new(Shared::default());
+        let w = worker::Worker::new(
+            tap,
+            mem.clone(),
+            shared.clone(),
+            irq,
+            rx_kick,
+            tx_kick,
+            wake.try_clone().map_err(Error::EventFd)?,
+        )
+        .map_err(Error::EventFd)?;
+        let worker = std::thread::Builder::new()
+            .name("ferry-net".into())
+            .spawn(move || w.run())
+            .map_err(Error::Thread)?;
+        Ok(VirtioNet {
+            pci,
+            mac: config.mac,
+            bar_addr,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            queue_select: 0,
+            queues: [QueueConfig::reset(); 2],
+            mem: mem.clone(),
+            shared,
+            wake,
+            worker: Some(worker),
+        })
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Whether `addr` falls in the device's BAR; if so, its offset.
+    pub fn bar_offset(&self, addr: u64) -> Option<u64> {
+        (addr >= self.bar_addr && addr < self.bar_addr + u64::from(bar::SIZE))
+            .then(|| addr - self.bar_addr)
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    /// An MMIO read at `off` in the BAR.
+    pub fn mmio_read(&mut self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        match off {
+            o if o < bar::ISR => self.common_read(o, data),
+            o if o < bar::ISR + 4 => {
+                // Reading the ISR clears it (and, on real INTx#, deasserts
+                // the line; irqfd delivers edges, so there is nothing more).
+                let isr = self.shared.isr.swap(0, Ordering::AcqRel);
+                if o == bar::ISR {
+                    data[0] = isr;
+                }
+            }
+            o if (bar::DEVICE..bar::DEVICE + u64::from(DEVICE_CONFIG_LEN)).contains(&o) => {
+                let mut cfg = [0u8; DEVICE_CONFIG_LEN as usize];
+                cfg[..6].copy_from_slice(&self.mac);
+                cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+                cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+                let start = (o - bar::DEVICE) as usize;
+                for (k, d) in data.iter_mut().enumerate() {
+                    *d = cfg.get(start + k).copied().unwrap_or(0);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn common_read(&mut self, off: u64, data: &mut [u8]) {
+        let features = match self.device_feature_select {
+            0 => DEVICE_FEATURES & 0xFFFF_FFFF,
+            1 => DEVICE_FEATURES >> 32,
+            _ => 0,
+        };
+        let q = self
+            .queues
+            .get(usize::from(self.queue_select))
+            .copied()
+            .unwrap_or_default();
+        let (size, notify_off) = if usize::from(self.queue_select) < self.queues.len() {
+            (q.size, self.queue_select)
+        } else {
+            (0, 0)
+        };
+        let driver_features = match self.driver_feature_select {
+            0 => self.driver_features & 0xFFFF_FFFF,
+            1 => self.driver_features >> 32,
+            _ => 0,
+        };
+        use common::*;
+        let regs = [
+            (
+                DEVICE_FEATURE_SELECT,
+                4,
+                u64::from(self.device_feature_select),
+            ),
+            (DEVICE_FEATURE, 4, features),
+            (
+                DRIVER_FEATURE_SELECT,
+                4,
+                u64::from(self.driver_feature_select),
+            ),
+            (DRIVER_FEATURE, 4, driver_features),
+            (CONFIG_MSIX_VECTOR, 2, u64::from(NO_VECTOR)),
+            (NUM_QUEUES, 2, self.queues.len() as u64),
+            (DEVICE_STATUS, 1, u64::from(self.status)),
+            (CONFIG_GENERATION, 1, 0),
+            (QUEUE_SELECT, 2, u64::from(self.queue_select)),
+            (QUEUE_SIZE, 2, u64::from(size)),
+            (QUEUE_MSIX_VECTOR, 2, u64::from(NO_VECTOR)),
+            (QUEUE_ENABLE, 2, u64::from(q.ready)),
+            (QUEUE_NOTIFY_OFF, 2, u64::from(notify_off)),
+            (QUEUE_DESC, 8, q.desc),
+            (QUEUE_DRIVER, 8, q.driver),
+            (QUEUE_DEVICE, 8, q.device),
+        ];
+        super::read_registers(&regs, off, data);
+    }
+
+    /// An MMIO write at `off` in the BAR.
+    pub fn mmio_write(&mut self, off: u64, data: &[u8]) {
+        if off >= bar::ISR {
+            if off >= bar::NOTIFY {
+                // A notify the ioeventfd did not catch: kick the worker.
+                self.wake.write(1).ok();
+            }
+            return;
+        }
+        use common::*;
+        let merge =
+            |old: u64, start: u64, width: u64| super::merge_write(old, start, width, off, data);
+        let live = self.status & status::DRIVER_OK != 0;
+        match off {
+            o if o < DEVICE_FEATURE => {
+                self.device_feature_select = merge(
+                    u64::from(self.device_feature_select),
+                    DEVICE_FEATURE_SELECT,
+                    4,
+                ) as u32
+            }
+            o if (DRIVER_FEATURE_SELECT..DRIVER_FEATURE).contains(&o) => {
+                self.driver_feature_select = merge(
+                    u64::from(self.driver_feature_select),
+                    DRIVER_FEATURE_SELECT,
+                    4,
+                ) as u32
+            }
+            o if (DRIVER_FEATURE..CONFIG_MSIX_VECTOR).contains(&o) => {
+                if self.status & status::FEATURES_OK != 0 {
+                    return;
+                }
+                let shift = match self.driver_feature_select {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                let cur = (self.driver_features >> shift) & 0xFFFF_FFFF;
+                let new = merge(cur, DRIVER_FEATURE, 4);
+                self.driver_features =
+                    (self.driver_features & !(0xFFFF_FFFF << shift)) | (new << shift);
+            }
+            DEVICE_STATUS => self.write_status(data[0]),
+            o if (QUEUE_SELECT..QUEUE_SIZE).contains(&o) => {
+                self.queue_select = merge(u64::from(self.queue_select), QUEUE_SELECT, 2) as u16
+            }
+            _ if live => {}
+            o if (QUEUE_SIZE..QUEUE_MSIX_VECTOR).contains(&o) => {
+                if let Some(q) = self.selected() {
+                    q.size = merge(u64::from(q.size), QUEUE_SIZE, 2) as u16;
+                }
+            }
+            o if (QUEUE_ENABLE..QUEUE_NOTIFY_OFF).contains(&o) => {
+                if let Some(q) = self.selected() {
+                    q.ready = merge(u64::from(q.ready), QUEUE_ENABLE, 2) & 1 == 1;
+                }
+            }
+            o if (QUEUE_DESC..QUEUE_DRIVER).contains(&o) => {
+                if let Some(q) = self.selected() {
+                    q.desc = merge(q.desc, QUEUE_DESC, 8);
+                }
+            }
+            o if (QUEUE_DRIVER..QUEUE_DEVICE).contains(&o) => {
+                if let Some(q) = self.selected() {
+                    q.driver = merge(q.driver, QUEUE_DRIVER, 8);
+                }
+            }
+            o if (QUEUE_DEVICE..QUEUE_DEVICE + 8).contains(&o) => {
+                if let Some(q) = self.selected() {
+                    q.device = merge(q.device, QUEUE_DEVICE, 8);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, new: u8) {
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        let mut new = new;
+        if new & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
+            let unknown = self.driver_features & !DEVICE_FEATURES;
+            if unknown != 0 || self.driver_features & F_VERSION_1 == 0 {
+                // Refused: FEATURES_OK does not stick, as the spec says.
+                new &= !status::FEATURES_OK;
+            }
+        }
+        if new & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0 {
+            match self.activate() {
+                Ok(()) => {}
+                Err(why) => {
+                    eprintln!(
+                        "ferry: virtio-net: the guest's queue setup is unusable: {why}; device needs reset"
+                    );
+                    new = (new & !status::DRIVER_OK) | status::NEEDS_RESET;
+                }
+            }
+        }
+        self.status = new;
+    }
+
+    /// Builds the live queues from the registers and hands them to the worker.
+    fn activate(&mut self) -> Result<(), String> {
+        if self.status & status::FEATURES_OK == 0 {
+            return Err("DRIVER_OK without FEATURES_OK".into());
+        }
+        let event_idx = self.driver_features & F_EVENT_IDX != 0;
+        let mut built = Vec::with_capacity(2);
+        for (i, c) in self.queues.iter().enumerate() {
+            built.push(build_queue(i, c, event_idx, &self.mem)?);
+        }
+        let queues: [Queue; 2] = built.try_into().map_err(|_| "two queues".to_string())?;
+        *self.shared.queues.lock().expect("net queues lock") = Some(queues);
+        self.wake.write(1).ok();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        *self.shared.queues.lock().expect("net queues lock") = None;
+        self.shared.isr.store(0, Ordering::Release);
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.queues = [QueueConfig::reset(); 2];
+    }
+}
+
+fn build_queue(
+    i: usize,
+    c: &QueueConfig,
+    event_idx: bool,
+    mem: &GuestRam,
+) -> Result<Queue, String> {
+    let name = if i == RX { "receive" } else { "transmit" };
+    if !c.ready {
+        return Err(format!("{name} queue not enabled"));
+    }
+    let mut q = Queue::new(QUEUE_MAX).map_err(|e| format!("{name} queue: {e}"))?;
+    q.try_set_size(c.size).map_err(|_| {
+        format!(
+            "{name} queue size {} (must be a power of two up to {QUEUE_MAX})",
+            c.size
+        )
+    })?;
+    q.try_set_desc_table_address(GuestAddress(c.desc))
+        .and_then(|()| q.try_set_avail_ring_address(GuestAddress(c.driver)))
+        .and_then(|()| q.try_set_used_ring_address(GuestAddress(c.device)))
+        .map_err(|_| format!("{name} queue: misaligned ring address"))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(mem) {
+        return Err(format!(
+            "{name} queue rings (desc {:#x}, avail {:#x}, used {:#x}, size {}) are not inside guest memory",
+            c.desc, c.driver, c.device, c.size
+        ));
+    }
+    Ok(q)
+}
+
+impl PciFunction for VirtioNet {
+    fn config(&self) -> &ConfigSpace {
+        &self.pci
+    }
+    fn config_mut(&mut self) -> &mut ConfigSpace {
+        &mut self.pci
+    }
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.wake.write(1).ok();
+        if let Some(w) = self.worker.take() {
+            w.join().ok();
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The device thread: frames between the tap and the guest's queues.
+//!
+//! It sleeps in epoll on four fds: the tap (edge-triggered), the receive
+//! and transmit queues' ioeventfds (the guest's notifications), and a wake
+//! fd the vCPU thread uses after (re)configuring the device or to stop it.
+//! A frame read from the tap when the guest has no receive buffer posted is
+//! held (not dropped) until the guest posts one; the tap queues the rest.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::{Tap, VNET_HDR_LEN};
+use super::{RX, Shared, TX};
+use crate::memory::GuestRam;
+
+/// Largest frame accepted from either side: a 12-byte header and a
+/// 64 KiB packet (no offloads are negotiated, so real frames are ~1.5 KiB).
+const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+/// Smallest frame: the header and an Ethernet header.
+const MIN_FRAME: usize = VNET_HDR_LEN + 14;
+
+const TAP: u64 = 0;
+const RX_KICK: u64 = 1;
+const TX_KICK: u64 = 2;
+const WAKE: u64 = 3;
+
+pub(super) struct Worker {
+    tap: Tap,
+    mem: GuestRam,
+    shared: Arc<Shared>,
+    irq: EventFd,
+    rx_kick: EventFd,
+    tx_kick: EventFd,
+    wake: EventFd,
+    epoll: Epoll,
+    buf: Vec<u8>,
+    /// Length of a frame in `buf` waiting for a receive buffer.
+    held: Option<usize>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        tap: Tap,
+        mem: GuestRam,
+        shared: Arc<Shared>,
+        irq: EventFd,
+        rx_kick: EventFd,
+        tx_kick: EventFd,
+        wake: EventFd,
+    ) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token: u64, set: EventSet| {
+            epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token))
+        };
+        add(
+            tap.as_fd().as_raw_fd(),
+            TAP,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )?;
+        add(rx_kick.as_raw_fd(), RX_KICK, EventSet::IN)?;
+        add(tx_kick.as_raw_fd(), TX_KICK, EventSet::IN)?;
+        add(wake.as_raw_fd(), WAKE, EventSet::IN)?;
+        Ok(Worker {
+            tap,
+            mem,
+            shared,
+            irq,
+            rx_kick,
+            tx_kick,
+            wake,
+            epoll,
+            buf: vec![0; MAX_FRAME],
+            held: None,
+        })
+    }
+
+    pub(super) fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprintln!("ferry: virtio-net: epoll: {e}; the device stops");
+                    return;
+                }
+            };
+            let (mut rx, mut tx) = (false, false);
+            for ev in &events[..n] {
+                match ev.data() {
+                    TAP => rx = true,
+                    RX_KICK => {
+                        self.rx_kick.read().ok();
+                        rx = true;
+                    }
+                    TX_KICK => {
+                        self.tx_kick.read().ok();
+                        tx = true;
+                    }
+                    _ => {
+                        self.wake.read().ok();
+                        (rx, tx) = (true, true);
+                    }
+                }
+            }
+            if self.shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let shared = self.shared.clone();
+            let mut guard = shared.queues.lock().expect("net queues lock");
+            match guard.as_mut() {
+                Some(queues) => {
+                    let mut notify = false;
+                    if tx {
+                        notify |= self.transmit(&mut queues[TX]);
+                    }
+                    if rx {
+                        notify |= self.receive(&mut queues[RX]);
+                    }
+                    drop(guard);
+                    if notify {
+                        self.interrupt();
+                    }
+                }
+                None => {
+                    drop(guard);
+                    // No driver: the frames go nowhere, as on a real NIC.
+                    self.held = None;
+                    self.discard_tap();
+                }
+            }
+        }
+    }
+
+    fn interrupt(&self) {
+        self.shared.isr.fetch_or(1, Ordering::AcqRel);
+        self.shared.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+        self.irq.write(1).ok();
+    }
+
+    fn discard_tap(&mut self) {
+        while let Ok(Some(_)) = self.tap.read_frame(&mut self.buf) {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Delivers tap frames into posted receive buffers; whether the guest
+    /// wants an interrupt.
+    fn receive(&mut self, q: &mut Queue) -> bool {
+        let mem = &self.mem;
+        let stats = &self.shared.stats;
+        let mut delivered = false;
+        loop {
+            let len = match self.held.take() {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.buf) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(e) => {
+                        eprintln!("ferry: virtio-net: reading tap {}: {e}", self.tap.name());
+                        break;
+                    }
+                },
+            };
+            if len < MIN_FRAME {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // num_buffers: one buffer per frame (no MRG_RXBUF).
+            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                self.held = Some(len);
+                // Ask the guest to notify us when it posts buffers; if it
+                // already has, carry on.
+                match q.enable_notification(mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let used = match chain.writer(mem) {
+                Ok(mut w) if w.available_bytes() >= len => match w.write_all(&self.buf[..len]) {
+                    Ok(()) => len as u32,
+                    Err(_) => 0,
+                },
+                _ => 0,
+            };
+            if used == 0 {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            if q.add_used(mem, head, used).is_err() {
+                break;
+            }
+            delivered = true;
+        }
+        delivered && q.needs_notification(mem).unwrap_or(true)
+    }
+
+    /// Sends every frame the guest queued; whether the guest wants an
+    /// interrupt.
+    fn transmit(&mut self, q: &mut Queue) -> bool {
+        let mem = &self.mem;
+        let stats = &self.shared.stats;
+        let mut completed = false;
+        loop {
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let frame = chain.reader(mem).ok().and_then(|mut r| {
+                    let n = r.available_bytes();
+                    if !(MIN_FRAME..=MAX_FRAME).contains(&n) {
+                        return None;
+                    }
+                    r.read_exact(&mut self.buf[..n]).ok().map(|()| n)
+                });
+                match frame {
+                    Some(n) => {
+                        // No offloads were negotiated: whatever the guest
+                        // put in the header, the kernel gets a plain frame.
+                        self.buf[..VNET_HDR_LEN].fill(0);
+                        match self.tap.write_frame(&self.buf[..n]) {
+                            Ok(_) => stats.tx_frames.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => stats.dropped.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                    None => {
+                        stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if q.add_used(mem, head, 0).is_err() {
+                    return true;
+                }
+                completed = true;
+            }
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        completed && q.needs_notification(mem).unwrap_or(true)
+    }
+}
