@@ -200,3 +200,56 @@ pub fn set_boot_registers(vcpu: &VcpuFd, boot: &BootCpu) -> Result<(), Error> {
 pub fn tsc_khz(vcpu: &VcpuFd) -> Result<u32, Error> {
     vcpu.get_tsc_khz().map_err(Error::GetTscKhz)
 }
+
+/// KVM_GET_STATS_FD: `_IO(KVMIO, 0xce)`.
+const KVM_GET_STATS_FD: libc::c_ulong = 0xAECE;
+
+/// The vCPU's KVM statistics (binary stats interface): name and value of
+/// each counter with a single value, e.g. `exits`, `insn_emulation`,
+/// `halt_exits`. For diagnostics (`FERRY_STATS=1`); empty if the kernel
+/// lacks the interface.
+pub fn vcpu_stats(vcpu: &VcpuFd) -> Vec<(String, u64)> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd (or
+    // -1), which is then owned by the File below.
+    let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD, 0) };
+    if fd < 0 {
+        return Vec::new();
+    }
+    // SAFETY: `fd` was just returned to us and is not owned elsewhere.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut header = [0u8; 24];
+    if file.read_exact_at(&mut header, 0).is_err() {
+        return Vec::new();
+    }
+    let word = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4"));
+    let (name_size, num_desc) = (word(&header, 4) as usize, word(&header, 8) as usize);
+    let (desc_offset, data_offset) = (u64::from(word(&header, 16)), u64::from(word(&header, 20)));
+    if name_size > 256 || num_desc > 4096 {
+        return Vec::new();
+    }
+    let desc_len = 16 + name_size;
+    let mut descs = vec![0u8; desc_len * num_desc];
+    if file.read_exact_at(&mut descs, desc_offset).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for d in descs.chunks_exact(desc_len) {
+        let size = u16::from_le_bytes([d[6], d[7]]);
+        let offset = u64::from(word(d, 8));
+        if size != 1 {
+            continue;
+        }
+        let name = &d[16..];
+        let name = String::from_utf8_lossy(
+            &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())],
+        )
+        .into_owned();
+        let mut v = [0u8; 8];
+        if file.read_exact_at(&mut v, data_offset + offset).is_ok() {
+            out.push((name, u64::from_le_bytes(v)));
+        }
+    }
+    out
+}

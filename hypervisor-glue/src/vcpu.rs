@@ -122,6 +122,11 @@ impl Vcpu {
         Vcpu { fd }
     }
 
+    /// The vCPU fd.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     fn rip(&self) -> u64 {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }

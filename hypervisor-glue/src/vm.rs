@@ -179,9 +179,20 @@ impl Vm {
         })
     }
 
-    /// Runs the guest to its end; returns its exit status.
+    /// Runs the guest to its end; returns its exit status. With
+    /// `FERRY_STATS=1`, prints the vCPU's non-zero KVM counters afterwards.
     pub fn run(&mut self) -> Result<i32, Error> {
-        match self.vcpu.run(&self.mem, &mut self.bus)? {
+        let r = self.vcpu.run(&self.mem, &mut self.bus);
+        if std::env::var_os("FERRY_STATS").is_some_and(|v| v == "1") {
+            let stats = kvm::vcpu_stats(self.vcpu.fd());
+            let line: Vec<String> = stats
+                .iter()
+                .filter(|(_, v)| *v != 0)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            eprintln!("ferry: kvm stats: {}", line.join(" "));
+        }
+        match r? {
             Stop::Exited(status) => Ok(status),
         }
     }

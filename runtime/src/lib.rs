@@ -40,8 +40,10 @@ pub mod arch {
 }
 pub mod args;
 pub mod console;
+pub mod drivers;
 pub mod fdt;
 pub mod heap;
+pub mod net;
 pub mod platform;
 pub mod time;
 

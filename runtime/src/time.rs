@@ -73,6 +73,10 @@ fn current_page() -> ClockPage {
 pub struct Instant(u64);
 
 impl Instant {
+    /// The instant `ns` nanoseconds after boot.
+    pub const fn from_nanos(ns: u64) -> Instant {
+        Instant(ns)
+    }
     /// Nanoseconds since the guest booted.
     pub const fn as_nanos(self) -> u64 {
         self.0
@@ -131,6 +135,32 @@ pub fn sleep_until(deadline: Instant) {
         let ticks = ferry_abi::ns_to_ticks(deadline.0 - now, page.tsc_khz).max(1);
         cpu::disable_interrupts();
         apic::arm_deadline(tsc.saturating_add(ticks));
+        cpu::enable_interrupts_and_halt();
+        cpu::disable_interrupts();
+    }
+}
+
+/// Waits for one wake-up: any interrupt (a device's, say), or `deadline`
+/// if given. `still_idle` runs with interrupts off just before the HLT; if
+/// it says work arrived meanwhile, there is no HLT. An interrupt that comes
+/// after that check still ends the HLT (STI's shadow covers it), so no
+/// wake-up is lost. Returns at once without an APIC timer and a deadline.
+pub fn halt_until(deadline: Option<Instant>, still_idle: impl FnOnce() -> bool) {
+    cpu::disable_interrupts();
+    if let Some(deadline) = deadline {
+        if !apic::timer_ready() {
+            return;
+        }
+        let page = current_page();
+        let tsc = cpu::rdtsc();
+        let now = page.ns_at(tsc);
+        if now >= deadline.0 {
+            return;
+        }
+        let ticks = ferry_abi::ns_to_ticks(deadline.0 - now, page.tsc_khz).max(1);
+        apic::arm_deadline(tsc.saturating_add(ticks));
+    }
+    if still_idle() {
         cpu::enable_interrupts_and_halt();
         cpu::disable_interrupts();
     }

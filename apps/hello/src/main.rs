@@ -2,6 +2,7 @@
 //! (tickless: HLT until a one-shot timer), and exits with a chosen status.
 //!
 //! Arguments: `exit=N` (status, default 0), `sleep-ms=N` (sleep before exit),
+//! `spin=N` (time N rounds of integer arithmetic, a CPU-speed probe),
 //! any other words are echoed.
 #![no_std]
 #![no_main]
@@ -33,6 +34,18 @@ fn main(env: &Env) -> i32 {
             "hello: slept_us={} guest_time_us={}",
             slept.as_micros(),
             time::now().since_boot().as_micros()
+        );
+    }
+    if let Some(n) = env.arg("spin").and_then(|n| n.parse::<u64>().ok()) {
+        // A CPU-speed probe: n rounds of integer arithmetic.
+        let start = time::now();
+        let mut x = 0u64;
+        for i in 0..n {
+            x = core::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        println!(
+            "hello: spin={n} took_us={} ({x:#x})",
+            time::now().duration_since(start).as_micros()
         );
     }
     match env.arg("exit").map(str::parse::<i32>) {

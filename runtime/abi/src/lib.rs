@@ -191,6 +191,21 @@ pub const fn ns_to_ticks(ns: u64, tsc_khz: u64) -> u64 {
     }
 }
 
+/// Virtio's `vring_need_event` (VIRTIO_F_EVENT_IDX): whether an index that
+/// moved from `old` to `new` passed `event`, i.e. whether the other side
+/// asked to be notified. All arithmetic wraps at 2^16.
+///
+/// ```
+/// use ferry_abi::virtio_need_event;
+/// assert!(virtio_need_event(5, 6, 5)); // the other side waits for entry 5
+/// assert!(!virtio_need_event(6, 6, 5)); // ... for entry 6: not yet
+/// assert!(virtio_need_event(0xFFFF, 1, 0xFFFE)); // across the wrap
+/// assert!(!virtio_need_event(3, 1, 0xFFFE));
+/// ```
+pub const fn virtio_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,6 +32,17 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Reads a 32-bit value from an I/O port.
+#[inline]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// A uhyve-v2-style hypercall: writes to `port` with the argument in `rdi`.
 /// `arg` may be the guest-physical address of a parameter block, which the
 /// VMM reads (and may write) during the call.

@@ -1,14 +1,21 @@
 //! Interrupt descriptor table: the 32 CPU exceptions (fatal: reported on the
 //! console with the faulting state, then exit), the local APIC timer (wakes
-//! the idle loop) and the spurious vector.
+//! the idle loop), device interrupts (also just a wake-up, with a flag) and
+//! the spurious vector.
 
 use core::arch::{asm, global_asm};
 use core::ptr::addr_of;
 
 /// Vector of the local APIC timer.
 pub const TIMER_VECTOR: u8 = 0x40;
+/// Vector of device interrupts (the network card, through the IOAPIC).
+pub const DEVICE_VECTOR: u8 = 0x41;
 /// Spurious-interrupt vector (the APIC's SVR).
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
+
+/// Set by the device interrupt handler; the idle loop takes it.
+pub static DEVICE_INTERRUPT: core::sync::atomic::AtomicBool =
+    core::sync::atomic::AtomicBool::new(false);
 
 /// Exit status when the guest dies of a CPU exception.
 pub const EXCEPTION_EXIT_STATUS: i32 = 102;
@@ -79,11 +86,11 @@ stubs!(
     8 err, 9 noerr, 10 err, 11 err, 12 err, 13 err, 14 err, 15 noerr,
     16 noerr, 17 err, 18 noerr, 19 noerr, 20 noerr, 21 err, 22 noerr, 23 noerr,
     24 noerr, 25 noerr, 26 noerr, 27 noerr, 28 noerr, 29 err, 30 err, 31 noerr,
-    64 noerr, 255 noerr,
+    64 noerr, 65 noerr, 255 noerr,
 );
 
 unsafe extern "C" {
-    static ferry_isr_table: [u64; 34];
+    static ferry_isr_table: [u64; 35];
 }
 
 #[repr(C, packed)]
@@ -191,6 +198,10 @@ const EXCEPTION_NAMES: [&str; 32] = [
 extern "C" fn dispatch(frame: &mut TrapFrame) {
     match frame.vector {
         v if v == u64::from(TIMER_VECTOR) => super::apic::end_of_interrupt(),
+        v if v == u64::from(DEVICE_VECTOR) => {
+            DEVICE_INTERRUPT.store(true, core::sync::atomic::Ordering::Release);
+            super::apic::end_of_interrupt();
+        }
         v if v == u64::from(SPURIOUS_VECTOR) => {}
         v if v < 32 => {
             let cr2 = if v == 14 { super::cpu::cr2() } else { 0 };

@@ -5,3 +5,4 @@ pub mod apic;
 pub mod cpu;
 pub mod entry;
 pub mod idt;
+pub mod ioapic;

@@ -1,0 +1,344 @@
+//! The virtio-net driver: finds the card on PCI, negotiates VERSION_1, MAC
+//! and EVENT_IDX, sets up one receive and one transmit queue with
+//! preallocated 2 KiB buffers, and routes the card's interrupt pin through
+//! the IOAPIC.
+//!
+//! Frames carry the 12-byte virtio-net header (all zero: no offloads).
+
+use alloc::vec::Vec;
+
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, PciRoot};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
+use virtio_drivers::{BufferDirection, Hal};
+
+use super::pci::{IdentityHal, PortCam};
+use super::virtq::SplitQueue;
+use crate::arch::ioapic;
+
+/// The virtio-net header length with VIRTIO_F_VERSION_1.
+pub const HDR_LEN: usize = 12;
+/// Size of each buffer: the header and a full Ethernet frame fit.
+pub const BUF_SIZE: usize = 2048;
+/// Largest Ethernet frame (no VLAN tag, no FCS) the driver sends.
+pub const MAX_FRAME: usize = 1514;
+/// Queue entries (the device may offer fewer).
+const QUEUE_SIZE: u16 = 256;
+
+const F_MAC: u64 = 1 << 5;
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+
+const RX: u16 = 0;
+const TX: u16 = 1;
+
+/// Why the card could not be brought up.
+#[derive(Debug)]
+pub enum Error {
+    /// No virtio-net function on PCI bus 0.
+    NoDevice,
+    /// The transport refused (bad capabilities, BAR unassigned).
+    Transport(virtio_drivers::transport::pci::VirtioPciError),
+    /// The device lacks a feature the driver needs.
+    MissingFeature(&'static str),
+    /// The device did not accept the features.
+    FeaturesRefused,
+    /// Reading the device configuration failed.
+    Config,
+    /// The device's queues are too small.
+    QueueTooSmall(u32),
+    /// The interrupt pin has no IOAPIC input.
+    NoInterruptRoute(u8),
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::NoDevice => write!(
+                f,
+                "no virtio-net card on PCI bus 0 (did the VMM get --tap?)"
+            ),
+            Error::Transport(e) => write!(f, "virtio PCI transport: {e}"),
+            Error::MissingFeature(what) => write!(f, "the card lacks {what}"),
+            Error::FeaturesRefused => write!(f, "the card refused the negotiated features"),
+            Error::Config => write!(f, "cannot read the card's configuration"),
+            Error::QueueTooSmall(n) => write!(f, "the card's queues hold only {n} entries"),
+            Error::NoInterruptRoute(p) => write!(f, "interrupt line {p} has no IOAPIC input"),
+        }
+    }
+}
+
+/// A buffer pool: `count` buffers of [`BUF_SIZE`] bytes, buffer `i` at
+/// `base + i * BUF_SIZE`.
+#[derive(Debug)]
+struct Buffers {
+    base: *mut u8,
+    count: u16,
+}
+
+impl Buffers {
+    fn new(count: u16) -> Self {
+        let pages = (usize::from(count) * BUF_SIZE).div_ceil(4096);
+        let (_, base) = IdentityHal::dma_alloc(pages, BufferDirection::Both);
+        Buffers {
+            base: base.as_ptr(),
+            count,
+        }
+    }
+
+    fn addr(&self, id: u16) -> u64 {
+        self.base as u64 + u64::from(id) * BUF_SIZE as u64
+    }
+
+    /// Buffer `id`, `len` bytes.
+    fn get(&mut self, id: u16, len: usize) -> &mut [u8] {
+        assert!(id < self.count && len <= BUF_SIZE);
+        // SAFETY: buffer `id` lies inside the allocation; the caller only
+        // asks for buffers the device does not own at the moment.
+        unsafe { core::slice::from_raw_parts_mut(self.base.add(usize::from(id) * BUF_SIZE), len) }
+    }
+}
+
+/// The receive side: every buffer the device does not hold is being read.
+#[derive(Debug)]
+pub struct RxHalf {
+    q: SplitQueue,
+    bufs: Buffers,
+}
+
+impl RxHalf {
+    /// The next received frame: (buffer id, frame length).
+    pub fn next_frame(&mut self) -> Option<(u16, usize)> {
+        loop {
+            let (id, len) = self.q.pop_used()?;
+            let len = len as usize;
+            if len > HDR_LEN && len <= BUF_SIZE {
+                return Some((id, len - HDR_LEN));
+            }
+            // A zero or bogus length (the frame did not fit): give it back.
+            self.recycle(id);
+        }
+    }
+
+    /// The frame in buffer `id`.
+    pub fn frame(&mut self, id: u16, len: usize) -> &mut [u8] {
+        &mut self.bufs.get(id, HDR_LEN + len)[HDR_LEN..]
+    }
+
+    /// Returns buffer `id` to the device.
+    pub fn recycle(&mut self, id: u16) {
+        let addr = self.bufs.addr(id);
+        self.q.push(id, addr, BUF_SIZE as u32, true);
+    }
+}
+
+/// The transmit side: buffers free to fill, and those the device holds.
+#[derive(Debug)]
+pub struct TxHalf {
+    q: SplitQueue,
+    bufs: Buffers,
+    free: Vec<u16>,
+}
+
+impl TxHalf {
+    /// Takes back the buffers the device has sent.
+    pub fn reap(&mut self) {
+        while let Some((id, _)) = self.q.pop_used() {
+            self.free.push(id);
+        }
+    }
+
+    /// Whether a buffer is free (after [`reap`](Self::reap)).
+    pub fn can_send(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Fills a free buffer with a `len`-byte frame through `f` and queues it.
+    /// `None` if no buffer is free or `len` is too large.
+    pub fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
+        if len > MAX_FRAME {
+            return None;
+        }
+        let id = self.free.pop()?;
+        let buf = self.bufs.get(id, HDR_LEN + len);
+        buf[..HDR_LEN].fill(0);
+        let r = f(&mut buf[HDR_LEN..]);
+        let addr = self.bufs.addr(id);
+        self.q.push(id, addr, (HDR_LEN + len) as u32, false);
+        Some(r)
+    }
+
+    /// Frames queued but not yet published.
+    pub fn unpublished(&self) -> u16 {
+        self.q.unpublished()
+    }
+
+    /// Publishes the queued frames; whether the device wants a kick.
+    pub fn publish_needs_kick(&mut self) -> bool {
+        self.q.publish();
+        self.q.kick_needed()
+    }
+}
+
+/// The card.
+pub struct NetCard {
+    transport: PciTransport,
+    mac: [u8; 6],
+    /// Receive side.
+    pub rx: RxHalf,
+    /// Transmit side.
+    pub tx: TxHalf,
+    irq_line: u8,
+}
+
+impl core::fmt::Debug for NetCard {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("NetCard")
+            .field("mac", &self.mac)
+            .field("irq_line", &self.irq_line)
+            .finish()
+    }
+}
+
+impl NetCard {
+    /// Finds and starts the first virtio-net card on PCI bus 0.
+    pub fn probe() -> Result<NetCard, Error> {
+        let mut root = PciRoot::new(PortCam);
+        let mut found = None;
+        for (df, info) in root.enumerate_bus(0) {
+            if virtio_drivers::transport::pci::virtio_device_type(&info)
+                == Some(DeviceType::Network)
+            {
+                found = Some(df);
+                break;
+            }
+        }
+        let df = found.ok_or(Error::NoDevice)?;
+        let irq_line = (PortCam.read_word(df, 0x3C) & 0xFF) as u8;
+        let (_, cmd) = root.get_status_command(df);
+        root.set_command(df, cmd | Command::MEMORY_SPACE | Command::BUS_MASTER);
+        let transport =
+            PciTransport::new::<IdentityHal, _>(&mut root, df).map_err(Error::Transport)?;
+        NetCard::start(transport, irq_line)
+    }
+
+    fn start(mut t: PciTransport, irq_line: u8) -> Result<NetCard, Error> {
+        t.set_status(DeviceStatus::empty());
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let offered = t.read_device_features();
+        if offered & F_VERSION_1 == 0 {
+            return Err(Error::MissingFeature(
+                "VIRTIO_F_VERSION_1 (legacy devices are not supported)",
+            ));
+        }
+        if offered & F_MAC == 0 {
+            return Err(Error::MissingFeature("a MAC address (VIRTIO_NET_F_MAC)"));
+        }
+        let wanted = F_VERSION_1 | F_MAC | (offered & F_EVENT_IDX);
+        t.write_driver_features(wanted);
+        t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
+        if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
+            return Err(Error::FeaturesRefused);
+        }
+        let mac: [u8; 6] = t.read_config_space(0).map_err(|_| Error::Config)?;
+
+        let max = t.max_queue_size(RX).min(t.max_queue_size(TX));
+        if max < 16 {
+            return Err(Error::QueueTooSmall(max));
+        }
+        let size = QUEUE_SIZE.min(1 << (31 - max.leading_zeros()).min(15));
+        let rxq = SplitQueue::new(size);
+        let txq = SplitQueue::new(size);
+        for (idx, q) in [(RX, &rxq), (TX, &txq)] {
+            let (d, a, u) = q.addresses();
+            t.queue_set(idx, u32::from(size), d as _, a as _, u as _);
+        }
+        let mut rx = RxHalf {
+            q: rxq,
+            bufs: Buffers::new(size),
+        };
+        let tx = TxHalf {
+            q: txq,
+            bufs: Buffers::new(size),
+            free: (0..size).rev().collect(),
+        };
+        for id in 0..size {
+            rx.recycle(id);
+        }
+        rx.q.publish();
+        rx.q.suppress_interrupts();
+        tx.q.suppress_interrupts();
+        t.finish_init();
+
+        ioapic::mask_pic();
+        if !ioapic::route(irq_line) {
+            return Err(Error::NoInterruptRoute(irq_line));
+        }
+        let mut card = NetCard {
+            transport: t,
+            mac,
+            rx,
+            tx,
+            irq_line,
+        };
+        card.flush();
+        Ok(card)
+    }
+
+    /// The two queues and the transport, borrowed apart.
+    pub fn split(&mut self) -> (&mut RxHalf, &mut TxHalf, &mut PciTransport) {
+        (&mut self.rx, &mut self.tx, &mut self.transport)
+    }
+
+    /// Sends one frame outside smoltcp (the gratuitous ARP); false if the
+    /// transmit queue is full.
+    pub fn send_raw(&mut self, frame: &[u8]) -> bool {
+        self.tx.reap();
+        let sent = self
+            .tx
+            .send(frame.len(), |b| b.copy_from_slice(frame))
+            .is_some();
+        self.flush();
+        sent
+    }
+
+    /// The card's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Publishes what both queues hold and notifies the device where it
+    /// asked to be.
+    pub fn flush(&mut self) {
+        self.rx.q.publish();
+        if self.rx.q.kick_needed() {
+            self.transport.notify(RX);
+        }
+        self.tx.q.publish();
+        if self.tx.q.kick_needed() {
+            self.transport.notify(TX);
+        }
+    }
+
+    /// Before halting: asks for an interrupt on the next received frame
+    /// (and on the next sent one, if the transmit queue is full), reading
+    /// the ISR first to rearm the interrupt line. Returns false if there
+    /// is work already (then do not halt).
+    pub fn arm(&mut self) -> bool {
+        let pending = self.rx.q.want_interrupt();
+        let tx_pending = !self.tx.can_send() && self.tx.q.want_interrupt();
+        !(pending || tx_pending)
+    }
+
+    /// After a wake-up: acknowledges the interrupt and goes back to
+    /// polling without interrupts.
+    pub fn disarm(&mut self, interrupted: bool) {
+        if interrupted {
+            // Reading the ISR deasserts a level-triggered INTx# (QEMU);
+            // under Ferry it just clears the status.
+            let _ = self.transport.ack_interrupt();
+        }
+        self.rx.q.suppress_interrupts();
+        self.tx.q.suppress_interrupts();
+    }
+}

@@ -1,0 +1,223 @@
+//! The one network stack: the card, the smoltcp interface and its sockets.
+
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::fmt;
+use core::sync::atomic::Ordering;
+
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpCidr, Ipv4Address,
+};
+
+use super::Local;
+use crate::arch::cpu;
+use crate::arch::idt::DEVICE_INTERRUPT;
+use crate::drivers::virtio_net::NetCard;
+use crate::time::Instant;
+
+/// What can go wrong, for the network or a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetError {
+    /// The runtime arguments lack or garble the IP settings.
+    Config(alloc::string::String),
+    /// The card could not be brought up.
+    Card(alloc::string::String),
+    /// A port is already in use or invalid.
+    Bind(u16),
+    /// The peer reset the connection, or it timed out.
+    Reset,
+    /// The connection is closed for writing.
+    Closed,
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetError::Config(m) => write!(f, "bad network settings: {m}"),
+            NetError::Card(m) => write!(f, "network card: {m}"),
+            NetError::Bind(p) => write!(f, "cannot listen on port {p}"),
+            NetError::Reset => write!(f, "connection reset"),
+            NetError::Closed => write!(f, "connection closed"),
+        }
+    }
+}
+
+/// The guest's IP settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Address and prefix.
+    pub ip: Ipv4Address,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Address>,
+}
+
+impl Config {
+    /// Reads `net.ip=A.B.C.D/P` and `net.gw=A.B.C.D` from runtime words.
+    pub fn from_args(words: &[alloc::string::String]) -> Result<Config, NetError> {
+        let get = |k: &str| {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+        };
+        let ip = get("net.ip").ok_or_else(|| {
+            NetError::Config("no net.ip=ADDR/PREFIX on the command line (give the VMM --ip)".into())
+        })?;
+        let bad = |what: &str| NetError::Config(what.into());
+        let (addr, prefix) = ip
+            .split_once('/')
+            .ok_or_else(|| bad("net.ip needs /PREFIX"))?;
+        let ip: Ipv4Address = addr
+            .parse()
+            .map_err(|_| bad("net.ip is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (1..=32).contains(p))
+            .ok_or_else(|| bad("net.ip prefix must be 1 to 32"))?;
+        let gateway = match get("net.gw") {
+            Some(g) => Some(
+                g.parse()
+                    .map_err(|_| bad("net.gw is not an IPv4 address"))?,
+            ),
+            None => None,
+        };
+        Ok(Config {
+            ip,
+            prefix,
+            gateway,
+        })
+    }
+}
+
+pub(super) struct Stack {
+    pub card: NetCard,
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    /// Sockets whose stream was dropped: removed once closed.
+    pub closing: Vec<SocketHandle>,
+    pub config: Config,
+}
+
+static STACK: Local<Option<Stack>> = Local(RefCell::new(None));
+
+/// Runs `f` on the stack. Panics if the network is not up (a task can only
+/// exist after [`init`]).
+pub(super) fn with<R>(f: impl FnOnce(&mut Stack) -> R) -> R {
+    let mut s = STACK.0.borrow_mut();
+    f(s.as_mut().expect("the network is not up: call net::run"))
+}
+
+pub(super) fn config() -> Option<Config> {
+    STACK.0.borrow().as_ref().map(|s| s.config)
+}
+
+fn smol_now(now: Instant) -> smoltcp::time::Instant {
+    smoltcp::time::Instant::from_micros((now.as_nanos() / 1000) as i64)
+}
+
+pub(super) fn init(config: &Config) -> Result<(), NetError> {
+    let mut card = NetCard::probe().map_err(|e| NetError::Card(alloc::format!("{e}")))?;
+    let mac = EthernetAddress(card.mac());
+    let mut iface_config = smoltcp::iface::Config::new(HardwareAddress::Ethernet(mac));
+    iface_config.random_seed = cpu::rdtsc()
+        ^ u64::from_le_bytes([
+            mac.0[0], mac.0[1], mac.0[2], mac.0[3], mac.0[4], mac.0[5], 0, 0,
+        ]);
+    let now = crate::time::now();
+    let mut iface = Interface::new(iface_config, &mut card, smol_now(now));
+    iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(config.ip.into(), config.prefix)).ok();
+    });
+    if let Some(gw) = config.gateway {
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(gw)
+            .map_err(|_| NetError::Config("cannot add the default route".into()))?;
+    }
+    announce(&mut card, mac, config.ip);
+    crate::println!(
+        "net: up: mac {mac} ip {}/{} gateway {}",
+        config.ip,
+        config.prefix,
+        config.gateway.map_or_else(
+            || alloc::string::String::from("none"),
+            |g| alloc::format!("{g}")
+        )
+    );
+    *STACK.0.borrow_mut() = Some(Stack {
+        card,
+        iface,
+        sockets: SocketSet::new(Vec::new()),
+        closing: Vec::new(),
+        config: *config,
+    });
+    Ok(())
+}
+
+/// A gratuitous ARP (a request for our own address, broadcast), so that
+/// neighbours and bridges learn where the address lives now.
+fn announce(card: &mut NetCard, mac: EthernetAddress, ip: Ipv4Address) {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: ip,
+    };
+    let eth = EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = [0u8; 60];
+    let mut f = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut f);
+    arp.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+    card.send_raw(&frame);
+}
+
+/// One turn of smoltcp; whether socket state changed.
+pub(super) fn poll(now: Instant) -> bool {
+    with(|s| {
+        let r = s.iface.poll(smol_now(now), &mut s.card, &mut s.sockets);
+        s.card.flush();
+        let sockets = &mut s.sockets;
+        s.closing.retain(|&h| {
+            let st = sockets.get::<tcp::Socket>(h).state();
+            let done = matches!(st, tcp::State::Closed | tcp::State::TimeWait);
+            if done {
+                sockets.remove(h);
+            }
+            !done
+        });
+        r == PollResult::SocketStateChanged
+    })
+}
+
+/// Nothing to do: halt until the card interrupts, smoltcp's next timer,
+/// or `timer` (a task's).
+pub(super) fn idle(now: Instant, timer: Option<Instant>) {
+    let deadline = with(|s| {
+        s.card.flush();
+        let at = s
+            .iface
+            .poll_delay(smol_now(now), &s.sockets)
+            .map(|d| now.saturating_add(core::time::Duration::from_micros(d.total_micros())));
+        match (at, timer) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    });
+    with(|s| {
+        crate::time::halt_until(deadline, || {
+            s.card.arm() && !DEVICE_INTERRUPT.load(Ordering::Acquire)
+        });
+        let interrupted = DEVICE_INTERRUPT.swap(false, Ordering::AcqRel);
+        s.card.disarm(interrupted);
+    });
+}

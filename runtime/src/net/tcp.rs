@@ -1,0 +1,256 @@
+//! TCP for services: a listener with a backlog of listening sockets, and
+//! streams with async read and write.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::task::Poll;
+
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::wire::IpEndpoint;
+
+use super::progress;
+use super::stack::{NetError, with};
+
+/// Socket buffer sizes and how many connections may be half-open at once.
+#[derive(Clone, Copy, Debug)]
+pub struct BufferSizes {
+    /// Receive buffer per connection.
+    pub rx: usize,
+    /// Send buffer per connection.
+    pub tx: usize,
+    /// Listening sockets kept ready: connections that can arrive together
+    /// before the service accepts them (more are refused with RST, as
+    /// smoltcp has no SYN queue).
+    pub backlog: usize,
+}
+
+impl Default for BufferSizes {
+    fn default() -> Self {
+        BufferSizes {
+            rx: 64 * 1024,
+            tx: 64 * 1024,
+            backlog: 16,
+        }
+    }
+}
+
+/// Accepts connections on a port.
+#[derive(Debug)]
+pub struct TcpListener {
+    port: u16,
+    sizes: BufferSizes,
+    ready: Vec<SocketHandle>,
+}
+
+fn new_listening(port: u16, sizes: &BufferSizes) -> Result<SocketHandle, NetError> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; sizes.rx]),
+        tcp::SocketBuffer::new(vec![0; sizes.tx]),
+    );
+    s.set_nagle_enabled(false);
+    s.listen(port).map_err(|_| NetError::Bind(port))?;
+    Ok(with(|st| st.sockets.add(s)))
+}
+
+impl TcpListener {
+    /// Listens on `port` of the guest's address.
+    pub fn bind(port: u16, sizes: BufferSizes) -> Result<TcpListener, NetError> {
+        if port == 0 || sizes.backlog == 0 || sizes.rx == 0 || sizes.tx == 0 {
+            return Err(NetError::Bind(port));
+        }
+        let ready = (0..sizes.backlog)
+            .map(|_| new_listening(port, &sizes))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TcpListener { port, sizes, ready })
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The next established connection.
+    pub async fn accept(&mut self) -> TcpStream {
+        core::future::poll_fn(|_| {
+            let taken = with(|st| {
+                self.ready.iter().position(|&h| {
+                    matches!(
+                        st.sockets.get::<tcp::Socket>(h).state(),
+                        State::Established | State::CloseWait
+                    )
+                })
+            });
+            match taken {
+                Some(i) => {
+                    let h = self.ready.swap_remove(i);
+                    if let Ok(n) = new_listening(self.port, &self.sizes) {
+                        self.ready.push(n);
+                    }
+                    progress();
+                    Poll::Ready(TcpStream { h })
+                }
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        with(|st| {
+            for h in self.ready.drain(..) {
+                st.sockets.remove(h);
+            }
+        });
+    }
+}
+
+/// An open connection. Dropping it closes it gracefully (FIN after the
+/// data already queued); the socket goes away once closed.
+#[derive(Debug)]
+pub struct TcpStream {
+    h: SocketHandle,
+}
+
+impl TcpStream {
+    fn with<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
+        with(|st| f(st.sockets.get_mut::<tcp::Socket>(self.h)))
+    }
+
+    /// The peer's address and port.
+    pub fn peer(&self) -> Option<IpEndpoint> {
+        self.with(|s| s.remote_endpoint())
+    }
+
+    /// Reads what has arrived, waiting for at least one byte. `Ok(0)` when
+    /// the peer has closed its side and everything was read.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, NetError> {
+        core::future::poll_fn(|_| {
+            self.with(|s| {
+                if s.can_recv() {
+                    let n = s.recv_slice(buf).unwrap_or(0);
+                    progress();
+                    return Poll::Ready(Ok(n));
+                }
+                if !s.may_recv() {
+                    progress();
+                    return Poll::Ready(match s.state() {
+                        State::Closed if s.remote_endpoint().is_none() => Err(NetError::Reset),
+                        _ => Ok(0),
+                    });
+                }
+                Poll::Pending
+            })
+        })
+        .await
+    }
+
+    /// Lets `f` consume received bytes in place; it returns how many it
+    /// took (and a result). Waits for at least one byte; `Ok(None)` at the
+    /// end of the stream.
+    pub async fn read_with<R>(
+        &mut self,
+        mut f: impl FnMut(&[u8]) -> (usize, R),
+    ) -> Result<Option<R>, NetError> {
+        core::future::poll_fn(|_| {
+            self.with(|s| {
+                if s.can_recv() {
+                    let r = s.recv(|b| f(b)).ok();
+                    progress();
+                    return Poll::Ready(Ok(r));
+                }
+                if !s.may_recv() {
+                    progress();
+                    return Poll::Ready(Ok(None));
+                }
+                Poll::Pending
+            })
+        })
+        .await
+    }
+
+    /// Queues as much of `data` as fits, waiting for room for at least one
+    /// byte.
+    pub async fn write(&mut self, data: &[u8]) -> Result<usize, NetError> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        core::future::poll_fn(|_| {
+            self.with(|s| {
+                if !s.may_send() {
+                    return Poll::Ready(Err(if s.state() == State::Closed {
+                        NetError::Reset
+                    } else {
+                        NetError::Closed
+                    }));
+                }
+                if s.can_send() {
+                    let n = s.send_slice(data).unwrap_or(0);
+                    if n > 0 {
+                        progress();
+                        return Poll::Ready(Ok(n));
+                    }
+                }
+                Poll::Pending
+            })
+        })
+        .await
+    }
+
+    /// Queues all of `data`.
+    pub async fn write_all(&mut self, mut data: &[u8]) -> Result<(), NetError> {
+        while !data.is_empty() {
+            let n = self.write(data).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Lets `f` fill free send-buffer space in place (returns bytes
+    /// written); waits for room for at least `min` bytes.
+    pub async fn write_with(
+        &mut self,
+        min: usize,
+        mut f: impl FnMut(&mut [u8]) -> usize,
+    ) -> Result<usize, NetError> {
+        core::future::poll_fn(|_| {
+            self.with(|s| {
+                if !s.may_send() {
+                    return Poll::Ready(Err(NetError::Closed));
+                }
+                let room = s.send_capacity() - s.send_queue();
+                if room >= min.max(1) {
+                    let n = s.send(|b| {
+                        let n = f(b);
+                        (n, n)
+                    });
+                    progress();
+                    return Poll::Ready(n.map_err(|_| NetError::Closed));
+                }
+                Poll::Pending
+            })
+        })
+        .await
+    }
+
+    /// Free space in the send buffer now.
+    pub fn send_room(&self) -> usize {
+        self.with(|s| s.send_capacity() - s.send_queue())
+    }
+
+    /// Closes the sending side (FIN once queued data is out); reading goes on.
+    pub fn shutdown(&mut self) {
+        self.with(|s| s.close());
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        with(|st| {
+            st.sockets.get_mut::<tcp::Socket>(self.h).close();
+            st.closing.push(self.h);
+        });
+    }
+}
