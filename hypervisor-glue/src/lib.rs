@@ -30,5 +30,6 @@ pub mod kvm;
 pub mod memory;
 pub mod net;
 pub mod size;
+pub mod stop;
 pub mod vcpu;
 pub mod vm;

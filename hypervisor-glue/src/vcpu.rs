@@ -17,6 +17,8 @@ use crate::memory::GuestRam;
 pub enum Stop {
     /// The guest asked to exit with this status.
     Exited(i32),
+    /// A signal (SIGINT, SIGTERM) asked Ferry to stop the VM.
+    Signalled(i32),
 }
 
 /// Something the guest did that ends it.
@@ -179,6 +181,9 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Exit::Intr,
                 Err(e) => return Err(Error::Run(e)),
             };
+            if let Some(sig) = crate::stop::requested() {
+                return Ok(Stop::Signalled(sig));
+            }
             match exit {
                 Exit::Handled => {}
                 Exit::Out(port, value) => {

@@ -83,6 +83,9 @@ pub enum Error {
     /// The network card.
     #[error(transparent)]
     Net(#[from] net::Error),
+    /// Stopped by a signal.
+    #[error("stopped by signal {0}")]
+    Signalled(i32),
 }
 
 /// A created VM, ready to run.
@@ -194,6 +197,7 @@ impl Vm {
         }
         match r? {
             Stop::Exited(status) => Ok(status),
+            Stop::Signalled(sig) => Err(Error::Signalled(sig)),
         }
     }
 

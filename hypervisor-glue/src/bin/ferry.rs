@@ -114,9 +114,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 app_args: args,
                 net: net.settings()?,
             };
+            ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));
             let mut vm = Vm::create(&config, console).context("cannot start the VM")?;
-            Ok(vm.run().context("the VM stopped")?)
+            match vm.run() {
+                Ok(status) => Ok(status),
+                Err(ferry::vm::Error::Signalled(sig)) => {
+                    eprintln!("ferry: stopped by signal {sig}; the guest was ended");
+                    Ok(128 + sig)
+                }
+                Err(e) => Err(anyhow::Error::new(e).context("the VM stopped")),
+            }
         }
     }
 }

@@ -25,6 +25,8 @@ pub const MAX_FRAME: usize = 1514;
 /// Queue entries (the device may offer fewer).
 const QUEUE_SIZE: u16 = 256;
 
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MAC: u64 = 1 << 5;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
@@ -138,6 +140,9 @@ pub struct TxHalf {
     q: SplitQueue,
     bufs: Buffers,
     free: Vec<u16>,
+    /// TCP/UDP checksums are left to the device (VIRTIO_NET_F_CSUM), and
+    /// received ones are checked by it (VIRTIO_NET_F_GUEST_CSUM).
+    offload: bool,
 }
 
 impl TxHalf {
@@ -160,12 +165,22 @@ impl TxHalf {
             return None;
         }
         let id = self.free.pop()?;
+        let offload = self.offload;
         let buf = self.bufs.get(id, HDR_LEN + len);
         buf[..HDR_LEN].fill(0);
         let r = f(&mut buf[HDR_LEN..]);
+        if offload {
+            let (hdr, frame) = buf.split_at_mut(HDR_LEN);
+            partial_checksum(hdr, frame);
+        }
         let addr = self.bufs.addr(id);
         self.q.push(id, addr, (HDR_LEN + len) as u32, false);
         Some(r)
+    }
+
+    /// Whether checksums are offloaded to the device.
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
     /// Frames queued but not yet published.
@@ -178,6 +193,39 @@ impl TxHalf {
         self.q.publish();
         self.q.kick_needed()
     }
+}
+
+const NEEDS_CSUM: u8 = 1;
+
+/// For an IPv4 TCP or UDP frame whose checksum field is zero (smoltcp with
+/// transmit checksums off): puts the pseudo-header sum there and asks the
+/// device to finish the checksum (NEEDS_CSUM, csum_start, csum_offset), as
+/// a NIC with checksum offload would.
+fn partial_checksum(hdr: &mut [u8], frame: &mut [u8]) {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let ihl = usize::from(frame[14] & 0x0F) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    let l4 = 14 + ihl;
+    let csum_offset = match frame[23] {
+        6 => 16,
+        17 => 6,
+        _ => return,
+    };
+    if ihl < 20 || total < ihl || 14 + total > frame.len() || l4 + csum_offset + 2 > frame.len() {
+        return;
+    }
+    let word = |i: usize| u32::from(u16::from_be_bytes([frame[i], frame[i + 1]]));
+    let mut sum = word(26) + word(28) + word(30) + word(32);
+    sum += u32::from(frame[23]) + (total - ihl) as u32;
+    while sum >> 16 != 0 {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    hdr[0] = NEEDS_CSUM;
+    hdr[6..8].copy_from_slice(&(l4 as u16).to_le_bytes());
+    hdr[8..10].copy_from_slice(&(csum_offset as u16).to_le_bytes());
+    frame[l4 + csum_offset..l4 + csum_offset + 2].copy_from_slice(&(sum as u16).to_be_bytes());
 }
 
 /// The card.
@@ -234,7 +282,7 @@ impl NetCard {
         if offered & F_MAC == 0 {
             return Err(Error::MissingFeature("a MAC address (VIRTIO_NET_F_MAC)"));
         }
-        let wanted = F_VERSION_1 | F_MAC | (offered & F_EVENT_IDX);
+        let wanted = F_VERSION_1 | F_MAC | (offered & (F_EVENT_IDX | F_CSUM | F_GUEST_CSUM));
         t.write_driver_features(wanted);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
         if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
@@ -257,10 +305,12 @@ impl NetCard {
             q: rxq,
             bufs: Buffers::new(size),
         };
+        let offload = wanted & (F_CSUM | F_GUEST_CSUM) == F_CSUM | F_GUEST_CSUM;
         let tx = TxHalf {
             q: txq,
             bufs: Buffers::new(size),
             free: (0..size).rev().collect(),
+            offload,
         };
         for id in 0..size {
             rx.recycle(id);

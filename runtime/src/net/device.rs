@@ -1,7 +1,7 @@
 //! smoltcp's view of the card: tokens over the driver's preallocated
 //! buffers, no copies besides smoltcp's own into and out of them.
 
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::transport::pci::PciTransport;
@@ -71,6 +71,13 @@ impl phy::Device for NetCard {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = MAX_FRAME;
+        if self.tx.offload() {
+            // The device fills in and checks TCP/UDP checksums: the guest,
+            // whose every instruction is emulated on PVM, never sums a
+            // payload (docs/pvm-emulation.md).
+            caps.checksum.tcp = Checksum::None;
+            caps.checksum.udp = Checksum::None;
+        }
         caps
     }
 }

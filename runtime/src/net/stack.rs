@@ -5,7 +5,7 @@ use core::cell::RefCell;
 use core::fmt;
 use core::sync::atomic::Ordering;
 
-use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
@@ -94,13 +94,45 @@ impl Config {
     }
 }
 
+/// A port being listened on: its sockets in LISTEN (kept at `backlog`)
+/// and those past it, not yet accepted.
+pub(super) struct Listener {
+    pub port: u16,
+    pub sizes: super::tcp::BufferSizes,
+    pub sockets: Vec<SocketHandle>,
+}
+
 pub(super) struct Stack {
     pub card: NetCard,
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
     /// Sockets whose stream was dropped: removed once closed.
     pub closing: Vec<SocketHandle>,
+    /// Listening ports, by [`super::TcpListener`] id (None once dropped).
+    pub listeners: Vec<Option<Listener>>,
     pub config: Config,
+}
+
+impl Stack {
+    /// Tops every listener up to its backlog of sockets in LISTEN. Runs
+    /// after every received packet, so a burst of SYNs finds a listening
+    /// socket for each (smoltcp answers a SYN nobody listens for with RST).
+    pub fn replenish(&mut self) {
+        let sockets = &mut self.sockets;
+        for l in self.listeners.iter_mut().flatten() {
+            let listening = l
+                .sockets
+                .iter()
+                .filter(|&&h| sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen)
+                .count();
+            for _ in listening..l.sizes.backlog {
+                match super::tcp::listening_socket(l.port, &l.sizes) {
+                    Some(s) => l.sockets.push(sockets.add(s)),
+                    None => break,
+                }
+            }
+        }
+    }
 }
 
 static STACK: Local<Option<Stack>> = Local(RefCell::new(None));
@@ -154,6 +186,7 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
         iface,
         sockets: SocketSet::new(Vec::new()),
         closing: Vec::new(),
+        listeners: Vec::new(),
         config: *config,
     });
     Ok(())
@@ -184,7 +217,23 @@ fn announce(card: &mut NetCard, mac: EthernetAddress, ip: Ipv4Address) {
 /// One turn of smoltcp; whether socket state changed.
 pub(super) fn poll(now: Instant) -> bool {
     with(|s| {
-        let r = s.iface.poll(smol_now(now), &mut s.card, &mut s.sockets);
+        let t = smol_now(now);
+        let mut changed = false;
+        s.iface.poll_maintenance(t);
+        loop {
+            match s.iface.poll_ingress_single(t, &mut s.card, &mut s.sockets) {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => {
+                    changed = true;
+                    s.replenish();
+                }
+            }
+        }
+        while s.iface.poll_egress(t, &mut s.card, &mut s.sockets) == PollResult::SocketStateChanged
+        {
+            changed = true;
+        }
         s.card.flush();
         let sockets = &mut s.sockets;
         s.closing.retain(|&h| {
@@ -195,7 +244,7 @@ pub(super) fn poll(now: Instant) -> bool {
             }
             !done
         });
-        r == PollResult::SocketStateChanged
+        changed
     })
 }
 

@@ -10,7 +10,7 @@ use smoltcp::socket::tcp::{self, State};
 use smoltcp::wire::IpEndpoint;
 
 use super::progress;
-use super::stack::{NetError, with};
+use super::stack::{Listener, NetError, with};
 
 /// Socket buffer sizes and how many connections may be half-open at once.
 #[derive(Clone, Copy, Debug)]
@@ -19,9 +19,9 @@ pub struct BufferSizes {
     pub rx: usize,
     /// Send buffer per connection.
     pub tx: usize,
-    /// Listening sockets kept ready: connections that can arrive together
-    /// before the service accepts them (more are refused with RST, as
-    /// smoltcp has no SYN queue).
+    /// Sockets kept in LISTEN. They are topped up after every received
+    /// packet, so this bounds the SYNs that may arrive in one frame batch
+    /// between two checks, not the connections waiting to be accepted.
     pub backlog: usize,
 }
 
@@ -30,7 +30,7 @@ impl Default for BufferSizes {
         BufferSizes {
             rx: 64 * 1024,
             tx: 64 * 1024,
-            backlog: 16,
+            backlog: 2,
         }
     }
 }
@@ -38,19 +38,20 @@ impl Default for BufferSizes {
 /// Accepts connections on a port.
 #[derive(Debug)]
 pub struct TcpListener {
+    id: usize,
     port: u16,
-    sizes: BufferSizes,
-    ready: Vec<SocketHandle>,
 }
 
-fn new_listening(port: u16, sizes: &BufferSizes) -> Result<SocketHandle, NetError> {
+/// A socket listening on `port` with buffers of `sizes`, or None if smoltcp
+/// refuses the port.
+pub(super) fn listening_socket(port: u16, sizes: &BufferSizes) -> Option<tcp::Socket<'static>> {
     let mut s = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; sizes.rx]),
         tcp::SocketBuffer::new(vec![0; sizes.tx]),
     );
     s.set_nagle_enabled(false);
-    s.listen(port).map_err(|_| NetError::Bind(port))?;
-    Ok(with(|st| st.sockets.add(s)))
+    s.listen(port).ok()?;
+    Some(s)
 }
 
 impl TcpListener {
@@ -59,10 +60,20 @@ impl TcpListener {
         if port == 0 || sizes.backlog == 0 || sizes.rx == 0 || sizes.tx == 0 {
             return Err(NetError::Bind(port));
         }
-        let ready = (0..sizes.backlog)
-            .map(|_| new_listening(port, &sizes))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TcpListener { port, sizes, ready })
+        listening_socket(port, &sizes).ok_or(NetError::Bind(port))?;
+        let id = with(|st| {
+            if st.listeners.iter().flatten().any(|l| l.port == port) {
+                return Err(NetError::Bind(port));
+            }
+            st.listeners.push(Some(Listener {
+                port,
+                sizes,
+                sockets: Vec::new(),
+            }));
+            st.replenish();
+            Ok(st.listeners.len() - 1)
+        })?;
+        Ok(TcpListener { id, port })
     }
 
     /// The port.
@@ -73,25 +84,24 @@ impl TcpListener {
     /// The next established connection.
     pub async fn accept(&mut self) -> TcpStream {
         core::future::poll_fn(|_| {
-            let taken = with(|st| {
-                self.ready.iter().position(|&h| {
+            with(|st| {
+                let l = st.listeners[self.id].as_mut().expect("listener lives");
+                let sockets = &st.sockets;
+                let ready = l.sockets.iter().position(|&h| {
                     matches!(
-                        st.sockets.get::<tcp::Socket>(h).state(),
+                        sockets.get::<tcp::Socket>(h).state(),
                         State::Established | State::CloseWait
                     )
-                })
-            });
-            match taken {
-                Some(i) => {
-                    let h = self.ready.swap_remove(i);
-                    if let Ok(n) = new_listening(self.port, &self.sizes) {
-                        self.ready.push(n);
+                });
+                match ready {
+                    Some(i) => {
+                        let h = l.sockets.swap_remove(i);
+                        progress();
+                        Poll::Ready(TcpStream { h })
                     }
-                    progress();
-                    Poll::Ready(TcpStream { h })
+                    None => Poll::Pending,
                 }
-                None => Poll::Pending,
-            }
+            })
         })
         .await
     }
@@ -100,8 +110,11 @@ impl TcpListener {
 impl Drop for TcpListener {
     fn drop(&mut self) {
         with(|st| {
-            for h in self.ready.drain(..) {
-                st.sockets.remove(h);
+            if let Some(l) = st.listeners[self.id].take() {
+                for h in l.sockets {
+                    st.sockets.get_mut::<tcp::Socket>(h).abort();
+                    st.closing.push(h);
+                }
             }
         });
     }

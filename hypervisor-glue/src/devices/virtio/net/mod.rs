@@ -16,6 +16,7 @@
 //! queue set up badly (size not a power of two, rings outside RAM) is refused
 //! at DRIVER_OK with DEVICE_NEEDS_RESET and a line on stderr naming the fault.
 
+pub mod csum;
 pub mod tap;
 mod worker;
 
@@ -36,12 +37,17 @@ use tap::Tap;
 pub const DEVICE_TYPE: u16 = 1;
 /// Largest queue size offered.
 pub const QUEUE_MAX: u16 = 256;
+/// Feature bit: the device takes frames with a partial checksum (NEEDS_CSUM).
+pub const F_CSUM: u64 = 1 << 0;
+/// Feature bit: the driver takes frames with a partial or verified checksum.
+pub const F_GUEST_CSUM: u64 = 1 << 1;
 /// Feature bit: the device has a MAC address in its configuration.
 pub const F_MAC: u64 = 1 << 5;
 /// Feature bit: the device configuration has a link status.
 pub const F_STATUS: u64 = 1 << 16;
 /// What the device offers.
-pub const DEVICE_FEATURES: u64 = F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS;
+pub const DEVICE_FEATURES: u64 =
+    F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM;
 /// Queue indices.
 const RX: usize = 0;
 const TX: usize = 1;
@@ -92,8 +98,8 @@ pub struct Stats {
     pub rx_frames: AtomicU64,
     /// Frames sent by the guest.
     pub tx_frames: AtomicU64,
-    /// Frames dropped: too large for the guest's buffer, malformed, or the
-    /// device was not running.
+    /// Frames dropped: too large for the guest's buffer, malformed, a bad
+    /// checksum, or the device was not running.
     pub dropped: AtomicU64,
     /// Interrupts raised.
     pub interrupts: AtomicU64,
@@ -106,6 +112,8 @@ struct Shared {
     queues: Mutex<Option<[Queue; 2]>>,
     /// ISR status: bit 0 = queue interrupt. A read by the guest clears it.
     isr: AtomicU8,
+    /// The features the driver accepted (valid while `queues` is `Some`).
+    features: AtomicU64,
     /// Set to end the worker.
     stop: AtomicBool,
     stats: Stats,
@@ -424,7 +432,12 @@ impl VirtioNet {
             built.push(build_queue(i, c, event_idx, &self.mem)?);
         }
         let queues: [Queue; 2] = built.try_into().map_err(|_| "two queues".to_string())?;
-        *self.shared.queues.lock().expect("net queues lock") = Some(queues);
+        let mut guard = self.shared.queues.lock().expect("net queues lock");
+        self.shared
+            .features
+            .store(self.driver_features, Ordering::Release);
+        *guard = Some(queues);
+        drop(guard);
         self.wake.write(1).ok();
         Ok(())
     }

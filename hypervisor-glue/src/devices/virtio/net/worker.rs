@@ -15,8 +15,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::csum::{self, DATA_VALID, NEEDS_CSUM, Verdict};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::{RX, Shared, TX};
+use super::{F_CSUM, F_GUEST_CSUM, RX, Shared, TX};
 use crate::memory::GuestRam;
 
 /// Largest frame accepted from either side: a 12-byte header and a
@@ -42,7 +43,12 @@ pub(super) struct Worker {
     buf: Vec<u8>,
     /// Length of a frame in `buf` waiting for a receive buffer.
     held: Option<usize>,
+    /// Features in force (the driver's, once it runs).
+    features: u64,
 }
+
+/// Tap offload flag: the guest takes partially checksummed frames.
+const TUN_F_CSUM: libc::c_uint = 0x01;
 
 impl Worker {
     pub(super) fn new(
@@ -77,6 +83,7 @@ impl Worker {
             epoll,
             buf: vec![0; MAX_FRAME],
             held: None,
+            features: 0,
         })
     }
 
@@ -116,6 +123,18 @@ impl Worker {
             let mut guard = shared.queues.lock().expect("net queues lock");
             match guard.as_mut() {
                 Some(queues) => {
+                    let features = shared.features.load(Ordering::Acquire);
+                    if features != self.features {
+                        self.features = features;
+                        let offload = if features & F_GUEST_CSUM != 0 {
+                            TUN_F_CSUM
+                        } else {
+                            0
+                        };
+                        if let Err(e) = self.tap.set_offload(offload) {
+                            eprintln!("ferry: virtio-net: {e}");
+                        }
+                    }
                     let mut notify = false;
                     if tx {
                         notify |= self.transmit(&mut queues[TX]);
@@ -172,8 +191,10 @@ impl Worker {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // num_buffers: one buffer per frame (no MRG_RXBUF).
-            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            if !fix_rx_header(&mut self.buf, len, self.features) {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
                 self.held = Some(len);
                 // Ask the guest to notify us when it posts buffers; if it
@@ -221,16 +242,13 @@ impl Worker {
                     r.read_exact(&mut self.buf[..n]).ok().map(|()| n)
                 });
                 match frame {
-                    Some(n) => {
-                        // No offloads were negotiated: whatever the guest
-                        // put in the header, the kernel gets a plain frame.
-                        self.buf[..VNET_HDR_LEN].fill(0);
+                    Some(n) if fix_tx_header(&mut self.buf, n, self.features) => {
                         match self.tap.write_frame(&self.buf[..n]) {
                             Ok(_) => stats.tx_frames.fetch_add(1, Ordering::Relaxed),
                             Err(_) => stats.dropped.fetch_add(1, Ordering::Relaxed),
                         };
                     }
-                    None => {
+                    _ => {
                         stats.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -246,4 +264,67 @@ impl Worker {
         }
         completed && q.needs_notification(mem).unwrap_or(true)
     }
+}
+
+/// Makes the header of the received frame in `buf` what the guest
+/// negotiated; false if the frame must be dropped (a bad checksum, or a
+/// partial checksum pointing outside the frame).
+fn fix_rx_header(buf: &mut [u8], len: usize, features: u64) -> bool {
+    let flags = buf[0];
+    let start = usize::from(u16::from_le_bytes([buf[6], buf[7]]));
+    let offset = usize::from(u16::from_le_bytes([buf[8], buf[9]]));
+    // No GSO is negotiated, so the GSO fields are cleared whatever the
+    // tap says; num_buffers is 1 (no MRG_RXBUF).
+    buf[..VNET_HDR_LEN].fill(0);
+    buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+    if features & F_GUEST_CSUM == 0 {
+        // The tap's offloads are off: the kernel completed every
+        // checksum before handing the frame over.
+        return true;
+    }
+    let frame = &mut buf[VNET_HDR_LEN..len];
+    let valid = if flags & NEEDS_CSUM != 0 {
+        // A partial checksum from a sender on this host: complete it
+        // (natively, cheap), so guest memory holds a correct frame.
+        csum::complete(frame, start, offset)
+    } else if flags & DATA_VALID != 0 {
+        true
+    } else {
+        match csum::verify(frame) {
+            Verdict::Valid => true,
+            Verdict::Invalid => return false,
+            Verdict::NotChecked => return true,
+        }
+    };
+    if valid {
+        buf[0] = DATA_VALID;
+    }
+    valid
+}
+
+/// Checks the header of a frame the guest sent (in `buf`); false if it
+/// asks for something not negotiated or points outside the frame.
+fn fix_tx_header(buf: &mut [u8], n: usize, features: u64) -> bool {
+    let hdr = &mut buf[..VNET_HDR_LEN];
+    let flags = hdr[0];
+    let gso_type = hdr[1];
+    if features & F_CSUM == 0 || flags & NEEDS_CSUM == 0 {
+        hdr.fill(0);
+        return true;
+    }
+    if gso_type != 0 {
+        return false;
+    }
+    let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
+    let offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
+    let frame_len = n - VNET_HDR_LEN;
+    if start >= frame_len || start + offset + 2 > frame_len {
+        return false;
+    }
+    // Passed to the kernel as is: it completes the checksum where one
+    // is needed (for traffic between local namespaces, never).
+    hdr[0] = NEEDS_CSUM;
+    hdr[2..6].iter_mut().for_each(|b| *b = 0);
+    hdr[10..12].iter_mut().for_each(|b| *b = 0);
+    true
 }
