@@ -8,6 +8,8 @@
 //! such a test silently.
 #![deny(missing_docs)]
 
+pub mod cluster;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

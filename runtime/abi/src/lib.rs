@@ -206,9 +206,125 @@ pub const fn virtio_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
+/// The verifiable byte stream that the `stream` app sends and the `http`
+/// app serves as its large body, and that the test clients check.
+///
+/// The stream is made of [`BLOCK`]-byte blocks: block `n` is `n` as a
+/// little-endian u64 followed by [`PATTERN`]. A lost, duplicated or
+/// reordered byte range shows up as a wrong block number or a pattern
+/// mismatch. Filling costs one copy per block, which matters to a guest
+/// whose instructions are emulated.
+///
+/// ```
+/// use ferry_abi::stream;
+/// let mut buf = vec![0u8; 10_000];
+/// stream::fill(&mut buf, 5);
+/// assert_eq!(stream::check(&buf, 5), Ok(()));
+/// buf[4200] ^= 1;
+/// assert_eq!(stream::check(&buf, 5), Err(4200));
+/// ```
+pub mod stream {
+    /// Bytes per block.
+    pub const BLOCK: usize = 4096;
+    const HEAD: usize = 8;
+
+    const fn pattern() -> [u8; BLOCK - HEAD] {
+        let mut p = [0u8; BLOCK - HEAD];
+        let mut i = 0;
+        while i < p.len() {
+            p[i] = ((i * 131 + 7) ^ (i >> 7)) as u8;
+            i += 1;
+        }
+        p
+    }
+
+    /// The bytes after every block number.
+    pub static PATTERN: [u8; BLOCK - HEAD] = pattern();
+
+    /// The stream's byte at `offset`.
+    pub fn byte_at(offset: u64) -> u8 {
+        let block = offset / BLOCK as u64;
+        let within = (offset % BLOCK as u64) as usize;
+        if within < HEAD {
+            block.to_le_bytes()[within]
+        } else {
+            PATTERN[within - HEAD]
+        }
+    }
+
+    /// Fills `buf` with the stream from byte `offset` on.
+    pub fn fill(buf: &mut [u8], offset: u64) {
+        let mut at = 0;
+        while at < buf.len() {
+            let off = offset + at as u64;
+            let within = (off % BLOCK as u64) as usize;
+            let n = (BLOCK - within).min(buf.len() - at);
+            let mut block = [0u8; HEAD];
+            block.copy_from_slice(&(off / BLOCK as u64).to_le_bytes());
+            let dst = &mut buf[at..at + n];
+            if within < HEAD {
+                let h = (HEAD - within).min(n);
+                dst[..h].copy_from_slice(&block[within..within + h]);
+                dst[h..].copy_from_slice(&PATTERN[..n - h]);
+            } else {
+                dst.copy_from_slice(&PATTERN[within - HEAD..within - HEAD + n]);
+            }
+            at += n;
+        }
+    }
+
+    /// Checks that `buf` is the stream from byte `offset` on; on a
+    /// mismatch, the index in `buf` of the first wrong byte.
+    pub fn check(buf: &[u8], offset: u64) -> Result<(), usize> {
+        let mut at = 0;
+        while at < buf.len() {
+            let off = offset + at as u64;
+            let within = (off % BLOCK as u64) as usize;
+            let n = (BLOCK - within).min(buf.len() - at);
+            let src = &buf[at..at + n];
+            let block = (off / BLOCK as u64).to_le_bytes();
+            let mut k = 0;
+            while k < n {
+                let w = within + k;
+                if w >= HEAD {
+                    // The rest of the block is pattern: compare it whole.
+                    let want = &PATTERN[w - HEAD..w - HEAD + (n - k)];
+                    if let Some(p) = src[k..].iter().zip(want).position(|(a, b)| a != b) {
+                        return Err(at + k + p);
+                    }
+                    break;
+                }
+                if src[k] != block[w] {
+                    return Err(at + k);
+                }
+                k += 1;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_fill_and_check_agree_at_any_offset() {
+        let mut buf = [0u8; 3 * stream::BLOCK + 17];
+        for offset in [0u64, 1, 7, 8, 9, 4095, 4096, 123_456_789] {
+            stream::fill(&mut buf, offset);
+            assert_eq!(stream::check(&buf, offset), Ok(()), "offset {offset}");
+            for (i, b) in buf.iter().enumerate().step_by(97) {
+                assert_eq!(*b, stream::byte_at(offset + i as u64));
+            }
+            // The same bytes are wrong a block later.
+            assert!(stream::check(&buf, offset + stream::BLOCK as u64).is_err());
+        }
+        stream::fill(&mut buf, 0);
+        buf[5] ^= 0x80; // inside a block number
+        assert_eq!(stream::check(&buf, 0), Err(5));
+    }
 
     #[test]
     fn time_is_exact_for_round_rates() {

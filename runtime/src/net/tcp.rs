@@ -248,6 +248,11 @@ impl TcpStream {
         .await
     }
 
+    /// Whether received bytes are waiting to be read.
+    pub fn recv_ready(&self) -> bool {
+        self.with(|s| s.can_recv())
+    }
+
     /// Free space in the send buffer now.
     pub fn send_room(&self) -> usize {
         self.with(|s| s.send_capacity() - s.send_queue())

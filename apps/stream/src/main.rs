@@ -1,0 +1,129 @@
+//! `stream`: the TCPmig paper's traffic source. Every client that connects
+//! gets the verifiable byte stream (`ferry_abi::stream`) as fast as TCP
+//! takes it, or at a given rate; whatever the client sends is read and
+//! dropped (so a client can keep upstream traffic flowing too).
+//!
+//! Arguments: `port=N` (default 5001), `rate=BYTES_PER_SECOND` (`120M`,
+//! `10K`, ...; default: full speed), `bytes=N` (stop after N bytes and
+//! close; default: never).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use core::time::Duration;
+
+use ferry_abi::stream;
+use ferry_runtime::net::{self, BufferSizes, NetError, TcpListener, TcpStream};
+use ferry_runtime::{Env, println};
+
+ferry_runtime::main!(main);
+
+/// Parses `120M`, `64K`, `1G` or a plain number.
+fn parse_amount(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 1_000),
+        b'M' | b'm' => (&s[..s.len() - 1], 1_000_000),
+        b'G' | b'g' => (&s[..s.len() - 1], 1_000_000_000),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn main(env: &Env) -> i32 {
+    let port = match env.arg("port").map(str::parse::<u16>) {
+        None => 5001,
+        Some(Ok(p)) if p != 0 => p,
+        Some(_) => {
+            println!("stream: port must be 1 to 65535");
+            return 2;
+        }
+    };
+    let rate = match env.arg("rate").map(parse_amount) {
+        None => None,
+        Some(Some(r)) if r > 0 => Some(r),
+        Some(_) => {
+            println!("stream: rate wants bytes per second, like 120M");
+            return 2;
+        }
+    };
+    let limit = match env.arg("bytes").map(parse_amount) {
+        None => None,
+        Some(Some(n)) => Some(n),
+        Some(None) => {
+            println!("stream: bytes wants a size, like 1G");
+            return 2;
+        }
+    };
+    net::run(env, async move {
+        let sizes = BufferSizes {
+            rx: 64 * 1024,
+            tx: 256 * 1024,
+            backlog: 2,
+        };
+        let mut listener = TcpListener::bind(port, sizes)?;
+        println!(
+            "stream: listening on port {port}, rate {}, {}",
+            rate.map_or_else(|| alloc::string::String::from("full speed"), |r| alloc::format!("{r} B/s")),
+            limit.map_or_else(|| alloc::string::String::from("no limit"), |n| alloc::format!("{n} bytes"))
+        );
+        loop {
+            let conn = listener.accept().await;
+            net::spawn(serve(conn, rate, limit));
+        }
+        #[allow(unreachable_code)]
+        Ok::<i32, NetError>(0)
+    })
+}
+
+async fn serve(mut conn: TcpStream, rate: Option<u64>, limit: Option<u64>) {
+    let start = net::now();
+    let mut sent = 0u64;
+    let mut sink = [0u8; 2048];
+    loop {
+        // Drain upstream bytes (counted nowhere: the client verifies its
+        // own echo path separately).
+        while let Ok(Some(_)) = try_read(&mut conn, &mut sink).await {}
+        let mut allowed = limit.map_or(u64::MAX, |l| l - sent);
+        if let Some(r) = rate {
+            let elapsed = net::now().duration_since(start);
+            let due = (elapsed.as_nanos() * u128::from(r) / 1_000_000_000) as u64;
+            if due <= sent {
+                // Ahead of the rate: wait for the next 1 ms of budget.
+                net::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            allowed = allowed.min(due - sent);
+        }
+        if allowed == 0 {
+            break;
+        }
+        let wrote = conn
+            .write_with(1, |space| {
+                let k = (space.len() as u64).min(allowed) as usize;
+                stream::fill(&mut space[..k], sent);
+                k
+            })
+            .await;
+        match wrote {
+            Ok(n) => sent += n as u64,
+            Err(_) => return,
+        }
+    }
+    conn.shutdown();
+    // Wait for the client to close so the last bytes are delivered.
+    while let Ok(n) = conn.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Reads what is there without waiting; Ok(None) if nothing is.
+async fn try_read(conn: &mut TcpStream, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+    if conn.recv_ready() {
+        conn.read(buf).await.map(|n| (n > 0).then_some(n))
+    } else {
+        Ok(None)
+    }
+}

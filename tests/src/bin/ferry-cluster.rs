@@ -1,0 +1,145 @@
+//! `ferry-cluster`: the single-IP-address cluster in network namespaces
+//! (`ferry-client`, `ferry-router`, `ferry-hostA`, `ferry-hostB`), for
+//! `just cluster-up`, `just cluster-down` and `just run-app`.
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, TAP, VIP, VIP_CIDR};
+
+const PREFIX: &str = "ferry";
+
+#[derive(Parser, Debug)]
+#[command(about = "Build, inspect and use Ferry's namespace cluster (needs root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build the cluster (no-op if it is up); prints the service IP.
+    Up,
+    /// End every process in the cluster's namespaces, then remove them.
+    Down,
+    /// Say whether the cluster is up and what runs in it.
+    Status,
+    /// Run an app image as the service on a host, in the foreground
+    /// (Ctrl-C stops it); brings the cluster up first if needed.
+    Run {
+        /// The image, e.g. images/out/kv.
+        image: std::path::PathBuf,
+        /// Which host runs it.
+        #[arg(long, default_value = "hostA", value_parser = ["hostA", "hostB"])]
+        host: String,
+        /// Guest memory.
+        #[arg(long, default_value = "64M")]
+        memory: String,
+        /// The app's arguments, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn pids(ns: &str) -> Vec<i32> {
+    std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+const NODES: [&str; 4] = ["client", "router", "hostA", "hostB"];
+
+fn up() -> Result<()> {
+    if Cluster::exists(PREFIX) {
+        println!("cluster: already up");
+    } else {
+        Cluster::up(PREFIX)?.keep();
+        println!("cluster: up (namespaces ferry-client, ferry-router, ferry-hostA, ferry-hostB)");
+    }
+    println!("cluster: service IP {VIP}; clients run in ferry-client, e.g. `ip netns exec ferry-client curl http://{VIP}/`");
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    for n in NODES {
+        for pid in pids(&format!("{PREFIX}-{n}")) {
+            // SAFETY: kill(2) on a PID the kernel just listed in our namespace.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for n in NODES {
+        for pid in pids(&format!("{PREFIX}-{n}")) {
+            // SAFETY: as above; whatever did not end on SIGTERM.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    cluster::remove(PREFIX);
+    println!("cluster: down");
+    Ok(())
+}
+
+fn hint(app: &str) -> String {
+    match app {
+        "kv" => format!("ip netns exec ferry-client redis-cli -h {VIP} -p 6379"),
+        "http" => format!("ip netns exec ferry-client curl http://{VIP}/"),
+        "echo" => format!("ip netns exec ferry-client python3 -c \"import socket; s=socket.create_connection(('{VIP}',7)); s.sendall(b'hi'); print(s.recv(9))\""),
+        "stream" => format!("ip netns exec ferry-client target/release/stream-client {VIP}:5001 --seconds 10"),
+        _ => format!("ip netns exec ferry-client <client> {VIP}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Cmd::Up => up(),
+        Cmd::Down => down(),
+        Cmd::Status => {
+            if Cluster::exists(PREFIX) {
+                println!("cluster: up, service IP {VIP}");
+                for n in NODES {
+                    let p = pids(&format!("{PREFIX}-{n}"));
+                    if !p.is_empty() {
+                        println!("cluster: {PREFIX}-{n} runs PIDs {p:?}");
+                    }
+                }
+            } else {
+                println!("cluster: down");
+            }
+            Ok(())
+        }
+        Cmd::Run { image, host, memory, args } => (|| -> Result<()> {
+            if !image.exists() {
+                bail!("{} does not exist (build it with `just build-image APP`)", image.display());
+            }
+            up()?;
+            let ns = format!("{PREFIX}-{host}");
+            if !pids(&ns).is_empty() {
+                bail!("{ns} already runs a process (PIDs {:?}); stop it or run `just cluster-down`", pids(&ns));
+            }
+            let app = image.file_name().and_then(|n| n.to_str()).unwrap_or("app");
+            println!("run-app: {app} on {ns} as {VIP} ({SERVICE_MAC}); reach it from the client namespace:");
+            println!("run-app:   {}", hint(app));
+            println!("run-app: Ctrl-C stops it.");
+            let err = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(ferry_tests::ferry_bin())
+                .arg("run")
+                .arg(&image)
+                .args(["--memory", &memory, "--tap", TAP, "--mac", SERVICE_MAC, "--ip", VIP_CIDR, "--gateway", GATEWAY, "--"])
+                .args(&args)
+                .exec();
+            Err(err).context("cannot start ferry")
+        })(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-cluster: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! `stream-client`: reads the `stream` app's byte stream, checks every byte
+//! (`ferry_abi::stream`), and reports bytes verified, throughput and the
+//! gaps between arrivals (the paper's migration delay is the largest).
+//! Optionally keeps sending upstream at a rate, so that frames flow towards
+//! the service too.
+//!
+//! Exit status: 0 if everything read was verified and the target reached,
+//! 1 on a verification failure or connection error, 2 on bad arguments.
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Read and verify the stream app's byte stream; report throughput and arrival gaps")]
+struct Args {
+    /// The service, e.g. 10.77.0.10:5001.
+    addr: SocketAddr,
+    /// Stop after this many verified bytes (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    bytes: u64,
+    /// Stop after this many seconds (0 = no limit).
+    #[arg(long, default_value_t = 0.0)]
+    seconds: f64,
+    /// Also send this many bytes per second upstream (0 = none).
+    #[arg(long, default_value_t = 0)]
+    upstream: u64,
+    /// Report arrival gaps longer than this many milliseconds individually.
+    #[arg(long, default_value_t = 50.0)]
+    gap_ms: f64,
+    /// Give up if nothing arrives for this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    idle_timeout: f64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let a = Args::parse();
+    let start = Instant::now();
+    let mut conn = match TcpStream::connect_timeout(&a.addr, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stream-client: cannot connect to {}: {e}", a.addr);
+            return std::process::ExitCode::from(1);
+        }
+    };
+    conn.set_read_timeout(Some(Duration::from_secs_f64(a.idle_timeout.max(0.1)))).ok();
+    let upstream = (a.upstream > 0).then(|| {
+        let mut w = conn.try_clone().expect("clone socket");
+        let rate = a.upstream;
+        std::thread::spawn(move || {
+            let chunk = vec![b'u'; 1024];
+            let t0 = Instant::now();
+            let mut sent = 0u64;
+            loop {
+                let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+                if sent < due {
+                    if w.write_all(&chunk).is_err() {
+                        return sent;
+                    }
+                    sent += chunk.len() as u64;
+                } else {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut verified = 0u64;
+    let mut last = Instant::now();
+    let mut max_gap = Duration::ZERO;
+    let mut gaps: Vec<(f64, f64)> = Vec::new();
+    let mut error: Option<String> = None;
+    loop {
+        if a.bytes > 0 && verified >= a.bytes {
+            break;
+        }
+        if a.seconds > 0.0 && start.elapsed().as_secs_f64() >= a.seconds {
+            break;
+        }
+        let n = match conn.read(&mut buf) {
+            Ok(0) => {
+                if a.bytes > 0 && verified < a.bytes {
+                    error = Some(format!("the service closed the stream after {verified} bytes"));
+                }
+                break;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                error = Some(format!("read after {verified} bytes: {e}"));
+                break;
+            }
+        };
+        let now = Instant::now();
+        let gap = now - last;
+        if verified > 0 {
+            max_gap = max_gap.max(gap);
+            if gap.as_secs_f64() * 1e3 > a.gap_ms {
+                gaps.push(((now - start).as_secs_f64(), gap.as_secs_f64() * 1e3));
+            }
+        }
+        last = now;
+        if let Err(i) = ferry_abi::stream::check(&buf[..n], verified) {
+            error = Some(format!("byte {} of the stream is wrong", verified + i as u64));
+            break;
+        }
+        verified += n as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(conn);
+    let up = upstream.map(|h| h.join().unwrap_or(0)).unwrap_or(0);
+    let rate = verified as f64 / secs.max(1e-9);
+    if a.json {
+        let gaps_json: Vec<String> = gaps.iter().map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}")).collect();
+        println!(
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"error\":{}}}",
+            max_gap.as_secs_f64() * 1e3,
+            gaps_json.join(","),
+            error.as_ref().map_or("null".to_string(), |e| format!("{e:?}"))
+        );
+    } else {
+        println!(
+            "stream-client: {verified} bytes verified in {secs:.2} s ({:.2} MB/s), largest gap between arrivals {:.2} ms, {up} bytes sent upstream",
+            rate / 1e6,
+            max_gap.as_secs_f64() * 1e3
+        );
+        for (t, g) in &gaps {
+            println!("stream-client: gap of {g:.1} ms at {t:.3} s");
+        }
+        if let Some(e) = &error {
+            println!("stream-client: ERROR: {e}");
+        }
+    }
+    std::process::ExitCode::from(u8::from(error.is_some()))
+}

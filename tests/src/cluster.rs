@@ -1,0 +1,369 @@
+//! The single-IP-address cluster, built in network namespaces (iproute2
+//! and nftables only), after `shared/reference/nlb-topology.sh`:
+//!
+//! ```text
+//!  {p}-client --- {p}-router (br0: learning off, flooding) ---+--- {p}-hostA (brv: e0 + tap0)
+//!  10.77.1.2      10.77.1.1 / 10.77.0.1                        +--- {p}-hostB (brv: e0 + tap0)
+//!                                                 hostA m0 10.77.2.1 <-> hostB m0 10.77.2.2
+//! ```
+//!
+//! The router floods every frame for the service MAC to both hosts; each
+//! host bridges its uplink and a tap for the VM, which owns the service IP
+//! [`VIP`] and MAC [`SERVICE_MAC`]. A host that does not run the VM drops
+//! those frames: its kernel owns neither address, so it sends nothing
+//! back. A separate link joins the hosts for migration traffic. Addresses
+//! exist only inside these namespaces.
+//!
+//! [`Cluster`] tears everything down when dropped (processes first, by
+//! PID), unless told to [`Cluster::keep`] it (for `just cluster-up`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The service IP (the VM's).
+pub const VIP: &str = "10.77.0.10";
+/// The service IP with its prefix.
+pub const VIP_CIDR: &str = "10.77.0.10/24";
+/// The service MAC (the VM's).
+pub const SERVICE_MAC: &str = "02:bf:0a:4d:00:0a";
+/// The VM's gateway: the router.
+pub const GATEWAY: &str = "10.77.0.1";
+/// The client's address.
+pub const CLIENT_IP: &str = "10.77.1.2";
+/// The tap each host gives its VM.
+pub const TAP: &str = "tap0";
+/// The hosts.
+pub const HOSTS: [&str; 2] = ["hostA", "hostB"];
+/// Each host's address on the migration link.
+pub const MIGRATION_IPS: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
+
+/// A cluster of namespaces named `{prefix}-client`, `{prefix}-router`,
+/// `{prefix}-hostA`, `{prefix}-hostB`.
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    keep: bool,
+    procs: Vec<Child>,
+}
+
+fn sh(cmd: &mut Command) -> Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    sh(Command::new("ip").args(args))
+}
+
+impl Cluster {
+    /// The namespace of `node` ("client", "router", "hostA", "hostB").
+    pub fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    /// Whether the cluster with this prefix exists (its client namespace does).
+    pub fn exists(prefix: &str) -> bool {
+        Path::new("/run/netns").join(format!("{prefix}-client")).exists()
+    }
+
+    /// Builds the cluster; any leftover with the same prefix is removed first.
+    pub fn up(prefix: &str) -> Result<Cluster> {
+        if prefix.is_empty() || prefix.len() > 12 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            bail!("cluster prefix {prefix:?} must be 1-12 letters, digits or '-'");
+        }
+        remove(prefix);
+        let c = Cluster {
+            prefix: prefix.to_string(),
+            keep: false,
+            procs: Vec::new(),
+        };
+        c.build().with_context(|| format!("building the cluster {prefix}-*"))?;
+        Ok(c)
+    }
+
+    fn build(&self) -> Result<()> {
+        let (cli, rtr) = (self.ns("client"), self.ns("router"));
+        for n in ["client", "router", "hostA", "hostB"] {
+            let ns = self.ns(n);
+            ip(&["netns", "add", &ns])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            self.exec(n, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+        }
+        ip(&["link", "add", "c0", "netns", &cli, "type", "veth", "peer", "name", "r-c0", "netns", &rtr])?;
+        ip(&["-n", &cli, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"])?;
+        ip(&["-n", &cli, "link", "set", "c0", "up"])?;
+        ip(&["-n", &cli, "route", "add", "default", "via", "10.77.1.1"])?;
+        ip(&["-n", &rtr, "addr", "add", "10.77.1.1/24", "dev", "r-c0"])?;
+        ip(&["-n", &rtr, "link", "set", "r-c0", "up"])?;
+        self.exec("router", "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        ip(&["-n", &rtr, "link", "add", "br0", "type", "bridge", "ageing_time", "0", "mcast_snooping", "0", "stp_state", "0"])?;
+        ip(&["-n", &rtr, "addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"])?;
+        ip(&["-n", &rtr, "link", "set", "br0", "up"])?;
+        // The router knows the service by its MAC: NLB's unicast mode.
+        ip(&["-n", &rtr, "neigh", "replace", VIP, "lladdr", SERVICE_MAC, "dev", "br0", "nud", "permanent"])?;
+        for (i, h) in HOSTS.iter().enumerate() {
+            let hn = self.ns(h);
+            let port = format!("r-{}", if i == 0 { "ha" } else { "hb" });
+            ip(&["link", "add", "e0", "netns", &hn, "type", "veth", "peer", "name", &port, "netns", &rtr])?;
+            ip(&["-n", &rtr, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &rtr, "link", "set", &port, "type", "bridge_slave", "learning", "off", "flood", "on"])?;
+            ip(&["-n", &rtr, "link", "set", &port, "up"])?;
+            ip(&["-n", &hn, "link", "set", "e0", "address", &format!("02:00:00:00:0{}:01", i + 1), "up"])?;
+            ip(&["-n", &hn, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
+            ip(&["-n", &hn, "link", "add", "brv", "type", "bridge", "stp_state", "0", "mcast_snooping", "0"])?;
+            ip(&["-n", &hn, "link", "set", "brv", "address", &format!("02:00:00:00:0{}:02", i + 1)])?;
+            ip(&["-n", &hn, "link", "set", "e0", "master", "brv"])?;
+            ip(&["-n", &hn, "link", "set", TAP, "master", "brv"])?;
+            ip(&["-n", &hn, "link", "set", TAP, "up"])?;
+            ip(&["-n", &hn, "link", "set", "brv", "up"])?;
+        }
+        // The in-cluster link for migration traffic.
+        let (ha, hb) = (self.ns("hostA"), self.ns("hostB"));
+        ip(&["link", "add", "m0", "netns", &ha, "type", "veth", "peer", "name", "m0", "netns", &hb])?;
+        for (ns, a) in [(&ha, MIGRATION_IPS[0]), (&hb, MIGRATION_IPS[1])] {
+            ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", "m0"])?;
+            ip(&["-n", ns, "link", "set", "m0", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster in place when dropped (processes are still ended).
+    pub fn keep(mut self) {
+        self.keep = true;
+        self.end_processes();
+    }
+
+    /// Attaches to an existing cluster without owning it.
+    pub fn attach(prefix: &str) -> Result<Cluster> {
+        if !Self::exists(prefix) {
+            bail!("no cluster {prefix}-*: run `just cluster-up` first");
+        }
+        Ok(Cluster {
+            prefix: prefix.to_string(),
+            keep: true,
+            procs: Vec::new(),
+        })
+    }
+
+    /// A command that runs `program` inside node `node`'s namespace.
+    pub fn command(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(node)]).arg(program);
+        c
+    }
+
+    /// Runs `program args` in `node` to completion; fails on a non-zero exit.
+    pub fn exec(&self, node: &str, program: &str, args: &[&str]) -> Result<()> {
+        sh(self.command(node, program).args(args))
+    }
+
+    /// Starts `cmd` (built with [`Cluster::command`]) in the background with
+    /// its output in `log`; the cluster ends it by PID when dropped.
+    pub fn spawn(&mut self, mut cmd: Command, log: &Path) -> Result<u32> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.push(child);
+        Ok(pid)
+    }
+
+    /// Starts `image` on `host` as the service (tap, MAC, IP, gateway),
+    /// with `app_args`, its console in `log`; waits until the console shows
+    /// `ready` (e.g. "listening"). Returns the PID.
+    pub fn start_vm(&mut self, host: &str, image: &Path, memory: &str, app_args: &[&str], log: &Path, ready: &str) -> Result<u32> {
+        let mut cmd = self.command(host, crate::ferry_bin());
+        cmd.arg("run")
+            .arg(image)
+            .args(["--memory", memory, "--tap", TAP, "--mac", SERVICE_MAC, "--ip", VIP_CIDR, "--gateway", GATEWAY, "--"])
+            .args(app_args);
+        let pid = self.spawn(cmd, log)?;
+        wait_for_line(log, ready, Duration::from_secs(30), pid)?;
+        Ok(pid)
+    }
+
+    /// Ends a process this cluster started (SIGTERM, then SIGKILL after
+    /// `grace`); returns its exit status if it exited.
+    pub fn stop(&mut self, pid: u32, grace: Duration) -> Option<std::process::ExitStatus> {
+        let i = self.procs.iter().position(|c| c.id() == pid)?;
+        let mut child = self.procs.swap_remove(i);
+        end_child(&mut child, grace)
+    }
+
+    /// The client namespace's TCP counters now.
+    pub fn client_tcp_counters(&self) -> Result<TcpCounters> {
+        let read = |f: &str| -> Result<String> {
+            let out = self.command("client", "cat").arg(f).output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        TcpCounters::parse(&read("/proc/net/snmp")?, &read("/proc/net/netstat")?)
+    }
+
+    fn end_processes(&mut self) {
+        for mut c in self.procs.drain(..) {
+            end_child(&mut c, Duration::from_secs(3));
+        }
+    }
+}
+
+fn end_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(s)) = child.try_wait() {
+        return Some(s);
+    }
+    // SAFETY: kill(2) on the PID of a child we have not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while t.elapsed() < grace {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().ok();
+    child.wait().ok()
+}
+
+/// Removes every namespace of the cluster `prefix` (best effort).
+pub fn remove(prefix: &str) {
+    for n in ["client", "router", "hostA", "hostB"] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &format!("{prefix}-{n}")])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.end_processes();
+        if !self.keep {
+            remove(&self.prefix);
+        }
+    }
+}
+
+/// Waits until `log` has a line containing `needle`; fails early if the
+/// process `pid` has exited, or after `limit`.
+pub fn wait_for_line(log: &Path, needle: &str, limit: Duration, pid: u32) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return Ok(());
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid as i32, 0) } == 0 && !is_zombie(pid);
+        if !alive {
+            bail!("process {pid} ended before printing {needle:?}; its output:\n{text}");
+        }
+        if t.elapsed() > limit {
+            bail!("no {needle:?} from process {pid} after {limit:?}; its output:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// TCP counters of a namespace (from /proc/net/snmp and /proc/net/netstat).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Segments retransmitted (Tcp: RetransSegs).
+    pub retrans_segs: u64,
+    /// Resets sent (Tcp: OutRsts).
+    pub out_rsts: u64,
+    /// Connections reset by the peer (TcpExt: TCPAbortOnData etc. are not
+    /// counted; this is Tcp: EstabResets).
+    pub estab_resets: u64,
+    /// Duplicate segments received (TcpExt: TCPDSACKRecv + DelayedACKLost
+    /// would be proxies; this is TcpExt: TCPDSACKOldSent, DSACKs we sent
+    /// for old duplicates).
+    pub dup_segs_received: u64,
+    /// Segments received in all.
+    pub in_segs: u64,
+}
+
+fn table(text: &str, prefix: &str) -> Vec<(String, u64)> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        return Vec::new();
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+        .collect()
+}
+
+impl TcpCounters {
+    /// Parses /proc/net/snmp and /proc/net/netstat.
+    pub fn parse(snmp: &str, netstat: &str) -> Result<TcpCounters> {
+        let tcp = table(snmp, "Tcp:");
+        let ext = table(netstat, "TcpExt:");
+        let get = |t: &[(String, u64)], k: &str| t.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        Ok(TcpCounters {
+            retrans_segs: get(&tcp, "RetransSegs").context("no Tcp RetransSegs")?,
+            out_rsts: get(&tcp, "OutRsts").context("no Tcp OutRsts")?,
+            estab_resets: get(&tcp, "EstabResets").context("no Tcp EstabResets")?,
+            in_segs: get(&tcp, "InSegs").context("no Tcp InSegs")?,
+            dup_segs_received: get(&ext, "TCPDSACKOldSent").unwrap_or(0) + get(&ext, "TCPDSACKOfoSent").unwrap_or(0),
+        })
+    }
+
+    /// Counters from `earlier` to `self`.
+    pub fn since(&self, earlier: &TcpCounters) -> TcpCounters {
+        TcpCounters {
+            retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
+            out_rsts: self.out_rsts.saturating_sub(earlier.out_rsts),
+            estab_resets: self.estab_resets.saturating_sub(earlier.estab_resets),
+            dup_segs_received: self.dup_segs_received.saturating_sub(earlier.dup_segs_received),
+            in_segs: self.in_segs.saturating_sub(earlier.in_segs),
+        }
+    }
+}
+
+/// A scratch directory for one test's logs: `target/test-logs/NAME`.
+pub fn log_dir(name: &str) -> PathBuf {
+    let d = crate::root().join("target/test-logs").join(name);
+    std::fs::create_dir_all(&d).expect("creating the log directory");
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_parse_from_proc_tables() {
+        let snmp = "Ip: Forwarding\nIp: 1\nTcp: RtoAlgorithm InSegs OutSegs RetransSegs OutRsts EstabResets\nTcp: 1 100 90 3 2 1\n";
+        let netstat = "TcpExt: SyncookiesSent TCPDSACKOldSent TCPDSACKOfoSent\nTcpExt: 0 4 1\n";
+        let c = TcpCounters::parse(snmp, netstat).unwrap();
+        assert_eq!(
+            c,
+            TcpCounters { retrans_segs: 3, out_rsts: 2, estab_resets: 1, dup_segs_received: 5, in_segs: 100 }
+        );
+        let later = TcpCounters { retrans_segs: 5, ..c };
+        assert_eq!(later.since(&c).retrans_segs, 2);
+        assert!(TcpCounters::parse("", "").is_err());
+    }
+}
