@@ -8,7 +8,9 @@
 use alloc::vec::Vec;
 
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, PciRoot};
+use virtio_drivers::transport::pci::bus::{
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, MemoryBarType, PciRoot,
+};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal};
 
@@ -51,6 +53,8 @@ pub enum Error {
     QueueTooSmall(u32),
     /// The interrupt pin has no IOAPIC input.
     NoInterruptRoute(u8),
+    /// The BARs cannot be read or placed.
+    Bars,
 }
 
 impl core::fmt::Display for Error {
@@ -66,6 +70,7 @@ impl core::fmt::Display for Error {
             Error::Config => write!(f, "cannot read the card's configuration"),
             Error::QueueTooSmall(n) => write!(f, "the card's queues hold only {n} entries"),
             Error::NoInterruptRoute(p) => write!(f, "interrupt line {p} has no IOAPIC input"),
+            Error::Bars => write!(f, "cannot read or place the card's BARs"),
         }
     }
 }
@@ -228,6 +233,62 @@ fn partial_checksum(hdr: &mut [u8], frame: &mut [u8]) {
     frame[l4 + csum_offset..l4 + csum_offset + 2].copy_from_slice(&(sum as u16).to_be_bytes());
 }
 
+/// The IOAPIC input of `df`'s INTx#. On a PC with a PIIX3/PIIX4 ISA
+/// bridge (QEMU's `pc` machine), the bridge's PIRQ router decides where
+/// PCI interrupts go, and lightweight firmware (qboot) may leave it off:
+/// the driver routes the device's PIRQ to the interrupt line itself, as a
+/// BIOS would. Ferry's VMM has no bridge; its line is the IOAPIC pin.
+fn route_intx(root: &mut PciRoot<PortCam>, df: DeviceFunction) -> u8 {
+    let reg = PortCam.read_word(df, 0x3C);
+    let mut line = (reg & 0xFF) as u8;
+    let pin = ((reg >> 8) & 0xFF) as u8;
+    if line == 0 || line >= 16 {
+        line = 11;
+        PortCam.write_word(df, 0x3C, (reg & !0xFF) | u32::from(line));
+    }
+    let bridge = root.enumerate_bus(0).find(|(_, info)| {
+        info.vendor_id == 0x8086 && matches!(info.device_id, 0x7000 | 0x7110)
+    });
+    if let (Some((isa, _)), 1..=4) = (bridge, pin) {
+        // PIIX: slot s, pin p (1 = INTA#) use PIRQ[(s - 1 + p - 1) mod 4];
+        // PIRQRC[A..D] are the bytes at 0x60..0x63.
+        let pirq = (u32::from(df.device) + u32::from(pin) + 2) % 4;
+        let mut rc = PortCam.read_word(isa, 0x60);
+        rc = (rc & !(0xFF << (8 * pirq))) | (u32::from(line) << (8 * pirq));
+        PortCam.write_word(isa, 0x60, rc);
+    }
+    line
+}
+
+/// Where the driver places memory BARs that firmware left unassigned
+/// (QEMU's qboot assigns 32-bit BARs only): inside the PCI hole below
+/// 4 GiB on a PC, above Ferry's own BAR.
+const BAR_WINDOW: (u64, u64) = (0xE100_0000, 0xFE00_0000);
+
+/// Gives every unassigned memory BAR of `df` an address in [`BAR_WINDOW`].
+fn assign_bars(root: &mut PciRoot<PortCam>, df: DeviceFunction) -> Result<(), Error> {
+    let mut next = BAR_WINDOW.0;
+    let bars = root.bars(df).map_err(|_| Error::Bars)?;
+    for (i, bar) in bars.iter().enumerate() {
+        let Some(BarInfo::Memory { address, size, address_type, .. }) = bar else {
+            continue;
+        };
+        if *address != 0 || *size == 0 {
+            continue;
+        }
+        let at = next.next_multiple_of((*size).max(4096));
+        if at + size > BAR_WINDOW.1 {
+            return Err(Error::Bars);
+        }
+        match address_type {
+            MemoryBarType::Width64 => root.set_bar_64(df, i as u8, at),
+            _ => root.set_bar_32(df, i as u8, at as u32),
+        }
+        next = at + size;
+    }
+    Ok(())
+}
+
 /// The card.
 pub struct NetCard {
     transport: PciTransport,
@@ -262,7 +323,8 @@ impl NetCard {
             }
         }
         let df = found.ok_or(Error::NoDevice)?;
-        let irq_line = (PortCam.read_word(df, 0x3C) & 0xFF) as u8;
+        let irq_line = route_intx(&mut root, df);
+        assign_bars(&mut root, df)?;
         let (_, cmd) = root.get_status_command(df);
         root.set_command(df, cmd | Command::MEMORY_SPACE | Command::BUS_MASTER);
         let transport =
@@ -324,6 +386,9 @@ impl NetCard {
         if !ioapic::route(irq_line) {
             return Err(Error::NoInterruptRoute(irq_line));
         }
+        // The pin is edge-triggered: a level INTx# (QEMU) raised before the
+        // route existed would never give an edge. Reading the ISR lowers it.
+        let _ = t.ack_interrupt();
         let mut card = NetCard {
             transport: t,
             mac,
@@ -350,6 +415,11 @@ impl NetCard {
             .is_some();
         self.flush();
         sent
+    }
+
+    /// The IOAPIC input of the card's interrupt.
+    pub fn irq_line(&self) -> u8 {
+        self.irq_line
     }
 
     /// The card's MAC address.

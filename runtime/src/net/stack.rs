@@ -173,7 +173,9 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
     }
     announce(&mut card, mac, config.ip);
     crate::println!(
-        "net: up: mac {mac} ip {}/{} gateway {}",
+        "net: up: mac {mac} irq {} checksum offload {} ip {}/{} gateway {}",
+        card.irq_line(),
+        if card.tx.offload() { "on" } else { "off" },
         config.ip,
         config.prefix,
         config.gateway.map_or_else(
