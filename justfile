@@ -8,6 +8,7 @@ set positional-arguments := false
 export PATH := env_var('HOME') + "/.cargo/bin:" + env_var('PATH')
 
 uhyve_version := "0.10.0"
+qemu_net := "qemu-system-x86_64 -enable-kvm -M pc -bios /usr/share/qemu/qboot.rom -cpu host -m 64M -nodefaults -no-user-config -nographic -serial mon:stdio -device isa-debug-exit,iobase=0xf4,iosize=0x04 -netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,mac=02:bf:0a:4d:00:0a,disable-legacy=on"
 qemu := "qemu-system-x86_64 -enable-kvm -M microvm -cpu host -m 64M -nodefaults -no-user-config -nographic -serial stdio -device isa-debug-exit,iobase=0xf4,iosize=0x04"
 
 # List the recipes.
@@ -26,6 +27,8 @@ setup:
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     command -v ip >/dev/null || missing+=(iproute2)
     command -v nft >/dev/null || missing+=(nftables)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "setup: installing ${missing[*]}"
       sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -37,20 +40,28 @@ setup:
       cargo install uhyve --locked --version {{uhyve_version}} --quiet
     fi
 
-# Build the VMM and the `ferry` CLI (release).
+# Build the VMM, the `ferry` CLI and the host tools (cluster, stream client), release.
 build:
-    cargo build --release --quiet -p ferry
+    cargo build --release --quiet -p ferry -p ferry-tests --bins
 
 # Build an app image into images/out/APP and print its path.
 build-image APP:
     images/build {{APP}}
 
-# Build APP and run it on Ferry's VMM; ARGS go to the app (e.g. `just run-app hello exit=3`).
+# Run APP (+ ARGS) on hostA of the namespace cluster (built if needed) and say how to reach it; Ctrl-C stops it.
 run-app APP *ARGS: build
     #!/usr/bin/env bash
     set -euo pipefail
     image=$(images/build {{APP}})
-    exec target/release/ferry run "$image" -- {{ARGS}}
+    exec target/release/ferry-cluster run "$image" -- {{ARGS}}
+
+# Build the namespace cluster (ferry-client, ferry-router, ferry-hostA, ferry-hostB); prints the service IP.
+cluster-up: build
+    target/release/ferry-cluster up
+
+# End everything running in the cluster and remove its namespaces.
+cluster-down: build
+    target/release/ferry-cluster down
 
 # Build APP and run it under stock uhyve (0.10).
 run-app-uhyve APP *ARGS: setup
@@ -60,8 +71,23 @@ run-app-uhyve APP *ARGS: setup
     # uhyve's own `--` ends its options; the second separates runtime from app arguments.
     exec uhyve "$image" -- -- {{ARGS}}
 
-# Build APP and run it under QEMU/KVM (PVH direct boot, microvm); exits with the guest's status.
-run-app-qemu APP *ARGS: setup
+# Run APP under QEMU/KVM with virtio-net-pci on hostA's tap (pc machine, qboot, PVH boot); one VM per tap.
+run-app-qemu APP *ARGS: setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    image=$(images/build {{APP}})
+    target/release/ferry-cluster up >/dev/null
+    echo "run-app-qemu: {{APP}} under QEMU on ferry-hostA as 10.77.0.10; Ctrl-A X quits QEMU"
+    set +e
+    ip netns exec ferry-hostA {{qemu_net}} -kernel "$image" -append "net.ip=10.77.0.10/24 net.gw=10.77.0.1 -- {{ARGS}}"
+    s=$?
+    set -e
+    # isa-debug-exit: QEMU exits with (status << 1) | 1.
+    if [ $((s & 1)) -eq 1 ]; then exit $((s >> 1)); fi
+    exit $s
+
+# Build APP and run it under QEMU/KVM without a network (microvm, PVH direct boot).
+run-app-qemu-nonet APP *ARGS: setup
     #!/usr/bin/env bash
     set -euo pipefail
     image=$(images/build {{APP}})
@@ -69,7 +95,6 @@ run-app-qemu APP *ARGS: setup
     {{qemu}} -kernel "$image" -append "-- {{ARGS}}"
     s=$?
     set -e
-    # isa-debug-exit: QEMU exits with (status << 1) | 1.
     if [ $((s & 1)) -eq 1 ]; then exit $((s >> 1)); fi
     echo "run-app-qemu: QEMU exited with $s without the guest's exit device" >&2
     exit $s
@@ -92,6 +117,5 @@ demo: setup build
 
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU.
 test: setup build
-    images/build hello >/dev/null
-    images/build misbehave >/dev/null
+    for i in hello misbehave echo kv http stream; do images/build $i >/dev/null; done
     cargo test -- --test-threads 2

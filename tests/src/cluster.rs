@@ -51,7 +51,10 @@ pub struct Cluster {
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",
@@ -74,12 +77,19 @@ impl Cluster {
 
     /// Whether the cluster with this prefix exists (its client namespace does).
     pub fn exists(prefix: &str) -> bool {
-        Path::new("/run/netns").join(format!("{prefix}-client")).exists()
+        Path::new("/run/netns")
+            .join(format!("{prefix}-client"))
+            .exists()
     }
 
     /// Builds the cluster; any leftover with the same prefix is removed first.
     pub fn up(prefix: &str) -> Result<Cluster> {
-        if prefix.is_empty() || prefix.len() > 12 || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if prefix.is_empty()
+            || prefix.len() > 12
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             bail!("cluster prefix {prefix:?} must be 1-12 letters, digits or '-'");
         }
         remove(prefix);
@@ -88,7 +98,8 @@ impl Cluster {
             keep: false,
             procs: Vec::new(),
         };
-        c.build().with_context(|| format!("building the cluster {prefix}-*"))?;
+        c.build()
+            .with_context(|| format!("building the cluster {prefix}-*"))?;
         Ok(c)
     }
 
@@ -98,31 +109,128 @@ impl Cluster {
             let ns = self.ns(n);
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            self.exec(n, "sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])?;
+            self.exec(
+                n,
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1",
+                ],
+            )?;
         }
-        ip(&["link", "add", "c0", "netns", &cli, "type", "veth", "peer", "name", "r-c0", "netns", &rtr])?;
-        ip(&["-n", &cli, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"])?;
+        ip(&[
+            "link", "add", "c0", "netns", &cli, "type", "veth", "peer", "name", "r-c0", "netns",
+            &rtr,
+        ])?;
+        ip(&[
+            "-n",
+            &cli,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/24"),
+            "dev",
+            "c0",
+        ])?;
         ip(&["-n", &cli, "link", "set", "c0", "up"])?;
         ip(&["-n", &cli, "route", "add", "default", "via", "10.77.1.1"])?;
         ip(&["-n", &rtr, "addr", "add", "10.77.1.1/24", "dev", "r-c0"])?;
         ip(&["-n", &rtr, "link", "set", "r-c0", "up"])?;
         self.exec("router", "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        ip(&["-n", &rtr, "link", "add", "br0", "type", "bridge", "ageing_time", "0", "mcast_snooping", "0", "stp_state", "0"])?;
-        ip(&["-n", &rtr, "addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            &rtr,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "ageing_time",
+            "0",
+            "mcast_snooping",
+            "0",
+            "stp_state",
+            "0",
+        ])?;
+        ip(&[
+            "-n",
+            &rtr,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &rtr, "link", "set", "br0", "up"])?;
         // The router knows the service by its MAC: NLB's unicast mode.
-        ip(&["-n", &rtr, "neigh", "replace", VIP, "lladdr", SERVICE_MAC, "dev", "br0", "nud", "permanent"])?;
+        ip(&[
+            "-n",
+            &rtr,
+            "neigh",
+            "replace",
+            VIP,
+            "lladdr",
+            SERVICE_MAC,
+            "dev",
+            "br0",
+            "nud",
+            "permanent",
+        ])?;
         for (i, h) in HOSTS.iter().enumerate() {
             let hn = self.ns(h);
             let port = format!("r-{}", if i == 0 { "ha" } else { "hb" });
-            ip(&["link", "add", "e0", "netns", &hn, "type", "veth", "peer", "name", &port, "netns", &rtr])?;
+            ip(&[
+                "link", "add", "e0", "netns", &hn, "type", "veth", "peer", "name", &port, "netns",
+                &rtr,
+            ])?;
             ip(&["-n", &rtr, "link", "set", &port, "master", "br0"])?;
-            ip(&["-n", &rtr, "link", "set", &port, "type", "bridge_slave", "learning", "off", "flood", "on"])?;
+            ip(&[
+                "-n",
+                &rtr,
+                "link",
+                "set",
+                &port,
+                "type",
+                "bridge_slave",
+                "learning",
+                "off",
+                "flood",
+                "on",
+            ])?;
             ip(&["-n", &rtr, "link", "set", &port, "up"])?;
-            ip(&["-n", &hn, "link", "set", "e0", "address", &format!("02:00:00:00:0{}:01", i + 1), "up"])?;
+            ip(&[
+                "-n",
+                &hn,
+                "link",
+                "set",
+                "e0",
+                "address",
+                &format!("02:00:00:00:0{}:01", i + 1),
+                "up",
+            ])?;
             ip(&["-n", &hn, "tuntap", "add", "dev", TAP, "mode", "tap"])?;
-            ip(&["-n", &hn, "link", "add", "brv", "type", "bridge", "stp_state", "0", "mcast_snooping", "0"])?;
-            ip(&["-n", &hn, "link", "set", "brv", "address", &format!("02:00:00:00:0{}:02", i + 1)])?;
+            ip(&[
+                "-n",
+                &hn,
+                "link",
+                "add",
+                "brv",
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "mcast_snooping",
+                "0",
+            ])?;
+            ip(&[
+                "-n",
+                &hn,
+                "link",
+                "set",
+                "brv",
+                "address",
+                &format!("02:00:00:00:0{}:02", i + 1),
+            ])?;
             ip(&["-n", &hn, "link", "set", "e0", "master", "brv"])?;
             ip(&["-n", &hn, "link", "set", TAP, "master", "brv"])?;
             ip(&["-n", &hn, "link", "set", TAP, "up"])?;
@@ -130,7 +238,9 @@ impl Cluster {
         }
         // The in-cluster link for migration traffic.
         let (ha, hb) = (self.ns("hostA"), self.ns("hostB"));
-        ip(&["link", "add", "m0", "netns", &ha, "type", "veth", "peer", "name", "m0", "netns", &hb])?;
+        ip(&[
+            "link", "add", "m0", "netns", &ha, "type", "veth", "peer", "name", "m0", "netns", &hb,
+        ])?;
         for (ns, a) in [(&ha, MIGRATION_IPS[0]), (&hb, MIGRATION_IPS[1])] {
             ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", "m0"])?;
             ip(&["-n", ns, "link", "set", "m0", "up"])?;
@@ -186,11 +296,31 @@ impl Cluster {
     /// Starts `image` on `host` as the service (tap, MAC, IP, gateway),
     /// with `app_args`, its console in `log`; waits until the console shows
     /// `ready` (e.g. "listening"). Returns the PID.
-    pub fn start_vm(&mut self, host: &str, image: &Path, memory: &str, app_args: &[&str], log: &Path, ready: &str) -> Result<u32> {
+    pub fn start_vm(
+        &mut self,
+        host: &str,
+        image: &Path,
+        memory: &str,
+        app_args: &[&str],
+        log: &Path,
+        ready: &str,
+    ) -> Result<u32> {
         let mut cmd = self.command(host, crate::ferry_bin());
         cmd.arg("run")
             .arg(image)
-            .args(["--memory", memory, "--tap", TAP, "--mac", SERVICE_MAC, "--ip", VIP_CIDR, "--gateway", GATEWAY, "--"])
+            .args([
+                "--memory",
+                memory,
+                "--tap",
+                TAP,
+                "--mac",
+                SERVICE_MAC,
+                "--ip",
+                VIP_CIDR,
+                "--gateway",
+                GATEWAY,
+                "--",
+            ])
             .args(app_args);
         let pid = self.spawn(cmd, log)?;
         wait_for_line(log, ready, Duration::from_secs(30), pid)?;
@@ -203,6 +333,42 @@ impl Cluster {
         let i = self.procs.iter().position(|c| c.id() == pid)?;
         let mut child = self.procs.swap_remove(i);
         end_child(&mut child, grace)
+    }
+
+    /// Runs `f` on a thread that has joined `node`'s network namespace, so
+    /// that plain `std::net` sockets in `f` live there.
+    pub fn in_ns<T: Send>(&self, node: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = Path::new("/run/netns").join(self.ns(node));
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on an open namespace fd changes only this
+                // thread's network namespace.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(anyhow::anyhow!(
+                        "setns into {}: {}",
+                        path.display(),
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread in {} panicked", path.display()))?
+        })
+    }
+
+    /// Packets sent so far by interface `dev` in `node`.
+    pub fn tx_packets(&self, node: &str, dev: &str) -> Result<u64> {
+        let out = self
+            .command(node, "cat")
+            .arg(format!("/sys/class/net/{dev}/statistics/tx_packets"))
+            .output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .context("reading tx_packets")
     }
 
     /// The client namespace's TCP counters now.
@@ -280,7 +446,11 @@ pub fn wait_for_line(log: &Path, needle: &str, limit: Duration, pid: u32) -> Res
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
@@ -326,7 +496,8 @@ impl TcpCounters {
             out_rsts: get(&tcp, "OutRsts").context("no Tcp OutRsts")?,
             estab_resets: get(&tcp, "EstabResets").context("no Tcp EstabResets")?,
             in_segs: get(&tcp, "InSegs").context("no Tcp InSegs")?,
-            dup_segs_received: get(&ext, "TCPDSACKOldSent").unwrap_or(0) + get(&ext, "TCPDSACKOfoSent").unwrap_or(0),
+            dup_segs_received: get(&ext, "TCPDSACKOldSent").unwrap_or(0)
+                + get(&ext, "TCPDSACKOfoSent").unwrap_or(0),
         })
     }
 
@@ -336,7 +507,9 @@ impl TcpCounters {
             retrans_segs: self.retrans_segs.saturating_sub(earlier.retrans_segs),
             out_rsts: self.out_rsts.saturating_sub(earlier.out_rsts),
             estab_resets: self.estab_resets.saturating_sub(earlier.estab_resets),
-            dup_segs_received: self.dup_segs_received.saturating_sub(earlier.dup_segs_received),
+            dup_segs_received: self
+                .dup_segs_received
+                .saturating_sub(earlier.dup_segs_received),
             in_segs: self.in_segs.saturating_sub(earlier.in_segs),
         }
     }
@@ -360,9 +533,18 @@ mod tests {
         let c = TcpCounters::parse(snmp, netstat).unwrap();
         assert_eq!(
             c,
-            TcpCounters { retrans_segs: 3, out_rsts: 2, estab_resets: 1, dup_segs_received: 5, in_segs: 100 }
+            TcpCounters {
+                retrans_segs: 3,
+                out_rsts: 2,
+                estab_resets: 1,
+                dup_segs_received: 5,
+                in_segs: 100
+            }
         );
-        let later = TcpCounters { retrans_segs: 5, ..c };
+        let later = TcpCounters {
+            retrans_segs: 5,
+            ..c
+        };
         assert_eq!(later.since(&c).retrans_segs, 2);
         assert!(TcpCounters::parse("", "").is_err());
     }

@@ -206,3 +206,14 @@ pub fn field(text: &str, key: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// The unsigned number after `"key":` in a flat JSON text.
+pub fn json_u64(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(&format!("\"{key}\":"))? + key.len() + 3;
+    text[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}

@@ -65,7 +65,9 @@ fn parse(head: &[u8]) -> Option<Request> {
     }
     let mut keep_alive = version == "HTTP/1.1";
     for l in lines {
-        let Some((k, v)) = l.split_once(':') else { continue };
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
         if k.trim().eq_ignore_ascii_case("connection") {
             let v = v.trim();
             if v.eq_ignore_ascii_case("close") {
@@ -92,7 +94,13 @@ fn query_bytes(path: &str) -> Result<u64, ()> {
     }
 }
 
-async fn respond(conn: &mut TcpStream, status: &str, ctype: &str, len: u64, keep: bool) -> Result<(), NetError> {
+async fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    len: u64,
+    keep: bool,
+) -> Result<(), NetError> {
     let head = alloc::format!(
         "HTTP/1.1 {status}\r\nServer: ferry-http\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: {}\r\n\r\n",
         if keep { "keep-alive" } else { "close" }
@@ -109,7 +117,14 @@ async fn serve(mut conn: TcpStream) {
                 break p;
             }
             if buf.len() > MAX_HEAD {
-                let _ = respond(&mut conn, "431 Request Header Fields Too Large", "text/plain", 0, false).await;
+                let _ = respond(
+                    &mut conn,
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    0,
+                    false,
+                )
+                .await;
                 return;
             }
             match conn.read(&mut chunk).await {
@@ -128,7 +143,14 @@ async fn serve(mut conn: TcpStream) {
         let route = path.split('?').next().unwrap_or("");
         let ok = match (req.method.as_slice(), route) {
             (b"GET" | b"HEAD", "/") => {
-                let r = respond(&mut conn, "200 OK", "text/html; charset=utf-8", PAGE.len() as u64, keep).await;
+                let r = respond(
+                    &mut conn,
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    PAGE.len() as u64,
+                    keep,
+                )
+                .await;
                 if r.is_ok() && req.method == b"GET" {
                     conn.write_all(PAGE.as_bytes()).await
                 } else {
@@ -144,9 +166,13 @@ async fn serve(mut conn: TcpStream) {
                         r
                     }
                 }
-                Err(()) => respond(&mut conn, "400 Bad Request", "text/plain", 0, false).await.and(Err(NetError::Closed)),
+                Err(()) => respond(&mut conn, "400 Bad Request", "text/plain", 0, false)
+                    .await
+                    .and(Err(NetError::Closed)),
             },
-            (b"GET" | b"HEAD", _) => respond(&mut conn, "404 Not Found", "text/plain", 0, keep).await,
+            (b"GET" | b"HEAD", _) => {
+                respond(&mut conn, "404 Not Found", "text/plain", 0, keep).await
+            }
             _ => respond(&mut conn, "405 Method Not Allowed", "text/plain", 0, keep).await,
         };
         if ok.is_err() || !keep {

@@ -104,7 +104,9 @@ fn execute(args: &[&[u8]], store: &Store) -> Reply {
         } else {
             Some(Reply::Error(alloc::format!(
                 "ERR wrong number of arguments for '{}' command",
-                core::str::from_utf8(&name).unwrap_or("?").to_ascii_lowercase()
+                core::str::from_utf8(&name)
+                    .unwrap_or("?")
+                    .to_ascii_lowercase()
             )))
         }
     };
@@ -126,14 +128,23 @@ fn execute(args: &[&[u8]], store: &Store) -> Reply {
                 arity(false).expect("arity error")
             }
         }
-        b"DEL" => arity(argc >= 1)
-            .unwrap_or_else(|| Reply::Integer(args[1..].iter().filter(|k| db.remove(**k).is_some()).count() as i64)),
-        b"EXISTS" => arity(argc >= 1)
-            .unwrap_or_else(|| Reply::Integer(args[1..].iter().filter(|k| db.contains_key(**k)).count() as i64)),
+        b"DEL" => arity(argc >= 1).unwrap_or_else(|| {
+            Reply::Integer(
+                args[1..]
+                    .iter()
+                    .filter(|k| db.remove(**k).is_some())
+                    .count() as i64,
+            )
+        }),
+        b"EXISTS" => arity(argc >= 1).unwrap_or_else(|| {
+            Reply::Integer(args[1..].iter().filter(|k| db.contains_key(**k)).count() as i64)
+        }),
         b"INCR" => arity(argc == 1).unwrap_or_else(|| {
             let cur = match db.get(args[1]) {
                 None => Some(0i64),
-                Some(v) => core::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()),
+                Some(v) => core::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok()),
             };
             match cur.and_then(|c| c.checked_add(1)) {
                 Some(n) => {
@@ -145,7 +156,10 @@ fn execute(args: &[&[u8]], store: &Store) -> Reply {
         }),
         b"DBSIZE" => arity(argc == 0).unwrap_or(Reply::Integer(db.len() as i64)),
         _ => {
-            let mut msg = alloc::format!("ERR unknown command '{}', with args beginning with:", resp::printable(args[0]));
+            let mut msg = alloc::format!(
+                "ERR unknown command '{}', with args beginning with:",
+                resp::printable(args[0])
+            );
             for a in args[1..].iter().take(3) {
                 msg.push_str(&alloc::format!(" '{}'", resp::printable(a)));
             }

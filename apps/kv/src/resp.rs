@@ -46,7 +46,10 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
         };
         let text = &buf[..end];
         let text = text.strip_suffix(b"\r").unwrap_or(text);
-        let words = text.split(|&b| b == b' ').filter(|w| !w.is_empty()).collect();
+        let words = text
+            .split(|&b| b == b' ')
+            .filter(|w| !w.is_empty())
+            .collect();
         return Parsed::Command(words, end + 1);
     }
     let Some((head, mut at)) = line(buf) else {

@@ -64,8 +64,14 @@ fn main(env: &Env) -> i32 {
         let mut listener = TcpListener::bind(port, sizes)?;
         println!(
             "stream: listening on port {port}, rate {}, {}",
-            rate.map_or_else(|| alloc::string::String::from("full speed"), |r| alloc::format!("{r} B/s")),
-            limit.map_or_else(|| alloc::string::String::from("no limit"), |n| alloc::format!("{n} bytes"))
+            rate.map_or_else(
+                || alloc::string::String::from("full speed"),
+                |r| alloc::format!("{r} B/s")
+            ),
+            limit.map_or_else(
+                || alloc::string::String::from("no limit"),
+                |n| alloc::format!("{n} bytes")
+            )
         );
         loop {
             let conn = listener.accept().await;

@@ -246,9 +246,9 @@ fn route_intx(root: &mut PciRoot<PortCam>, df: DeviceFunction) -> u8 {
         line = 11;
         PortCam.write_word(df, 0x3C, (reg & !0xFF) | u32::from(line));
     }
-    let bridge = root.enumerate_bus(0).find(|(_, info)| {
-        info.vendor_id == 0x8086 && matches!(info.device_id, 0x7000 | 0x7110)
-    });
+    let bridge = root
+        .enumerate_bus(0)
+        .find(|(_, info)| info.vendor_id == 0x8086 && matches!(info.device_id, 0x7000 | 0x7110));
     if let (Some((isa, _)), 1..=4) = (bridge, pin) {
         // PIIX: slot s, pin p (1 = INTA#) use PIRQ[(s - 1 + p - 1) mod 4];
         // PIRQRC[A..D] are the bytes at 0x60..0x63.
@@ -270,7 +270,13 @@ fn assign_bars(root: &mut PciRoot<PortCam>, df: DeviceFunction) -> Result<(), Er
     let mut next = BAR_WINDOW.0;
     let bars = root.bars(df).map_err(|_| Error::Bars)?;
     for (i, bar) in bars.iter().enumerate() {
-        let Some(BarInfo::Memory { address, size, address_type, .. }) = bar else {
+        let Some(BarInfo::Memory {
+            address,
+            size,
+            address_type,
+            ..
+        }) = bar
+        else {
             continue;
         };
         if *address != 0 || *size == 0 {

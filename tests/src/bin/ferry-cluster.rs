@@ -46,7 +46,12 @@ fn pids(ns: &str) -> Vec<i32> {
     std::process::Command::new("ip")
         .args(["netns", "pids", ns])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -59,7 +64,9 @@ fn up() -> Result<()> {
         Cluster::up(PREFIX)?.keep();
         println!("cluster: up (namespaces ferry-client, ferry-router, ferry-hostA, ferry-hostB)");
     }
-    println!("cluster: service IP {VIP}; clients run in ferry-client, e.g. `ip netns exec ferry-client curl http://{VIP}/`");
+    println!(
+        "cluster: service IP {VIP}; clients run in ferry-client, e.g. `ip netns exec ferry-client curl http://{VIP}/`"
+    );
     Ok(())
 }
 
@@ -86,8 +93,12 @@ fn hint(app: &str) -> String {
     match app {
         "kv" => format!("ip netns exec ferry-client redis-cli -h {VIP} -p 6379"),
         "http" => format!("ip netns exec ferry-client curl http://{VIP}/"),
-        "echo" => format!("ip netns exec ferry-client python3 -c \"import socket; s=socket.create_connection(('{VIP}',7)); s.sendall(b'hi'); print(s.recv(9))\""),
-        "stream" => format!("ip netns exec ferry-client target/release/stream-client {VIP}:5001 --seconds 10"),
+        "echo" => format!(
+            "ip netns exec ferry-client python3 -c \"import socket; s=socket.create_connection(('{VIP}',7)); s.sendall(b'hi'); print(s.recv(9))\""
+        ),
+        "stream" => format!(
+            "ip netns exec ferry-client target/release/stream-client {VIP}:5001 --seconds 10"
+        ),
         _ => format!("ip netns exec ferry-client <client> {VIP}"),
     }
 }
@@ -111,17 +122,30 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Cmd::Run { image, host, memory, args } => (|| -> Result<()> {
+        Cmd::Run {
+            image,
+            host,
+            memory,
+            args,
+        } => (|| -> Result<()> {
             if !image.exists() {
-                bail!("{} does not exist (build it with `just build-image APP`)", image.display());
+                bail!(
+                    "{} does not exist (build it with `just build-image APP`)",
+                    image.display()
+                );
             }
             up()?;
             let ns = format!("{PREFIX}-{host}");
             if !pids(&ns).is_empty() {
-                bail!("{ns} already runs a process (PIDs {:?}); stop it or run `just cluster-down`", pids(&ns));
+                bail!(
+                    "{ns} already runs a process (PIDs {:?}); stop it or run `just cluster-down`",
+                    pids(&ns)
+                );
             }
             let app = image.file_name().and_then(|n| n.to_str()).unwrap_or("app");
-            println!("run-app: {app} on {ns} as {VIP} ({SERVICE_MAC}); reach it from the client namespace:");
+            println!(
+                "run-app: {app} on {ns} as {VIP} ({SERVICE_MAC}); reach it from the client namespace:"
+            );
             println!("run-app:   {}", hint(app));
             println!("run-app: Ctrl-C stops it.");
             let err = std::process::Command::new("ip")
@@ -129,7 +153,19 @@ fn main() -> ExitCode {
                 .arg(ferry_tests::ferry_bin())
                 .arg("run")
                 .arg(&image)
-                .args(["--memory", &memory, "--tap", TAP, "--mac", SERVICE_MAC, "--ip", VIP_CIDR, "--gateway", GATEWAY, "--"])
+                .args([
+                    "--memory",
+                    &memory,
+                    "--tap",
+                    TAP,
+                    "--mac",
+                    SERVICE_MAC,
+                    "--ip",
+                    VIP_CIDR,
+                    "--gateway",
+                    GATEWAY,
+                    "--",
+                ])
                 .args(&args)
                 .exec();
             Err(err).context("cannot start ferry")

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(about = "Read and verify the stream app's byte stream; report throughput and arrival gaps")]
+#[command(
+    about = "Read and verify the stream app's byte stream; report throughput and arrival gaps"
+)]
 struct Args {
     /// The service, e.g. 10.77.0.10:5001.
     addr: SocketAddr,
@@ -47,7 +49,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    conn.set_read_timeout(Some(Duration::from_secs_f64(a.idle_timeout.max(0.1)))).ok();
+    conn.set_read_timeout(Some(Duration::from_secs_f64(a.idle_timeout.max(0.1))))
+        .ok();
     let upstream = (a.upstream > 0).then(|| {
         let mut w = conn.try_clone().expect("clone socket");
         let rate = a.upstream;
@@ -84,7 +87,9 @@ fn main() -> std::process::ExitCode {
         let n = match conn.read(&mut buf) {
             Ok(0) => {
                 if a.bytes > 0 && verified < a.bytes {
-                    error = Some(format!("the service closed the stream after {verified} bytes"));
+                    error = Some(format!(
+                        "the service closed the stream after {verified} bytes"
+                    ));
                 }
                 break;
             }
@@ -104,7 +109,10 @@ fn main() -> std::process::ExitCode {
         }
         last = now;
         if let Err(i) = ferry_abi::stream::check(&buf[..n], verified) {
-            error = Some(format!("byte {} of the stream is wrong", verified + i as u64));
+            error = Some(format!(
+                "byte {} of the stream is wrong",
+                verified + i as u64
+            ));
             break;
         }
         verified += n as u64;
@@ -114,12 +122,17 @@ fn main() -> std::process::ExitCode {
     let up = upstream.map(|h| h.join().unwrap_or(0)).unwrap_or(0);
     let rate = verified as f64 / secs.max(1e-9);
     if a.json {
-        let gaps_json: Vec<String> = gaps.iter().map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}")).collect();
+        let gaps_json: Vec<String> = gaps
+            .iter()
+            .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
+            .collect();
         println!(
             "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
-            error.as_ref().map_or("null".to_string(), |e| format!("{e:?}"))
+            error
+                .as_ref()
+                .map_or("null".to_string(), |e| format!("{e:?}"))
         );
     } else {
         println!(
