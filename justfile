@@ -104,6 +104,11 @@ bench-boot N="20": setup build
     images/build hello >/dev/null
     cargo run --release --quiet -p ferry-tests --bin bench-boot -- --runs {{N}}
 
+# Streaming throughput and redis-benchmark rate: Ferry vs a native Linux process vs QEMU, on the cluster.
+bench-net SECONDS="8" REQUESTS="1000": setup build
+    for i in stream kv; do images/build $i >/dev/null; done
+    target/release/bench-net --seconds {{SECONDS}} --requests {{REQUESTS}}
+
 # The main job for now: boot hello on Ferry, uhyve and QEMU, then the boot benchmark.
 demo: setup build
     #!/usr/bin/env bash

@@ -194,6 +194,18 @@ impl Vm {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             eprintln!("ferry: kvm stats: {}", line.join(" "));
+            if let Some(net) = &self.bus.net {
+                let st = net.stats();
+                let get =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "ferry: net stats: rx_frames={} tx_frames={} dropped={} interrupts={}",
+                    get(&st.rx_frames),
+                    get(&st.tx_frames),
+                    get(&st.dropped),
+                    get(&st.interrupts)
+                );
+            }
         }
         match r? {
             Stop::Exited(status) => Ok(status),

@@ -54,6 +54,8 @@ pub struct Config {
     pub prefix: u8,
     /// Default gateway.
     pub gateway: Option<Ipv4Address>,
+    /// Print event-loop counters every 2 s (`net.stats=1`).
+    pub stats: bool,
 }
 
 impl Config {
@@ -90,6 +92,7 @@ impl Config {
             ip,
             prefix,
             gateway,
+            stats: get("net.stats") == Some("1"),
         })
     }
 }
@@ -102,8 +105,20 @@ pub(super) struct Listener {
     pub sockets: Vec<SocketHandle>,
 }
 
+/// Counters of the event loop, printed every 2 s with `net.stats=1`.
+#[derive(Default)]
+pub(super) struct LoopStats {
+    pub turns: u64,
+    pub idles: u64,
+    pub irq_wakes: u64,
+    pub halted_ns: u64,
+    pub printed_at: u64,
+    pub enabled: bool,
+}
+
 pub(super) struct Stack {
     pub card: NetCard,
+    pub stats: LoopStats,
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
     /// Sockets whose stream was dropped: removed once closed.
@@ -189,6 +204,10 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
         sockets: SocketSet::new(Vec::new()),
         closing: Vec::new(),
         listeners: Vec::new(),
+        stats: LoopStats {
+            enabled: config.stats,
+            ..LoopStats::default()
+        },
         config: *config,
     });
     Ok(())
@@ -219,6 +238,7 @@ fn announce(card: &mut NetCard, mac: EthernetAddress, ip: Ipv4Address) {
 /// One turn of smoltcp; whether socket state changed.
 pub(super) fn poll(now: Instant) -> bool {
     with(|s| {
+        s.stats.turns += 1;
         let t = smol_now(now);
         let mut changed = false;
         s.iface.poll_maintenance(t);
@@ -270,5 +290,22 @@ pub(super) fn idle(now: Instant, timer: Option<Instant>) {
         });
         let interrupted = DEVICE_INTERRUPT.swap(false, Ordering::AcqRel);
         s.card.disarm(interrupted);
+        if s.stats.enabled {
+            let after = crate::time::now();
+            let st = &mut s.stats;
+            st.idles += 1;
+            st.irq_wakes += u64::from(interrupted);
+            st.halted_ns += after.as_nanos().saturating_sub(now.as_nanos());
+            if after.as_nanos() - st.printed_at > 2_000_000_000 {
+                st.printed_at = after.as_nanos();
+                crate::println!(
+                    "net: stats: turns {} idles {} woken by the card {} halted {} ms",
+                    st.turns,
+                    st.idles,
+                    st.irq_wakes,
+                    st.halted_ns / 1_000_000
+                );
+            }
+        }
     });
 }
