@@ -19,6 +19,27 @@ pub fn host_tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// What a stopped clock keeps: the guest's time when it stopped and the
+/// host's wall-clock time then, to add the real time that passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ClockState {
+    /// Guest time at the stop, ns since guest boot.
+    pub guest_ns: u64,
+    /// Host wall-clock time at the stop, ns since the Unix epoch.
+    pub realtime_ns: u64,
+    /// The page's generation at the stop.
+    pub generation: u32,
+    /// Wall-clock time of guest time 0 (for the guest's wall clock).
+    pub unix_ns_at_zero: u64,
+}
+
 /// The VMM's guest clock.
 #[derive(Clone, Debug)]
 pub struct GuestClock {
@@ -29,15 +50,42 @@ pub struct GuestClock {
 impl GuestClock {
     /// A clock whose guest time 0 is now.
     pub fn start(tsc_khz: u32) -> Self {
-        let unix_now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+        let unix_now = unix_now_ns();
         let page = ClockPage::new(host_tsc(), 0, u64::from(tsc_khz), unix_now);
         GuestClock {
             tsc_khz: u64::from(tsc_khz),
             page: ClockPage {
                 generation: 2,
+                ..page
+            },
+        }
+    }
+
+    /// Stops the clock: guest time and wall-clock time now.
+    pub fn save(&self) -> ClockState {
+        ClockState {
+            guest_ns: self.now_ns(),
+            realtime_ns: unix_now_ns(),
+            generation: self.page.generation,
+            unix_ns_at_zero: self.page.unix_ns_at_zero,
+        }
+    }
+
+    /// Restarts a stopped clock on this host: guest time goes on from where
+    /// it stopped plus the wall-clock time since (never backwards), against
+    /// this host's TSC and rate.
+    pub fn resume(state: &ClockState, tsc_khz: u32) -> Self {
+        let elapsed = unix_now_ns().saturating_sub(state.realtime_ns);
+        let page = ClockPage::new(
+            host_tsc(),
+            state.guest_ns.saturating_add(elapsed),
+            u64::from(tsc_khz),
+            state.unix_ns_at_zero,
+        );
+        GuestClock {
+            tsc_khz: u64::from(tsc_khz),
+            page: ClockPage {
+                generation: (state.generation & !1).wrapping_add(2),
                 ..page
             },
         }
@@ -86,5 +134,27 @@ mod tests {
         let a = clock.now_ns();
         let b = clock.now_ns();
         assert!(b >= a);
+    }
+
+    #[test]
+    fn a_resumed_clock_goes_on_by_the_real_time_that_passed() {
+        let clock = GuestClock::start(2_000_000);
+        let mut saved = clock.save();
+        // Pretend it stopped 50 ms ago at guest time 1 s.
+        saved.guest_ns = 1_000_000_000;
+        saved.realtime_ns -= 50_000_000;
+        let resumed = GuestClock::resume(&saved, 3_000_000);
+        let now = resumed.now_ns();
+        assert!(
+            (1_050_000_000..1_050_000_000 + 1_000_000_000).contains(&now),
+            "{now}"
+        );
+        assert_eq!(resumed.tsc_khz(), 3_000_000);
+        assert!(
+            resumed.page.generation > saved.generation && resumed.page.generation.is_multiple_of(2)
+        );
+        // A wall clock that went backwards never takes guest time back.
+        saved.realtime_ns += 10_000_000_000;
+        assert!(GuestClock::resume(&saved, 2_000_000).now_ns() >= saved.guest_ns);
     }
 }

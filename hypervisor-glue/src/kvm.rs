@@ -253,3 +253,228 @@ pub fn vcpu_stats(vcpu: &VcpuFd) -> Vec<(String, u64)> {
     }
     out
 }
+
+/// A vCPU's complete KVM state, as plain bytes of the KVM structures (so
+/// that the snapshot format does not depend on kvm-bindings' types) plus
+/// the MSRs. Restored with [`restore_vcpu`], which checks every length;
+/// KVM itself checks the contents.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct VcpuState {
+    /// `kvm_regs`.
+    pub regs: Vec<u8>,
+    /// `kvm_sregs`.
+    pub sregs: Vec<u8>,
+    /// `kvm_xsave` (the 4 KiB legacy region).
+    pub xsave: Vec<u8>,
+    /// `kvm_xcrs`.
+    pub xcrs: Vec<u8>,
+    /// `kvm_lapic_state`.
+    pub lapic: Vec<u8>,
+    /// `kvm_vcpu_events`.
+    pub events: Vec<u8>,
+    /// `kvm_mp_state`.
+    pub mp_state: Vec<u8>,
+    /// `kvm_debugregs`.
+    pub debugregs: Vec<u8>,
+    /// Every MSR KVM lists that could be read: (index, value).
+    pub msrs: Vec<(u32, u64)>,
+}
+
+/// The in-kernel irqchip: `kvm_irqchip` of the two PICs and the IOAPIC.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct IrqchipState {
+    /// Chip 0, 1, 2 (PIC master, PIC slave, IOAPIC).
+    pub chips: Vec<Vec<u8>>,
+}
+
+/// Errors saving or restoring KVM state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// An ioctl failed.
+    #[error("{what}: {source}")]
+    Ioctl {
+        /// Which ioctl.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// A saved structure has the wrong size.
+    #[error("saved {what} is {got} bytes; this KVM's structure is {want}")]
+    Size {
+        /// Which structure.
+        what: &'static str,
+        /// Its saved length.
+        got: usize,
+        /// The expected length.
+        want: usize,
+    },
+    /// KVM would not take a saved MSR.
+    #[error("KVM refused MSR {0:#x} from the snapshot")]
+    Msr(u32),
+    /// Too many MSRs in a snapshot.
+    #[error("snapshot lists {0} MSRs; at most {MAX_MSRS} are accepted")]
+    TooManyMsrs(usize),
+}
+
+/// Most MSRs a snapshot may carry.
+pub const MAX_MSRS: usize = 256;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6E0;
+
+fn pod_bytes<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: `T` is a plain C structure from kvm-bindings (integers and
+    // arrays of integers), readable as bytes; the slice covers exactly it.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+        .to_vec()
+}
+
+fn pod_from<T: Copy>(what: &'static str, b: &[u8]) -> Result<T, StateError> {
+    let want = std::mem::size_of::<T>();
+    if b.len() != want {
+        return Err(StateError::Size {
+            what,
+            got: b.len(),
+            want,
+        });
+    }
+    // SAFETY: `b` holds exactly size_of::<T>() bytes (checked above) and
+    // `T` is a plain C structure of integers, for which every bit pattern
+    // is a value; KVM validates the contents when the structure is set.
+    Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+fn io(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Ioctl { what, source }
+}
+
+/// Reads every MSR KVM lists that this vCPU lets us read.
+fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(io("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut indices: Vec<u32> = list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&i| i != MSR_IA32_TSC)
+        .collect();
+    loop {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| StateError::TooManyMsrs(entries.len()))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(io("KVM_GET_MSRS"))?;
+        if n == indices.len() {
+            return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
+        }
+        // KVM stops at the first MSR it cannot read: drop that one, retry.
+        indices.remove(n);
+    }
+}
+
+/// Saves the vCPU's state. The vCPU must not be running.
+pub fn save_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
+    Ok(VcpuState {
+        regs: pod_bytes(&vcpu.get_regs().map_err(io("KVM_GET_REGS"))?),
+        sregs: pod_bytes(&vcpu.get_sregs().map_err(io("KVM_GET_SREGS"))?),
+        xsave: pod_bytes(&vcpu.get_xsave().map_err(io("KVM_GET_XSAVE"))?.region),
+        xcrs: pod_bytes(&vcpu.get_xcrs().map_err(io("KVM_GET_XCRS"))?),
+        lapic: pod_bytes(&vcpu.get_lapic().map_err(io("KVM_GET_LAPIC"))?),
+        events: pod_bytes(&vcpu.get_vcpu_events().map_err(io("KVM_GET_VCPU_EVENTS"))?),
+        mp_state: pod_bytes(&vcpu.get_mp_state().map_err(io("KVM_GET_MP_STATE"))?),
+        debugregs: pod_bytes(&vcpu.get_debug_regs().map_err(io("KVM_GET_DEBUGREGS"))?),
+        msrs: save_msrs(kvm, vcpu)?,
+    })
+}
+
+/// Restores a vCPU created by [`create_vcpu`] (CPUID set) from `s`. An
+/// armed TSC deadline is set to fire at once: the host's TSC is not the
+/// one it was armed against, and the guest re-arms it from its clock page.
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    if s.msrs.len() > MAX_MSRS {
+        return Err(StateError::TooManyMsrs(s.msrs.len()));
+    }
+    let mp: kvm_bindings::kvm_mp_state = pod_from("kvm_mp_state", &s.mp_state)?;
+    let regs: kvm_bindings::kvm_regs = pod_from("kvm_regs", &s.regs)?;
+    let sregs: kvm_bindings::kvm_sregs = pod_from("kvm_sregs", &s.sregs)?;
+    let xsave = kvm_bindings::kvm_xsave {
+        region: pod_from("kvm_xsave", &s.xsave)?,
+        ..Default::default()
+    };
+    let xcrs: kvm_bindings::kvm_xcrs = pod_from("kvm_xcrs", &s.xcrs)?;
+    let debugregs: kvm_bindings::kvm_debugregs = pod_from("kvm_debugregs", &s.debugregs)?;
+    let lapic: kvm_bindings::kvm_lapic_state = pod_from("kvm_lapic_state", &s.lapic)?;
+    let events: kvm_bindings::kvm_vcpu_events = pod_from("kvm_vcpu_events", &s.events)?;
+    // Order as KVM needs it: sregs (APIC base, modes) before the LAPIC,
+    // MSRs after it, events last.
+    vcpu.set_mp_state(mp).map_err(io("KVM_SET_MP_STATE"))?;
+    vcpu.set_sregs(&sregs).map_err(io("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs).map_err(io("KVM_SET_REGS"))?;
+    // SAFETY: `xsave` is a full 4 KiB kvm_xsave, as KVM_SET_XSAVE reads.
+    unsafe { vcpu.set_xsave(&xsave) }.map_err(io("KVM_SET_XSAVE"))?;
+    vcpu.set_xcrs(&xcrs).map_err(io("KVM_SET_XCRS"))?;
+    vcpu.set_debug_regs(&debugregs)
+        .map_err(io("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&lapic).map_err(io("KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data: if index == MSR_IA32_TSC_DEADLINE && data != 0 {
+                1
+            } else {
+                data
+            },
+            ..Default::default()
+        })
+        .collect();
+    let msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooManyMsrs(entries.len()))?;
+    let n = vcpu.set_msrs(&msrs).map_err(io("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        return Err(StateError::Msr(entries[n].index));
+    }
+    vcpu.set_vcpu_events(&events)
+        .map_err(io("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+/// Saves the in-kernel PICs and IOAPIC.
+pub fn save_irqchip(vm: &VmFd) -> Result<IrqchipState, StateError> {
+    let mut chips = Vec::new();
+    for id in 0..3 {
+        let mut c = kvm_bindings::kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c).map_err(io("KVM_GET_IRQCHIP"))?;
+        chips.push(pod_bytes(&c));
+    }
+    Ok(IrqchipState { chips })
+}
+
+/// Restores the in-kernel PICs and IOAPIC.
+pub fn restore_irqchip(vm: &VmFd, s: &IrqchipState) -> Result<(), StateError> {
+    if s.chips.len() != 3 {
+        return Err(StateError::Size {
+            what: "irqchip list",
+            got: s.chips.len(),
+            want: 3,
+        });
+    }
+    for (id, bytes) in s.chips.iter().enumerate() {
+        let mut c: kvm_bindings::kvm_irqchip = pod_from("kvm_irqchip", bytes)?;
+        c.chip_id = id as u32;
+        vm.set_irqchip(&c).map_err(io("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}

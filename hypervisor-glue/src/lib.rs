@@ -25,11 +25,13 @@
 
 pub mod boot;
 pub mod clock;
+pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
 pub mod net;
 pub mod size;
+pub mod snapshot;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

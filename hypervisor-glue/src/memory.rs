@@ -36,6 +36,14 @@ pub enum Error {
         /// What vm-memory said.
         source: vm_memory::mmap::FromRangesError,
     },
+    /// A snapshot's memory could not be mapped.
+    #[error("cannot map {size} bytes of snapshot memory: {why}")]
+    MapFile {
+        /// Bytes of memory.
+        size: u64,
+        /// What failed.
+        why: String,
+    },
     /// A guest-physical range is not RAM.
     #[error("guest-physical range {addr:#x}+{len:#x} is outside guest memory")]
     OutOfRange {
@@ -68,6 +76,68 @@ pub fn create(size: u64) -> Result<GuestRam, Error> {
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
     GuestRam::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
+}
+
+/// Maps guest RAM from a snapshot file, copy-on-write: `ranges` are the
+/// RAM regions and the memory image starts at `offset` in `file`, region
+/// after region. Pages the guest writes become private to this process; the
+/// file is never modified.
+pub fn map_file(
+    file: &std::fs::File,
+    offset: u64,
+    ranges: &[(u64, u64)],
+) -> Result<GuestRam, Error> {
+    use vm_memory::bitmap::AtomicBitmap;
+    use vm_memory::mmap::{GuestRegionMmap, MmapRegionBuilder};
+    let size: u64 = ranges.iter().map(|r| r.1).sum();
+    let mut regions = Vec::with_capacity(ranges.len());
+    let mut at = offset;
+    for &(start, len) in ranges {
+        let map_err = |e: vm_memory::mmap::MmapRegionError| Error::MapFile {
+            size,
+            why: e.to_string(),
+        };
+        let f = file.try_clone().map_err(|e| Error::MapFile {
+            size,
+            why: e.to_string(),
+        })?;
+        let bitmap = AtomicBitmap::new(
+            len as usize,
+            std::num::NonZeroUsize::new(4096).expect("page"),
+        );
+        let region = MmapRegionBuilder::new_with_bitmap(len as usize, bitmap)
+            .with_file_offset(vm_memory::FileOffset::new(f, at))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(map_err)?;
+        let r = GuestRegionMmap::new(region, GuestAddress(start)).ok_or(Error::MapFile {
+            size,
+            why: format!("region at {start:#x} overflows"),
+        })?;
+        regions.push(r);
+        at += len;
+    }
+    GuestRam::from_regions(regions).map_err(|e| Error::MapFile {
+        size,
+        why: e.to_string(),
+    })
+}
+
+/// Every RAM region as a byte slice, in address order.
+///
+/// # Safety
+///
+/// Nothing may write guest memory while the slices live: the vCPU is
+/// stopped and the devices are paused.
+pub unsafe fn region_slices(mem: &GuestRam) -> Vec<&[u8]> {
+    mem.iter()
+        .map(|r| {
+            // SAFETY: the region maps `len` bytes at `as_ptr()` for as long as
+            // `mem` lives; the caller guarantees there are no writers.
+            unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
+        })
+        .collect()
 }
 
 /// The end of the last RAM range (one past the highest RAM address).

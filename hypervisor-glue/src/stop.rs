@@ -14,6 +14,20 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
 static SEEN: AtomicBool = AtomicBool::new(false);
+/// The vCPU thread (`pthread_t`), once [`install`] ran; 0 before.
+static VCPU_THREAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Interrupts the vCPU thread's KVM_RUN (if it is in one) so that it looks
+/// at pending requests. Harmless at any other time.
+pub fn kick_vcpu() {
+    let t = VCPU_THREAD.load(Ordering::Acquire);
+    if t != 0 {
+        // SAFETY: `t` is the pthread_t of the process's vCPU (main) thread,
+        // which lives until the process exits; the kick signal has a no-op
+        // handler, so it only interrupts a blocking call.
+        unsafe { libc::pthread_kill(t as libc::pthread_t, SIGRTMIN()) };
+    }
+}
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -47,6 +61,7 @@ pub fn install() -> std::io::Result<()> {
     };
     // SAFETY: pthread_self has no preconditions.
     let vcpu_thread = unsafe { libc::pthread_self() };
+    VCPU_THREAD.store(vcpu_thread as u64, Ordering::Release);
     std::thread::Builder::new()
         .name("ferry-signals".into())
         .spawn(move || {
@@ -57,10 +72,7 @@ pub fn install() -> std::io::Result<()> {
             }
             REQUESTED.store(sig, Ordering::Release);
             while !SEEN.load(Ordering::Acquire) {
-                // SAFETY: the vCPU thread is the process's main thread,
-                // alive until the process exits; the kick signal has a
-                // handler, so it only interrupts KVM_RUN.
-                unsafe { libc::pthread_kill(vcpu_thread, kick) };
+                kick_vcpu();
                 std::thread::sleep(Duration::from_millis(5));
             }
         })?;

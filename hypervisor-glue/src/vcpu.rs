@@ -19,6 +19,8 @@ pub enum Stop {
     Exited(i32),
     /// A signal (SIGINT, SIGTERM) asked Ferry to stop the VM.
     Signalled(i32),
+    /// A control request waits (see [`crate::control`]).
+    Control,
 }
 
 /// Something the guest did that ends it.
@@ -134,8 +136,16 @@ impl Vcpu {
     }
 
     /// Runs until the guest exits or faults.
-    pub fn run(&mut self, mem: &GuestRam, bus: &mut IoBus) -> Result<Stop, Error> {
+    pub fn run(
+        &mut self,
+        mem: &GuestRam,
+        bus: &mut IoBus,
+        control: Option<&crate::control::Control>,
+    ) -> Result<Stop, Error> {
         loop {
+            if control.is_some_and(|c| c.pending()) {
+                return Ok(Stop::Control);
+            }
             self.fd.set_sync_valid_reg(SyncReg::Register);
             let exit = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {

@@ -5,13 +5,17 @@ use std::path::PathBuf;
 
 use crate::boot::{self, BootParams};
 use crate::clock::GuestClock;
+use crate::control::{self, After, Control, Request};
 use crate::devices::IoBus;
 use crate::devices::console::Console;
 use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::kvm::{self, Machine};
 use crate::memory::{self, GuestRam};
 use crate::net::NetSettings;
+use crate::snapshot::{ConfigState, Snapshot, VmState};
 use crate::vcpu::{self, Stop, Vcpu};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Largest image file read.
 pub const MAX_IMAGE_FILE: u64 = 1 << 30;
@@ -29,6 +33,15 @@ pub struct VmConfig {
     pub app_args: Vec<String>,
     /// The network card, if any.
     pub net: Option<NetSettings>,
+}
+
+/// How a VM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The guest exited with this status.
+    Exited(i32),
+    /// A control request stopped it (after a final snapshot, say).
+    Stopped,
 }
 
 /// Guest-physical address of the virtio-net BAR (in the MMIO hole).
@@ -86,6 +99,18 @@ pub enum Error {
     /// Stopped by a signal.
     #[error("stopped by signal {0}")]
     Signalled(i32),
+    /// A snapshot file.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
+    /// A snapshot that is well-formed but cannot be this VM.
+    #[error("snapshot: {0}")]
+    BadSnapshot(String),
+    /// Saving or restoring KVM state.
+    #[error(transparent)]
+    KvmState(#[from] kvm::StateError),
+    /// Restoring the network card.
+    #[error(transparent)]
+    NetRestore(#[from] crate::devices::virtio::net::RestoreError),
 }
 
 /// A created VM, ready to run.
@@ -95,8 +120,13 @@ pub struct Vm {
     // memory they map is unmapped.
     vcpu: Vcpu,
     bus: IoBus,
-    _machine: Machine,
+    machine: Machine,
     clock: GuestClock,
+    /// The stopped clock while paused.
+    paused: Option<crate::clock::ClockState>,
+    /// What a snapshot records of the configuration.
+    saved_config: ConfigState,
+    tsc_khz: u32,
     mem: GuestRam,
 }
 
@@ -173,19 +203,296 @@ impl Vm {
             }
             None => None,
         };
+        let saved_config = ConfigState {
+            memory: config.memory,
+            cpus: config.cpus,
+            image: config.image.display().to_string(),
+            net: config.net.as_ref().map(|n| {
+                (
+                    n.mac.to_string(),
+                    n.ip.to_string(),
+                    n.gateway.map(|g| g.to_string()),
+                )
+            }),
+        };
         Ok(Vm {
             vcpu: Vcpu::new(fd),
             bus: IoBus::new(console, net),
-            _machine: machine,
+            machine,
             clock,
+            paused: None,
+            saved_config,
+            tsc_khz,
             mem,
         })
     }
 
-    /// Runs the guest to its end; returns its exit status. With
+    /// Resumes a VM from a snapshot file, on tap `tap` if it has a network
+    /// card. The card captures frames for the VM from the moment its tap is
+    /// open and delivers them when the VM runs. The VM is left paused:
+    /// [`Vm::run`] runs it.
+    pub fn restore(
+        path: &std::path::Path,
+        tap: Option<&str>,
+        console: Console,
+    ) -> Result<Vm, Error> {
+        let trace = Trace::new();
+        let snap = Snapshot::open(path)?;
+        trace.mark("read and check state");
+        let st = &snap.state;
+        let expected = memory::ram_ranges(st.config.memory);
+        if st.memory != expected || st.config.cpus != 1 {
+            return Err(Error::BadSnapshot(format!(
+                "memory layout {:x?} / {} vCPUs is not what {} bytes of memory and 1 vCPU give",
+                st.memory, st.config.cpus, st.config.memory
+            )));
+        }
+        let mem = memory::map_file(&snap.file, snap.header.memory_offset, &st.memory)?;
+        trace.mark("map memory");
+        let machine = kvm::create_machine(&mem)?;
+        let fd = kvm::create_vcpu(&machine, 0)?;
+        let tsc_khz = kvm::tsc_khz(&fd)?;
+        trace.mark("create VM and vCPU");
+        let net = match (&st.net, &st.config.net) {
+            (Some(ns), Some((mac, _, _))) => {
+                let tap = tap.ok_or_else(|| {
+                    Error::BadSnapshot("the VM has a network card: give --tap".into())
+                })?;
+                let mac: crate::net::Mac = mac.parse().map_err(Error::BadSnapshot)?;
+                if mac.0 != ns.mac {
+                    return Err(Error::BadSnapshot(
+                        "the card's MAC disagrees with the configuration".into(),
+                    ));
+                }
+                let cfg = NetConfig {
+                    tap: tap.to_string(),
+                    mac: mac.0,
+                    bar_addr: NET_BAR_ADDR,
+                    gsi: NET_GSI,
+                };
+                let dev = VirtioNet::restore(&cfg, &machine.vm, &mem, ns)?;
+                trace.mark("virtio-net (capturing)");
+                Some(dev)
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::BadSnapshot(
+                    "network card state and configuration disagree".into(),
+                ));
+            }
+        };
+        // SAFETY: nothing runs in this VM yet and the card is paused.
+        snap.verify_memory(&unsafe { memory::region_slices(&mem) })?;
+        trace.mark("verify memory");
+        kvm::restore_irqchip(&machine.vm, &st.irqchip)?;
+        kvm::restore_vcpu(&fd, &st.vcpu)?;
+        trace.mark("vCPU state");
+        let mut vm = Vm {
+            vcpu: Vcpu::new(fd),
+            bus: IoBus::new(Console::restore_into(console, &st.console), net),
+            machine,
+            clock: GuestClock::start(tsc_khz),
+            paused: Some(st.clock),
+            saved_config: st.config.clone(),
+            tsc_khz,
+            mem,
+        };
+        // The clock page is rewritten on resume, from the stopped clock.
+        vm.clock = GuestClock::resume(&st.clock, tsc_khz);
+        Ok(vm)
+    }
+
+    /// Stops the guest clock and the devices (the vCPU is already out of
+    /// KVM_RUN: only the vCPU thread calls this).
+    fn pause(&mut self) {
+        if self.paused.is_none() {
+            self.paused = Some(self.clock.save());
+            if let Some(net) = self.bus.net.as_mut() {
+                net.pause(false);
+            }
+        }
+    }
+
+    /// Restarts the clock (guest time goes on by the real time that passed)
+    /// and the devices.
+    fn resume(&mut self) -> Result<(), Error> {
+        if let Some(state) = self.paused.take() {
+            self.clock = GuestClock::resume(&state, self.tsc_khz);
+            self.clock.publish(&self.mem)?;
+            let announcement = self.announcement();
+            if let Some(net) = self.bus.net.as_mut() {
+                net.resume();
+                if let Some(frame) = announcement {
+                    let _ = net.announce(&frame);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A gratuitous ARP for the guest's address from its MAC, so that the
+    /// bridges of the host it now runs on learn where the MAC lives (as
+    /// QEMU announces a migrated guest).
+    fn announcement(&self) -> Option<Vec<u8>> {
+        let (mac, ip, _) = self.saved_config.net.as_ref()?;
+        let mac: crate::net::Mac = mac.parse().ok()?;
+        let ip: crate::net::Ipv4Cidr = ip.parse().ok()?;
+        let mut f = vec![0u8; 60];
+        f[..6].fill(0xFF);
+        f[6..12].copy_from_slice(&mac.0);
+        f[12..14].copy_from_slice(&[0x08, 0x06]);
+        f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f[22..28].copy_from_slice(&mac.0);
+        f[28..32].copy_from_slice(&ip.addr.octets());
+        f[38..42].copy_from_slice(&ip.addr.octets());
+        Some(f)
+    }
+
+    /// The whole VM's state; it must be paused.
+    pub fn save(&self) -> Result<VmState, Error> {
+        let clock = self
+            .paused
+            .ok_or_else(|| Error::BadSnapshot("save() of a running VM".into()))?;
+        Ok(VmState {
+            config: self.saved_config.clone(),
+            memory: self
+                .mem
+                .iter()
+                .map(|r| (r.start_addr().0, r.len()))
+                .collect(),
+            vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd())?,
+            irqchip: kvm::save_irqchip(&self.machine.vm)?,
+            clock,
+            console: self.bus.console.save(),
+            net: self.bus.net.as_ref().map(VirtioNet::save),
+        })
+    }
+
+    /// Writes a snapshot of the paused VM to `path`; returns its size.
+    pub fn snapshot(&self, path: &std::path::Path) -> Result<u64, Error> {
+        let state = self.save()?;
+        // SAFETY: the VM is paused (save() checked): the vCPU is out of
+        // KVM_RUN on this thread and the card's worker is paused.
+        let regions = unsafe { memory::region_slices(&self.mem) };
+        Ok(crate::snapshot::write(path, &state, &regions)?)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let guest_ns = match &self.paused {
+            Some(c) => c.guest_ns,
+            None => self.clock.now_ns(),
+        };
+        let mut v = serde_json::json!({
+            "ok": true,
+            "state": if self.paused.is_some() { "paused" } else { "running" },
+            "guest_time_ns": guest_ns,
+            "memory": self.saved_config.memory,
+            "image": self.saved_config.image,
+        });
+        if let Some(net) = &self.bus.net {
+            let st = net.stats();
+            let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            v["net"] = serde_json::json!({
+                "rx_frames": g(&st.rx_frames), "tx_frames": g(&st.tx_frames), "dropped": g(&st.dropped),
+                "interrupts": g(&st.interrupts), "captured": g(&st.captured), "duplicates": g(&st.duplicates),
+            });
+        }
+        v
+    }
+
+    /// Serves control requests until the VM should run on (`None`) or end
+    /// (`Some`). While paused, it waits here for the next request.
+    fn serve_control(&mut self, control: &Control) -> Result<Option<End>, Error> {
+        loop {
+            let wait = if self.paused.is_some() {
+                Duration::from_millis(50)
+            } else {
+                Duration::ZERO
+            };
+            let Some((req, reply)) = control.take(wait) else {
+                if self.paused.is_none() {
+                    return Ok(None);
+                }
+                if let Some(sig) = crate::stop::requested() {
+                    return Err(Error::Signalled(sig));
+                }
+                continue;
+            };
+            let (answer, end) = match req {
+                Request::Status => (self.status(), None),
+                Request::Pause => {
+                    let t = Instant::now();
+                    self.pause();
+                    (
+                        serde_json::json!({"ok": true, "pause_us": t.elapsed().as_micros() as u64}),
+                        None,
+                    )
+                }
+                Request::Resume => match self.resume() {
+                    Ok(()) => (serde_json::json!({"ok": true}), None),
+                    Err(e) => (control::error(e), None),
+                },
+                Request::Snapshot { path, then } => {
+                    let was_paused = self.paused.is_some();
+                    let t = Instant::now();
+                    self.pause();
+                    let pause_us = t.elapsed().as_micros() as u64;
+                    let t = Instant::now();
+                    match self.snapshot(&path) {
+                        Ok(bytes) => {
+                            let write_us = t.elapsed().as_micros() as u64;
+                            let end = match then {
+                                After::Stop => Some(End::Stopped),
+                                After::Pause => None,
+                                After::Resume => {
+                                    if !was_paused {
+                                        self.resume()?;
+                                    }
+                                    None
+                                }
+                            };
+                            (
+                                serde_json::json!({"ok": true, "bytes": bytes, "pause_us": pause_us, "write_us": write_us}),
+                                end,
+                            )
+                        }
+                        Err(e) => {
+                            // A failed snapshot leaves the VM as it was.
+                            if !was_paused {
+                                self.resume()?;
+                            }
+                            (control::error(e), None)
+                        }
+                    }
+                }
+                Request::Stop => (serde_json::json!({"ok": true}), Some(End::Stopped)),
+            };
+            let _ = reply.send(answer);
+            if let Some(end) = end {
+                return Ok(Some(end));
+            }
+        }
+    }
+
+    /// Runs the guest to its end, answering `control` requests on the way
+    /// (a restored VM starts paused and is resumed here first). With
     /// `FERRY_STATS=1`, prints the vCPU's non-zero KVM counters afterwards.
-    pub fn run(&mut self) -> Result<i32, Error> {
-        let r = self.vcpu.run(&self.mem, &mut self.bus);
+    pub fn run(&mut self, control: Option<&Control>) -> Result<End, Error> {
+        self.resume()?;
+        let r = loop {
+            match self.vcpu.run(&self.mem, &mut self.bus, control) {
+                Ok(Stop::Control) => {
+                    match self.serve_control(control.expect("a control request needs control")) {
+                        Ok(None) => continue,
+                        Ok(Some(end)) => break Ok(end),
+                        Err(e) => break Err(e),
+                    }
+                }
+                Ok(Stop::Exited(status)) => break Ok(End::Exited(status)),
+                Ok(Stop::Signalled(sig)) => break Err(Error::Signalled(sig)),
+                Err(e) => break Err(e.into()),
+            }
+        };
         if std::env::var_os("FERRY_STATS").is_some_and(|v| v == "1") {
             let stats = kvm::vcpu_stats(self.vcpu.fd());
             let line: Vec<String> = stats
@@ -207,10 +514,7 @@ impl Vm {
                 );
             }
         }
-        match r? {
-            Stop::Exited(status) => Ok(status),
-            Stop::Signalled(sig) => Err(Error::Signalled(sig)),
-        }
+        r
     }
 
     /// Guest time now, in ns since boot.

@@ -34,7 +34,9 @@ pub enum Error {
 }
 
 /// Saved console state (the console keeps none that the guest can see).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct ConsoleState {
     /// Bytes the guest has written so far.
     pub bytes_written: u64,
@@ -104,6 +106,11 @@ impl Console {
             out,
             bytes_written: state.bytes_written,
         }
+    }
+
+    /// Takes a fresh console's output and the saved counters.
+    pub fn restore_into(fresh: Console, state: &ConsoleState) -> Self {
+        Console::restore(fresh.out, state)
     }
 }
 

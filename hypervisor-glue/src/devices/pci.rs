@@ -153,6 +153,22 @@ impl ConfigSpace {
         }
     }
 
+    /// The raw 256 bytes (for saving).
+    pub fn bytes(&self) -> &[u8; 256] {
+        &self.bytes
+    }
+
+    /// Takes the guest-writable registers (command, interrupt line) from
+    /// saved bytes; everything else stays as the device set it.
+    pub fn restore_writable(&mut self, saved: &[u8]) {
+        if saved.len() != 256 {
+            return;
+        }
+        let cmd = u16::from_le_bytes([saved[reg::COMMAND], saved[reg::COMMAND + 1]]);
+        self.set16(reg::COMMAND, cmd & COMMAND_WRITABLE);
+        self.bytes[reg::INTERRUPT_LINE] = saved[reg::INTERRUPT_LINE];
+    }
+
     /// The memory range of BAR `index`, if it is in use.
     pub fn bar(&self, index: usize) -> Option<(u32, u32)> {
         self.bars[index]

@@ -103,13 +103,34 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Interrupts raised.
     pub interrupts: AtomicU64,
+    /// Frames captured while the VM was not running yet.
+    pub captured: AtomicU64,
+    /// Captured frames dropped as duplicates of one already captured.
+    pub duplicates: AtomicU64,
+}
+
+/// Most bytes of frames waiting in the backlog (held for a receive
+/// buffer, or captured while the VM does not run).
+pub const MAX_BACKLOG_BYTES: usize = 64 << 20;
+
+/// What the worker works on, under one lock.
+#[derive(Debug, Default)]
+struct Active {
+    /// The queues while the driver is running (DRIVER_OK), else `None`.
+    queues: Option<[Queue; 2]>,
+    /// Frames (with their virtio-net header) waiting for receive buffers,
+    /// oldest first.
+    backlog: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// State shared by the vCPU thread and the worker.
 #[derive(Debug, Default)]
 struct Shared {
-    /// The queues while the driver is running (DRIVER_OK), else `None`.
-    queues: Mutex<Option<[Queue; 2]>>,
+    active: Mutex<Active>,
+    /// The VM is paused: the worker touches neither memory nor queues.
+    paused: AtomicBool,
+    /// While paused, read the tap into the backlog (a VM about to run here).
+    capture: AtomicBool,
     /// ISR status: bit 0 = queue interrupt. A read by the guest clears it.
     isr: AtomicU8,
     /// The features the driver accepted (valid while `queues` is `Some`).
@@ -159,6 +180,8 @@ pub struct VirtioNet {
     shared: Arc<Shared>,
     wake: EventFd,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The tap, for frames the VMM sends on the guest's behalf.
+    announce_tx: Tap,
 }
 
 impl VirtioNet {
@@ -166,6 +189,7 @@ impl VirtioNet {
     /// KVM, and starts the worker thread.
     pub fn new(config: &NetConfig, vm: &VmFd, mem: &GuestRam) -> Result<Self, Error> {
         let tap = Tap::open(&config.tap)?;
+        let announce_tx = tap.try_clone().map_err(Error::EventFd)?;
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
         let (rx_kick, tx_kick, irq, wake) = (efd()?, efd()?, efd()?, efd()?);
         let bar_addr = u64::from(config.bar_addr);
@@ -222,6 +246,7 @@ impl VirtioNet {
             shared,
             wake,
             worker: Some(worker),
+            announce_tx,
         })
     }
 
@@ -432,18 +457,21 @@ impl VirtioNet {
             built.push(build_queue(i, c, event_idx, &self.mem)?);
         }
         let queues: [Queue; 2] = built.try_into().map_err(|_| "two queues".to_string())?;
-        let mut guard = self.shared.queues.lock().expect("net queues lock");
+        let mut guard = self.shared.active.lock().expect("net state lock");
         self.shared
             .features
             .store(self.driver_features, Ordering::Release);
-        *guard = Some(queues);
+        guard.queues = Some(queues);
         drop(guard);
         self.wake.write(1).ok();
         Ok(())
     }
 
     fn reset(&mut self) {
-        *self.shared.queues.lock().expect("net queues lock") = None;
+        let mut guard = self.shared.active.lock().expect("net state lock");
+        guard.queues = None;
+        guard.backlog.clear();
+        drop(guard);
         self.shared.isr.store(0, Ordering::Release);
         self.status = 0;
         self.driver_features = 0;
@@ -484,6 +512,180 @@ fn build_queue(
         ));
     }
     Ok(q)
+}
+
+/// A queue's saved position (with [`QueueConfig`] it rebuilds the queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct QueuePosition {
+    /// Next available-ring entry the device will read.
+    pub next_avail: u16,
+    /// Next used-ring entry the device will write.
+    pub next_used: u16,
+}
+
+/// The device's saved state: everything the guest can observe, and the
+/// frames waiting for it. Plain data, apart from the live device.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NetState {
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// The PCI configuration space (command register, interrupt line).
+    pub pci_config: Vec<u8>,
+    /// Feature selectors and the driver's features.
+    pub device_feature_select: u32,
+    /// Driver feature selector.
+    pub driver_feature_select: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Device status.
+    pub status: u8,
+    /// Selected queue.
+    pub queue_select: u16,
+    /// Queue registers: (size, ready, desc, driver, device).
+    pub queues: Vec<(u16, bool, u64, u64, u64)>,
+    /// Live queue positions while the driver runs (empty otherwise).
+    pub positions: Vec<QueuePosition>,
+    /// ISR status.
+    pub isr: u8,
+    /// Frames waiting for receive buffers (with their virtio-net header).
+    pub backlog: Vec<Vec<u8>>,
+}
+
+/// Errors restoring the device.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// Creating the device.
+    #[error(transparent)]
+    Create(#[from] Error),
+    /// The saved state is inconsistent.
+    #[error("saved virtio-net state: {0}")]
+    Bad(String),
+}
+
+impl VirtioNet {
+    /// Stops the worker from touching guest memory or the queues; returns
+    /// once it is out of its current batch. With `capture`, it keeps
+    /// reading the tap into the backlog (for a VM about to run here).
+    pub fn pause(&mut self, capture: bool) {
+        self.shared.capture.store(capture, Ordering::Release);
+        self.shared.paused.store(true, Ordering::Release);
+        // The worker processes a batch under this lock and checks `paused`
+        // after taking it: once we hold it, no batch is running.
+        drop(self.shared.active.lock().expect("net state lock"));
+        self.wake.write(1).ok();
+    }
+
+    /// Lets the worker run again (delivering any backlog first).
+    pub fn resume(&mut self) {
+        self.shared.capture.store(false, Ordering::Release);
+        self.shared.paused.store(false, Ordering::Release);
+        self.wake.write(1).ok();
+    }
+
+    /// The saved state. The device must be paused.
+    pub fn save(&self) -> NetState {
+        let active = self.shared.active.lock().expect("net state lock");
+        NetState {
+            mac: self.mac,
+            pci_config: self.pci.bytes().to_vec(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| (q.size, q.ready, q.desc, q.driver, q.device))
+                .collect(),
+            positions: active
+                .queues
+                .iter()
+                .flatten()
+                .map(|q| QueuePosition {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+            isr: self.shared.isr.load(Ordering::Acquire),
+            backlog: active.backlog.iter().cloned().collect(),
+        }
+    }
+
+    /// Builds the device from `state` on a new tap (paused, capturing: the
+    /// VM is not running yet; [`VirtioNet::resume`] starts it).
+    pub fn restore(
+        config: &NetConfig,
+        vm: &VmFd,
+        mem: &GuestRam,
+        state: &NetState,
+    ) -> Result<Self, RestoreError> {
+        let bad = |m: &str| RestoreError::Bad(m.to_string());
+        if state.queues.len() != 2 || !(state.positions.is_empty() || state.positions.len() == 2) {
+            return Err(bad("wrong number of queues"));
+        }
+        if state.pci_config.len() != 256 {
+            return Err(bad("PCI configuration space is not 256 bytes"));
+        }
+        let backlog_bytes: usize = state.backlog.iter().map(Vec::len).sum();
+        if backlog_bytes > MAX_BACKLOG_BYTES
+            || state.backlog.iter().any(|f| f.len() > worker::MAX_FRAME)
+        {
+            return Err(bad("backlog too large"));
+        }
+        if state.driver_features & !DEVICE_FEATURES != 0 {
+            return Err(bad("driver features this device does not offer"));
+        }
+        let mut dev = VirtioNet::new(config, vm, mem)?;
+        dev.pause(true);
+        dev.mac = state.mac;
+        dev.pci.restore_writable(&state.pci_config);
+        dev.device_feature_select = state.device_feature_select;
+        dev.driver_feature_select = state.driver_feature_select;
+        dev.driver_features = state.driver_features;
+        dev.status = state.status;
+        dev.queue_select = state.queue_select;
+        for (q, &(size, ready, desc, driver, device)) in dev.queues.iter_mut().zip(&state.queues) {
+            *q = QueueConfig {
+                size,
+                ready,
+                desc,
+                driver,
+                device,
+            };
+        }
+        let mut active = dev.shared.active.lock().expect("net state lock");
+        if !state.positions.is_empty() {
+            if state.status & status::DRIVER_OK == 0 {
+                return Err(bad("live queues without DRIVER_OK"));
+            }
+            let event_idx = state.driver_features & F_EVENT_IDX != 0;
+            let mut built = Vec::with_capacity(2);
+            for (i, (c, p)) in dev.queues.iter().zip(&state.positions).enumerate() {
+                let mut q = build_queue(i, c, event_idx, mem).map_err(RestoreError::Bad)?;
+                q.set_next_avail(p.next_avail);
+                q.set_next_used(p.next_used);
+                built.push(q);
+            }
+            active.queues = Some(built.try_into().map_err(|_| bad("two queues"))?);
+        }
+        active.backlog = state.backlog.iter().cloned().collect();
+        drop(active);
+        dev.shared.isr.store(state.isr, Ordering::Release);
+        dev.shared
+            .features
+            .store(state.driver_features, Ordering::Release);
+        dev.wake.write(1).ok();
+        Ok(dev)
+    }
+
+    /// Writes a frame to the tap as if the guest had sent it (used to
+    /// announce the VM's MAC after it moved).
+    pub fn announce(&self, frame: &[u8]) -> std::io::Result<()> {
+        let mut f = vec![0u8; tap::VNET_HDR_LEN];
+        f.extend_from_slice(frame);
+        self.announce_tx.write_frame(&f).map(|_| ())
+    }
 }
 
 impl PciFunction for VirtioNet {

@@ -139,6 +139,14 @@ impl Tap {
         self.check("TUNSETOFFLOAD", r)
     }
 
+    /// Another handle on the same tap (for writing from another thread).
+    pub fn try_clone(&self) -> io::Result<Tap> {
+        Ok(Tap {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

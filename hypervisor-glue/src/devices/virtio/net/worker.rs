@@ -2,10 +2,17 @@
 //!
 //! It sleeps in epoll on four fds: the tap (edge-triggered), the receive
 //! and transmit queues' ioeventfds (the guest's notifications), and a wake
-//! fd the vCPU thread uses after (re)configuring the device or to stop it.
-//! A frame read from the tap when the guest has no receive buffer posted is
-//! held (not dropped) until the guest posts one; the tap queues the rest.
+//! fd the vCPU thread uses after (re)configuring, pausing or resuming the
+//! device, or to stop it.
+//!
+//! Frames wait in the *backlog* (a FIFO in [`Shared`]) when the guest has
+//! no receive buffer posted: a frame is never dropped for that reason, and
+//! the tap queues the rest. While the device is paused nothing is touched;
+//! while it is *capturing* (a restored or incoming VM that does not run
+//! yet) frames read from the tap go to the backlog, each distinct frame
+//! once, and are delivered in order when the VM runs.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
@@ -17,12 +24,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::csum::{self, DATA_VALID, NEEDS_CSUM, Verdict};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::{F_CSUM, F_GUEST_CSUM, RX, Shared, TX};
+use super::{F_CSUM, F_GUEST_CSUM, MAX_BACKLOG_BYTES, RX, Shared, TX};
 use crate::memory::GuestRam;
 
 /// Largest frame accepted from either side: a 12-byte header and a
-/// 64 KiB packet (no offloads are negotiated, so real frames are ~1.5 KiB).
-const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+/// 64 KiB packet (no GSO is negotiated, so real frames are ~1.5 KiB).
+pub(super) const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
 /// Smallest frame: the header and an Ethernet header.
 const MIN_FRAME: usize = VNET_HDR_LEN + 14;
 
@@ -41,10 +48,10 @@ pub(super) struct Worker {
     wake: EventFd,
     epoll: Epoll,
     buf: Vec<u8>,
-    /// Length of a frame in `buf` waiting for a receive buffer.
-    held: Option<usize>,
     /// Features in force (the driver's, once it runs).
     features: u64,
+    /// Hashes of the frames captured so far (duplicates are kept once).
+    seen: HashSet<u64>,
 }
 
 /// Tap offload flag: the guest takes partially checksummed frames.
@@ -82,8 +89,8 @@ impl Worker {
             wake,
             epoll,
             buf: vec![0; MAX_FRAME],
-            held: None,
             features: 0,
+            seen: HashSet::new(),
         })
     }
 
@@ -120,27 +127,34 @@ impl Worker {
                 return;
             }
             let shared = self.shared.clone();
-            let mut guard = shared.queues.lock().expect("net queues lock");
-            match guard.as_mut() {
+            let mut guard = shared.active.lock().expect("net state lock");
+            let features = shared.features.load(Ordering::Acquire);
+            if features != self.features {
+                self.features = features;
+                let offload = if features & F_GUEST_CSUM != 0 {
+                    TUN_F_CSUM
+                } else {
+                    0
+                };
+                if let Err(e) = self.tap.set_offload(offload) {
+                    eprintln!("ferry: virtio-net: {e}");
+                }
+            }
+            if shared.paused.load(Ordering::Acquire) {
+                if shared.capture.load(Ordering::Acquire) {
+                    self.capture(&mut guard.backlog);
+                }
+                continue;
+            }
+            let active = &mut *guard;
+            match active.queues.as_mut() {
                 Some(queues) => {
-                    let features = shared.features.load(Ordering::Acquire);
-                    if features != self.features {
-                        self.features = features;
-                        let offload = if features & F_GUEST_CSUM != 0 {
-                            TUN_F_CSUM
-                        } else {
-                            0
-                        };
-                        if let Err(e) = self.tap.set_offload(offload) {
-                            eprintln!("ferry: virtio-net: {e}");
-                        }
-                    }
                     let mut notify = false;
                     if tx {
                         notify |= self.transmit(&mut queues[TX]);
                     }
                     if rx {
-                        notify |= self.receive(&mut queues[RX]);
+                        notify |= self.receive(&mut queues[RX], &mut active.backlog);
                     }
                     drop(guard);
                     if notify {
@@ -148,9 +162,9 @@ impl Worker {
                     }
                 }
                 None => {
-                    drop(guard);
                     // No driver: the frames go nowhere, as on a real NIC.
-                    self.held = None;
+                    active.backlog.clear();
+                    drop(guard);
                     self.discard_tap();
                 }
             }
@@ -169,17 +183,58 @@ impl Worker {
         }
     }
 
-    /// Delivers tap frames into posted receive buffers; whether the guest
-    /// wants an interrupt.
-    fn receive(&mut self, q: &mut Queue) -> bool {
+    /// Reads every waiting tap frame into the backlog, each distinct frame
+    /// once, up to [`MAX_BACKLOG_BYTES`].
+    fn capture(&mut self, backlog: &mut std::collections::VecDeque<Vec<u8>>) {
+        let mut bytes: usize = backlog.iter().map(Vec::len).sum();
+        while let Ok(Some(len)) = self.tap.read_frame(&mut self.buf) {
+            let stats = &self.shared.stats;
+            if len < MIN_FRAME
+                || bytes + len > MAX_BACKLOG_BYTES
+                || !fix_rx_header(&mut self.buf, len, self.features)
+            {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let frame = &self.buf[..len];
+            if !self
+                .seen
+                .insert(xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]))
+            {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            stats.captured.fetch_add(1, Ordering::Relaxed);
+            bytes += len;
+            backlog.push_back(frame.to_vec());
+        }
+    }
+
+    /// Delivers the backlog, then tap frames, into posted receive buffers;
+    /// whether the guest wants an interrupt.
+    fn receive(
+        &mut self,
+        q: &mut Queue,
+        backlog: &mut std::collections::VecDeque<Vec<u8>>,
+    ) -> bool {
         let mem = &self.mem;
         let stats = &self.shared.stats;
         let mut delivered = false;
+        self.seen.clear();
         loop {
-            let len = match self.held.take() {
-                Some(len) => len,
+            let len = match backlog.pop_front() {
+                Some(f) => {
+                    self.buf[..f.len()].copy_from_slice(&f);
+                    f.len()
+                }
                 None => match self.tap.read_frame(&mut self.buf) {
-                    Ok(Some(len)) => len,
+                    Ok(Some(len)) => {
+                        if len < MIN_FRAME || !fix_rx_header(&mut self.buf, len, self.features) {
+                            stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        len
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         eprintln!("ferry: virtio-net: reading tap {}: {e}", self.tap.name());
@@ -187,16 +242,9 @@ impl Worker {
                     }
                 },
             };
-            if len < MIN_FRAME {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if !fix_rx_header(&mut self.buf, len, self.features) {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
-                self.held = Some(len);
+                // No buffer: the frame waits at the head of the backlog.
+                backlog.push_front(self.buf[..len].to_vec());
                 // Ask the guest to notify us when it posts buffers; if it
                 // already has, carry on.
                 match q.enable_notification(mem) {
