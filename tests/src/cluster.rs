@@ -305,6 +305,21 @@ impl Cluster {
         log: &Path,
         ready: &str,
     ) -> Result<u32> {
+        self.start_vm_with(host, image, memory, &[], app_args, log, ready)
+    }
+
+    /// [`Cluster::start_vm`] with extra `ferry run` options (e.g. `--api`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_vm_with(
+        &mut self,
+        host: &str,
+        image: &Path,
+        memory: &str,
+        ferry_args: &[&str],
+        app_args: &[&str],
+        log: &Path,
+        ready: &str,
+    ) -> Result<u32> {
         let mut cmd = self.command(host, crate::ferry_bin());
         cmd.arg("run")
             .arg(image)
@@ -319,12 +334,47 @@ impl Cluster {
                 VIP_CIDR,
                 "--gateway",
                 GATEWAY,
-                "--",
             ])
+            .args(ferry_args)
+            .arg("--")
             .args(app_args);
         let pid = self.spawn(cmd, log)?;
         wait_for_line(log, ready, Duration::from_secs(30), pid)?;
         Ok(pid)
+    }
+
+    /// Restores `snapshot` on `host` (its tap) with control socket `api`;
+    /// returns once the VM answers on it.
+    pub fn restore_vm(
+        &mut self,
+        host: &str,
+        snapshot: &Path,
+        api: &Path,
+        log: &Path,
+    ) -> Result<u32> {
+        let mut cmd = self.command(host, crate::ferry_bin());
+        cmd.arg("restore")
+            .arg(snapshot)
+            .args(["--tap", TAP, "--api"])
+            .arg(api);
+        let pid = self.spawn(cmd, log)?;
+        let t = Instant::now();
+        loop {
+            if api.exists() && ferry_ctl(&["status", "--api"], api).is_ok() {
+                return Ok(pid);
+            }
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 || is_zombie(pid) {
+                bail!(
+                    "ferry restore ended early: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("the restored VM does not answer on {}", api.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Ends a process this cluster started (SIGTERM, then SIGKILL after
@@ -402,6 +452,21 @@ fn end_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitSta
     }
     child.kill().ok();
     child.wait().ok()
+}
+
+/// Runs `ferry ARGS API` (a control command) and returns its JSON answer.
+pub fn ferry_ctl(args: &[&str], api: &Path) -> Result<String> {
+    let out = Command::new(crate::ferry_bin())
+        .args(args)
+        .arg(api)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Removes every namespace of the cluster `prefix` (best effort).

@@ -105,6 +105,9 @@ pub(super) struct Listener {
     pub sockets: Vec<SocketHandle>,
 }
 
+/// Longest halt without a wake-up from the card or a timer that is due.
+const MAX_HALT: core::time::Duration = core::time::Duration::from_secs(1);
+
 /// Counters of the event loop, printed every 2 s with `net.stats=1`.
 #[derive(Default)]
 pub(super) struct LoopStats {
@@ -279,10 +282,14 @@ pub(super) fn idle(now: Instant, timer: Option<Instant>) {
             .iface
             .poll_delay(smol_now(now), &s.sockets)
             .map(|d| now.saturating_add(core::time::Duration::from_micros(d.total_micros())));
-        match (at, timer) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let due = match (at, timer) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(Instant::from_nanos(u64::MAX)),
+        };
+        // A safety net: never halt longer than MAX_HALT, so that a lost
+        // wake-up (a device or hypervisor bug) costs latency, not a hang.
+        // `net.stats=1` counts the halts that ended this way and found work.
+        Some(due.min(now.saturating_add(MAX_HALT)))
     });
     with(|s| {
         crate::time::halt_until(deadline, || {

@@ -51,14 +51,16 @@ fn main() -> std::process::ExitCode {
     };
     conn.set_read_timeout(Some(Duration::from_secs_f64(a.idle_timeout.max(0.1))))
         .ok();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upstream = (a.upstream > 0).then(|| {
         let mut w = conn.try_clone().expect("clone socket");
         let rate = a.upstream;
+        let stop = stop.clone();
         std::thread::spawn(move || {
             let chunk = vec![b'u'; 1024];
             let t0 = Instant::now();
             let mut sent = 0u64;
-            loop {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
                 if sent < due {
                     if w.write_all(&chunk).is_err() {
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
+            sent
         })
     });
     let mut buf = vec![0u8; 256 * 1024];
@@ -118,6 +121,8 @@ fn main() -> std::process::ExitCode {
         verified += n as u64;
     }
     let secs = start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = conn.shutdown(std::net::Shutdown::Both);
     drop(conn);
     let up = upstream.map(|h| h.join().unwrap_or(0)).unwrap_or(0);
     let rate = verified as f64 / secs.max(1e-9);

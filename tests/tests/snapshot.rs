@@ -1,0 +1,343 @@
+//! Snapshot and restore on real KVM, taps and namespaces: a VM is
+//! snapshotted on hostA while clients hold connections, restored on hostB,
+//! and the same connections carry on.
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
+use ferry_tests::{image, json_u64, kvm_or_skip};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn cluster(test: &str) -> Option<(Cluster, PathBuf)> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
+        return None;
+    }
+    let prefix = format!(
+        "fs{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = cluster::log_dir(test);
+    for f in ["a.sock", "b.sock", "vm.snap"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    Some((Cluster::up(&prefix).expect("building the cluster"), dir))
+}
+
+/// Starts `app` on hostA with a control socket.
+fn start(c: &mut Cluster, dir: &Path, app: &str, args: &[&str]) -> PathBuf {
+    let api = dir.join("a.sock");
+    let api_s = api.to_str().unwrap().to_string();
+    c.start_vm_with(
+        "hostA",
+        &image(app),
+        "64M",
+        &["--api", &api_s],
+        args,
+        &dir.join("a.log"),
+        "listening",
+    )
+    .unwrap_or_else(|e| panic!("starting {app}: {e:#}"));
+    api
+}
+
+/// Snapshots the VM behind `api` (stopping it) and restores it on hostB.
+/// Returns the new control socket.
+fn move_to_b(c: &mut Cluster, dir: &Path, api: &Path) -> PathBuf {
+    let snap = dir.join("vm.snap");
+    let out = ferry_ctl(
+        &[
+            "snapshot",
+            "--out",
+            snap.to_str().unwrap(),
+            "--then",
+            "stop",
+            "--api",
+        ],
+        api,
+    )
+    .expect("snapshot");
+    assert!(out.contains("\"ok\":true"), "{out}");
+    let b = dir.join("b.sock");
+    c.restore_vm("hostB", &snap, &b, &dir.join("b.log"))
+        .expect("restore on hostB");
+    b
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect_timeout(
+        &format!("{VIP}:{port}").parse().unwrap(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s
+}
+
+fn round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
+
+/// Opens a connection from the client namespace (the socket stays there,
+/// whichever thread uses it).
+fn client_connect(c: &Cluster, port: u16) -> TcpStream {
+    c.in_ns("client", || connect(port)).unwrap()
+}
+
+#[test]
+fn echo_conversation_moves_to_the_other_host_and_time_runs_on() {
+    let Some((mut c, dir)) = cluster("echo_conversation_moves_to_the_other_host") else {
+        return;
+    };
+    let api = start(&mut c, &dir, "echo", &[]);
+    let before = c.client_tcp_counters().unwrap();
+    let mut conn = client_connect(&c, 7);
+    for i in 0..5 {
+        round_trip(&mut conn, format!("before {i};").as_bytes());
+    }
+    let t0 = json_u64(
+        &ferry_ctl(&["status", "--api"], &api).unwrap(),
+        "guest_time_ns",
+    )
+    .unwrap();
+    let wall = Instant::now();
+    let b = move_to_b(&mut c, &dir, &api);
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..5 {
+        round_trip(&mut conn, format!("after {i};").as_bytes());
+    }
+    let t1 = json_u64(
+        &ferry_ctl(&["status", "--api"], &b).unwrap(),
+        "guest_time_ns",
+    )
+    .unwrap();
+    let real = wall.elapsed().as_nanos() as u64;
+    // Guest time went on by the real time that passed (within 50 ms, the
+    // status calls' own latency), never backwards.
+    assert!(t1 >= t0, "guest time went backwards: {t0} -> {t1}");
+    assert!(
+        t1 - t0 + 50_000_000 >= real && t1 - t0 <= real + 50_000_000,
+        "guest time moved {} ns in {real} ns",
+        t1 - t0
+    );
+    let d = c.client_tcp_counters().unwrap().since(&before);
+    assert_eq!((d.estab_resets, d.out_rsts), (0, 0), "{d:?}");
+    // The old host's VM is gone, the new one answers new connections too.
+    let mut fresh = client_connect(&c, 7);
+    round_trip(&mut fresh, b"fresh connection");
+}
+
+fn resp(conn: &mut TcpStream, args: &[&str]) -> String {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = conn.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[test]
+fn kv_data_and_connection_survive_a_move() {
+    let Some((mut c, dir)) = cluster("kv_data_and_connection_survive_a_move") else {
+        return;
+    };
+    let api = start(&mut c, &dir, "kv", &[]);
+    let mut conn = client_connect(&c, 6379);
+    for i in 0..20 {
+        assert_eq!(
+            resp(
+                &mut conn,
+                &["SET", &format!("key{i}"), &format!("value{i}")]
+            ),
+            "+OK\r\n"
+        );
+    }
+    assert_eq!(resp(&mut conn, &["INCR", "n"]), ":1\r\n");
+    let b = move_to_b(&mut c, &dir, &api);
+    // Same connection, same data.
+    assert_eq!(resp(&mut conn, &["GET", "key7"]), "$6\r\nvalue7\r\n");
+    assert_eq!(resp(&mut conn, &["INCR", "n"]), ":2\r\n");
+    assert_eq!(resp(&mut conn, &["DBSIZE"]), ":21\r\n");
+    // And through redis-cli on a new connection.
+    let out = c
+        .command("client", "redis-cli")
+        .args(["-h", VIP, "get", "key19"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "value19");
+    let status = ferry_ctl(&["status", "--api"], &b).unwrap();
+    assert!(status.contains("\"state\":\"running\""), "{status}");
+}
+
+#[test]
+fn a_stream_in_progress_is_verified_across_the_move() {
+    let Some((mut c, dir)) = cluster("a_stream_in_progress_is_verified_across_the_move") else {
+        return;
+    };
+    let api = start(&mut c, &dir, "stream", &["rate=400K"]);
+    let before = c.client_tcp_counters().unwrap();
+    let client = c
+        .command(
+            "client",
+            ferry_tests::root().join("target/release/stream-client"),
+        )
+        .args([
+            &format!("{VIP}:5001"),
+            "--seconds",
+            "6",
+            "--json",
+            "--upstream",
+            "20000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    move_to_b(&mut c, &dir, &api);
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"error\":null"),
+        "{text}"
+    );
+    let verified = json_u64(&text, "bytes_verified").unwrap();
+    assert!(
+        verified > 1_000_000,
+        "only {verified} bytes verified: {text}"
+    );
+    let d = c.client_tcp_counters().unwrap().since(&before);
+    assert_eq!(d.estab_resets, 0, "{d:?}");
+    eprintln!("stream across a cold move: {text}; client counters {d:?}");
+}
+
+#[test]
+fn snapshots_of_a_paused_vm_are_identical() {
+    let Some((mut c, dir)) = cluster("snapshots_of_a_paused_vm_are_identical") else {
+        return;
+    };
+    let api = start(&mut c, &dir, "kv", &[]);
+    ferry_ctl(&["pause", "--api"], &api).unwrap();
+    let (s1, s2) = (dir.join("one.snap"), dir.join("two.snap"));
+    for s in [&s1, &s2] {
+        let out = ferry_ctl(
+            &[
+                "snapshot",
+                "--then",
+                "pause",
+                "--out",
+                s.to_str().unwrap(),
+                "--api",
+            ],
+            &api,
+        )
+        .unwrap();
+        assert!(out.contains("\"ok\":true"), "{out}");
+    }
+    assert!(
+        std::fs::read(&s1).unwrap() == std::fs::read(&s2).unwrap(),
+        "two snapshots of one paused VM differ"
+    );
+    ferry_ctl(&["resume", "--api"], &api).unwrap();
+    assert!(
+        ferry_ctl(&["status", "--api"], &api)
+            .unwrap()
+            .contains("running")
+    );
+    let _ = std::fs::remove_file(&s2);
+}
+
+#[test]
+fn bad_snapshot_files_are_refused_clearly() {
+    if !kvm_or_skip("bad_snapshot_files_are_refused_clearly") {
+        return;
+    }
+    let dir = cluster::log_dir("bad_snapshot_files");
+    // A real snapshot to damage: hello, asleep, via its control socket.
+    let api = dir.join("h.sock");
+    let _ = std::fs::remove_file(&api);
+    let mut vm = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["run"])
+        .arg(image("hello"))
+        .arg("--api")
+        .arg(&api)
+        .args(["--", "sleep-ms=60000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !api.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let good = dir.join("good.snap");
+    ferry_ctl(
+        &[
+            "snapshot",
+            "--then",
+            "stop",
+            "--out",
+            good.to_str().unwrap(),
+            "--api",
+        ],
+        &api,
+    )
+    .unwrap();
+    vm.wait().unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let restore = |data: &[u8], name: &str| -> (i32, String) {
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        let out = std::process::Command::new(ferry_tests::ferry_bin())
+            .arg("restore")
+            .arg(&p)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let mut other_version = bytes.clone();
+    other_version[8] = 9;
+    let mut flipped_state = bytes.clone();
+    flipped_state[100] ^= 1;
+    let mut flipped_memory = bytes.clone();
+    let at = bytes.len() - 4096 * 3 + 5;
+    flipped_memory[at] ^= 0x20;
+    for (data, name, want) in [
+        (
+            &b"definitely not a snapshot"[..],
+            "garbage",
+            "not a Ferry snapshot",
+        ),
+        (&bytes[..40], "truncated-header", "truncated"),
+        (&bytes[..bytes.len() / 2], "truncated-memory", "truncated"),
+        (&other_version[..], "version", "format version 9"),
+        (&flipped_state[..], "flipped-state", "VM state is corrupted"),
+        (
+            &flipped_memory[..],
+            "flipped-memory",
+            "memory image is corrupted",
+        ),
+    ] {
+        let (code, err) = restore(data, name);
+        assert_eq!(code, 125, "{name}: {err}");
+        assert!(
+            err.contains(want) && err.starts_with("ferry: error:"),
+            "{name}: {err}"
+        );
+    }
+}
