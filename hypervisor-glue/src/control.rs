@@ -61,16 +61,42 @@ pub enum Request {
     },
     /// End the VM.
     Stop,
+    /// Live-migrate the VM to a `ferry receive` (served by the API thread;
+    /// progress lines come before the final answer).
+    Migrate {
+        /// The destination's address (`host:port`).
+        to: String,
+        /// File with the pre-shared key (none: both sides have none).
+        #[serde(default)]
+        key: Option<PathBuf>,
+        /// Downtime budget in milliseconds.
+        #[serde(default = "default_downtime_ms")]
+        downtime_ms: u64,
+    },
 }
 
-type Pending = (Request, mpsc::Sender<Value>);
+fn default_downtime_ms() -> u64 {
+    5
+}
+
+/// Work for the vCPU thread.
+#[derive(Debug)]
+pub enum Job {
+    /// A request from the socket.
+    Api(Request, mpsc::Sender<Value>),
+    /// The paused VM's state, for a migration.
+    Save(mpsc::Sender<Result<crate::snapshot::VmState, String>>),
+    /// The VM has moved away: it stays paused and may not resume.
+    Gone(mpsc::Sender<()>),
+}
 
 /// The queue between the API thread and the vCPU thread.
 #[derive(Debug, Default)]
 pub struct Control {
-    queue: Mutex<VecDeque<Pending>>,
+    queue: Mutex<VecDeque<Job>>,
     cv: Condvar,
     pending: AtomicBool,
+    context: Mutex<Option<crate::migration::source::Context>>,
 }
 
 impl Control {
@@ -79,8 +105,14 @@ impl Control {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Takes the next request, waiting up to `wait` for one.
-    pub fn take(&self, wait: Duration) -> Option<(Request, mpsc::Sender<Value>)> {
+    /// Gives the API thread what a migration needs (the vCPU thread does,
+    /// when the VM starts).
+    pub fn set_context(&self, ctx: crate::migration::source::Context) {
+        *self.context.lock().expect("control context") = Some(ctx);
+    }
+
+    /// Takes the next job, waiting up to `wait` for one.
+    pub fn take(&self, wait: Duration) -> Option<Job> {
         let mut q = self.queue.lock().expect("control queue");
         if q.is_empty() && !wait.is_zero() {
             q = self.cv.wait_timeout(q, wait).expect("control queue").0;
@@ -90,24 +122,64 @@ impl Control {
         r
     }
 
-    /// Hands `req` to the vCPU thread and waits for its answer.
-    pub fn submit(&self, req: Request) -> Value {
-        let (tx, rx) = mpsc::channel();
-        self.queue
-            .lock()
-            .expect("control queue")
-            .push_back((req, tx));
+    fn push<T>(&self, job: Job, rx: mpsc::Receiver<T>) -> Option<T> {
+        self.queue.lock().expect("control queue").push_back(job);
         self.pending.store(true, Ordering::Release);
         self.cv.notify_all();
         loop {
             crate::stop::kick_vcpu();
             match rx.recv_timeout(Duration::from_millis(5)) {
-                Ok(v) => return v,
+                Ok(v) => return Some(v),
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return json!({"ok": false, "error": "the VM ended before answering"});
-                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
+        }
+    }
+
+    /// Hands `req` to the vCPU thread and waits for its answer.
+    pub fn submit(&self, req: Request) -> Value {
+        let (tx, rx) = mpsc::channel();
+        self.push(Job::Api(req, tx), rx)
+            .unwrap_or_else(|| json!({"ok": false, "error": "the VM ended before answering"}))
+    }
+
+    fn ok(v: Value) -> Result<(), String> {
+        if v["ok"] == true {
+            Ok(())
+        } else {
+            Err(v["error"].as_str().unwrap_or("refused").to_string())
+        }
+    }
+
+    fn migrate(
+        &self,
+        to: String,
+        key: Option<PathBuf>,
+        downtime_ms: u64,
+        progress: &mut dyn FnMut(Value),
+    ) -> Value {
+        use crate::migration::{Key, source};
+        let Some(ctx) = self.context.lock().expect("control context").clone() else {
+            return error("this VM cannot migrate yet");
+        };
+        let key = match key {
+            Some(p) => match Key::from_file(&p) {
+                Ok(k) => k,
+                Err(e) => return error(e),
+            },
+            None => Key::none(),
+        };
+        if !(1..=60_000).contains(&downtime_ms) {
+            return error("downtime_ms must be 1 to 60000");
+        }
+        let params = source::Params {
+            to,
+            key,
+            downtime: Duration::from_millis(downtime_ms),
+        };
+        match source::migrate(&ctx, self, &params, progress) {
+            Ok(report) => report,
+            Err(e) => error(format!("migration failed, the VM runs on here: {e}")),
         }
     }
 }
@@ -120,12 +192,26 @@ pub fn error(msg: impl std::fmt::Display) -> Value {
 fn handle(conn: UnixStream, control: &Control) {
     let mut line = String::new();
     let mut reader = BufReader::new((&conn).take_limited());
+    let mut moved = false;
     let answer = match reader.read_line(&mut line) {
         Ok(0) => return,
         Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => {
             error("request too long")
         }
         Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Migrate {
+                to,
+                key,
+                downtime_ms,
+            }) => {
+                let mut w = &conn;
+                let mut progress = |p: Value| {
+                    let _ = writeln!(w, "{}", json!({ "progress": p }));
+                };
+                let a = control.migrate(to, key, downtime_ms, &mut progress);
+                moved = a["ok"] == true;
+                a
+            }
             Ok(req) => control.submit(req),
             Err(e) => error(format!("bad request: {e}")),
         },
@@ -133,6 +219,10 @@ fn handle(conn: UnixStream, control: &Control) {
     };
     let mut w = &conn;
     let _ = writeln!(w, "{answer}");
+    if moved {
+        // The report is out: now the VM may end here.
+        control.submit(Request::Stop);
+    }
 }
 
 trait TakeLimited {
@@ -173,6 +263,15 @@ pub fn serve(path: &Path, control: Arc<Control>) -> std::io::Result<()> {
 
 /// Sends one request to a VM's control socket and returns its answer.
 pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
+    call_with_progress(path, req, &mut |_| {})
+}
+
+/// Like [`call`], passing progress lines (a migration's) to `progress`.
+pub fn call_with_progress(
+    path: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(&Value),
+) -> Result<Value, String> {
     let conn = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the VM at {}: {e}", path.display()))?;
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
@@ -183,11 +282,40 @@ pub fn call(path: &Path, req: &Request) -> Result<Value, String> {
         serde_json::to_string(req).expect("requests serialize")
     )
     .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(&conn)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the answer: {e}"))?;
-    serde_json::from_str(&line).map_err(|e| format!("bad answer {line:?}: {e}"))
+    let mut reader = BufReader::new(&conn);
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if n == 0 {
+            return Err("the VM closed the control connection without answering".into());
+        }
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| format!("bad answer {line:?}: {e}"))?;
+        match v.get("progress") {
+            Some(p) => progress(p),
+            None => return Ok(v),
+        }
+    }
+}
+
+impl crate::migration::source::VmControl for Control {
+    fn pause(&self) -> Result<(), String> {
+        Control::ok(self.submit(Request::Pause))
+    }
+    fn resume(&self) -> Result<(), String> {
+        Control::ok(self.submit(Request::Resume))
+    }
+    fn save(&self) -> Result<crate::snapshot::VmState, String> {
+        let (tx, rx) = mpsc::channel();
+        self.push(Job::Save(tx), rx)
+            .unwrap_or_else(|| Err("the VM ended".into()))
+    }
+    fn finish(&self) {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.push(Job::Gone(tx), rx);
+    }
 }
 
 #[cfg(test)]
@@ -234,10 +362,13 @@ mod tests {
         serve(&sock, control.clone()).unwrap();
         let c2 = control.clone();
         let vcpu = std::thread::spawn(move || {
-            let (req, tx) = loop {
+            let job = loop {
                 if let Some(r) = c2.take(Duration::from_millis(50)) {
                     break r;
                 }
+            };
+            let Job::Api(req, tx) = job else {
+                panic!("not an API job")
             };
             tx.send(json!({"ok": true, "echo": format!("{req:?}")}))
                 .unwrap();

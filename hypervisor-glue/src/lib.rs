@@ -29,6 +29,7 @@ pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod net;
 pub mod size;
 pub mod snapshot;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::boot::{self, BootParams};
 use crate::clock::GuestClock;
-use crate::control::{self, After, Control, Request};
+use crate::control::{self, After, Control, Job, Request};
 use crate::devices::IoBus;
 use crate::devices::console::Console;
 use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
@@ -14,6 +14,7 @@ use crate::memory::{self, GuestRam};
 use crate::net::NetSettings;
 use crate::snapshot::{ConfigState, Snapshot, VmState};
 use crate::vcpu::{self, Stop, Vcpu};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -114,20 +115,135 @@ pub enum Error {
 }
 
 /// A created VM, ready to run.
-#[derive(Debug)]
 pub struct Vm {
     // Field order is drop order: the vCPU and VM fds close before the
     // memory they map is unmapped.
     vcpu: Vcpu,
     bus: IoBus,
-    machine: Machine,
+    machine: Arc<Machine>,
+    /// Called once the VM runs (after its first resume).
+    on_running: Option<Box<dyn FnOnce(&Vm) + Send>>,
     clock: GuestClock,
     /// The stopped clock while paused.
     paused: Option<crate::clock::ClockState>,
     /// What a snapshot records of the configuration.
     saved_config: ConfigState,
+    /// The VM has migrated away: it must never run here again.
+    gone: bool,
     tsc_khz: u32,
     mem: GuestRam,
+}
+
+/// Checks that a received or saved memory layout is the one `config` gives.
+fn check_layout(config: &ConfigState, regions: &[(u64, u64)]) -> Result<(), Error> {
+    let expected = memory::ram_ranges(config.memory);
+    if regions != expected.as_slice() || config.cpus != 1 {
+        return Err(Error::BadSnapshot(format!(
+            "memory layout {regions:x?} / {} vCPUs is not what {} bytes of memory and 1 vCPU give",
+            config.cpus, config.memory
+        )));
+    }
+    Ok(())
+}
+
+/// A VM being brought in (from a snapshot file or a migration): memory,
+/// the KVM VM and vCPU, and the network card on this host's tap, before
+/// the state is loaded.
+pub struct Incoming {
+    mem: GuestRam,
+    machine: Machine,
+    fd: kvm_ioctls::VcpuFd,
+    tsc_khz: u32,
+    net: Option<VirtioNet>,
+    config: ConfigState,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// Creates the VM around `mem` and opens the card's tap (paused).
+    pub fn new(config: &ConfigState, mem: GuestRam, tap: Option<&str>) -> Result<Incoming, Error> {
+        let machine = kvm::create_machine(&mem)?;
+        let fd = kvm::create_vcpu(&machine, 0)?;
+        let tsc_khz = kvm::tsc_khz(&fd)?;
+        let net = match &config.net {
+            Some((mac, _, _)) => {
+                let tap = tap.ok_or_else(|| {
+                    Error::BadSnapshot("the VM has a network card: give --tap".into())
+                })?;
+                let mac: crate::net::Mac = mac.parse().map_err(Error::BadSnapshot)?;
+                let cfg = NetConfig {
+                    tap: tap.to_string(),
+                    mac: mac.0,
+                    bar_addr: NET_BAR_ADDR,
+                    gsi: NET_GSI,
+                };
+                let mut dev = VirtioNet::new(&cfg, &machine.vm, &mem)?;
+                dev.pause(false);
+                Some(dev)
+            }
+            None => None,
+        };
+        Ok(Incoming {
+            mem,
+            machine,
+            fd,
+            tsc_khz,
+            net,
+            config: config.clone(),
+        })
+    }
+
+    /// Guest memory, to fill.
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// From now on the card keeps the frames that arrive for the VM.
+    pub fn start_capture(&mut self) {
+        if let Some(net) = self.net.as_mut() {
+            net.pause(true);
+        }
+    }
+
+    /// Loads `state` and gives the VM, paused: [`Vm::run`] resumes it.
+    pub fn finish(mut self, st: &VmState, console: Console) -> Result<Vm, Error> {
+        check_layout(&st.config, &st.memory)?;
+        if st.config != self.config {
+            return Err(Error::BadSnapshot(
+                "the state's configuration is not the one announced".into(),
+            ));
+        }
+        match (&st.net, self.net.as_mut()) {
+            (Some(ns), Some(dev)) => dev.apply_state(&self.mem, ns)?,
+            (None, None) => {}
+            _ => {
+                return Err(Error::BadSnapshot(
+                    "network card state and configuration disagree".into(),
+                ));
+            }
+        }
+        kvm::restore_irqchip(&self.machine.vm, &st.irqchip)?;
+        kvm::restore_vcpu(&self.fd, &st.vcpu)?;
+        Ok(Vm {
+            vcpu: Vcpu::new(self.fd),
+            bus: IoBus::new(Console::restore_into(console, &st.console), self.net),
+            machine: Arc::new(self.machine),
+            on_running: None,
+            clock: GuestClock::resume(&st.clock, self.tsc_khz),
+            paused: Some(st.clock),
+            gone: false,
+            saved_config: st.config.clone(),
+            tsc_khz: self.tsc_khz,
+            mem: self.mem,
+        })
+    }
 }
 
 /// Builds the guest command line: the runtime's words, then `--` and the
@@ -145,6 +261,15 @@ pub fn cmdline(runtime_args: &[String], app_args: &[String]) -> Result<String, E
         words.extend(app_args.iter().cloned());
     }
     Ok(words.join(" "))
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.saved_config)
+            .field("paused", &self.paused.is_some())
+            .finish()
+    }
 }
 
 impl Vm {
@@ -218,9 +343,11 @@ impl Vm {
         Ok(Vm {
             vcpu: Vcpu::new(fd),
             bus: IoBus::new(console, net),
-            machine,
+            machine: Arc::new(machine),
+            on_running: None,
             clock,
             paused: None,
+            gone: false,
             saved_config,
             tsc_khz,
             mem,
@@ -240,66 +367,48 @@ impl Vm {
         let snap = Snapshot::open(path)?;
         trace.mark("read and check state");
         let st = &snap.state;
-        let expected = memory::ram_ranges(st.config.memory);
-        if st.memory != expected || st.config.cpus != 1 {
-            return Err(Error::BadSnapshot(format!(
-                "memory layout {:x?} / {} vCPUs is not what {} bytes of memory and 1 vCPU give",
-                st.memory, st.config.cpus, st.config.memory
-            )));
-        }
+        check_layout(&st.config, &st.memory)?;
         let mem = memory::map_file(&snap.file, snap.header.memory_offset, &st.memory)?;
         trace.mark("map memory");
-        let machine = kvm::create_machine(&mem)?;
-        let fd = kvm::create_vcpu(&machine, 0)?;
-        let tsc_khz = kvm::tsc_khz(&fd)?;
-        trace.mark("create VM and vCPU");
-        let net = match (&st.net, &st.config.net) {
-            (Some(ns), Some((mac, _, _))) => {
-                let tap = tap.ok_or_else(|| {
-                    Error::BadSnapshot("the VM has a network card: give --tap".into())
-                })?;
-                let mac: crate::net::Mac = mac.parse().map_err(Error::BadSnapshot)?;
-                if mac.0 != ns.mac {
-                    return Err(Error::BadSnapshot(
-                        "the card's MAC disagrees with the configuration".into(),
-                    ));
-                }
-                let cfg = NetConfig {
-                    tap: tap.to_string(),
-                    mac: mac.0,
-                    bar_addr: NET_BAR_ADDR,
-                    gsi: NET_GSI,
-                };
-                let dev = VirtioNet::restore(&cfg, &machine.vm, &mem, ns)?;
-                trace.mark("virtio-net (capturing)");
-                Some(dev)
-            }
-            (None, None) => None,
-            _ => {
-                return Err(Error::BadSnapshot(
-                    "network card state and configuration disagree".into(),
-                ));
-            }
-        };
+        let mut incoming = Incoming::new(&st.config, mem, tap)?;
+        incoming.start_capture();
+        trace.mark("VM, vCPU, card (capturing)");
         // SAFETY: nothing runs in this VM yet and the card is paused.
-        snap.verify_memory(&unsafe { memory::region_slices(&mem) })?;
+        snap.verify_memory(&unsafe { memory::region_slices(&incoming.mem) })?;
         trace.mark("verify memory");
-        kvm::restore_irqchip(&machine.vm, &st.irqchip)?;
-        kvm::restore_vcpu(&fd, &st.vcpu)?;
-        trace.mark("vCPU state");
-        let mut vm = Vm {
-            vcpu: Vcpu::new(fd),
-            bus: IoBus::new(Console::restore_into(console, &st.console), net),
-            machine,
-            clock: GuestClock::start(tsc_khz),
-            paused: Some(st.clock),
-            saved_config: st.config.clone(),
-            tsc_khz,
-            mem,
-        };
-        // The clock page is rewritten on resume, from the stopped clock.
-        vm.clock = GuestClock::resume(&st.clock, tsc_khz);
+        let vm = incoming.finish(st, console)?;
+        trace.mark("state loaded");
         Ok(vm)
+    }
+
+    /// Calls `f` once the VM runs (used to confirm a migration).
+    pub fn on_running(&mut self, f: Box<dyn FnOnce(&Vm) + Send>) {
+        self.on_running = Some(f);
+    }
+
+    /// The card's counters as JSON (empty object without a card).
+    pub fn net_counters(&self) -> serde_json::Value {
+        match &self.bus.net {
+            Some(net) => {
+                let st = net.stats();
+                let g =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                serde_json::json!({
+                    "rx_frames": g(&st.rx_frames), "tx_frames": g(&st.tx_frames), "dropped": g(&st.dropped),
+                    "interrupts": g(&st.interrupts), "captured": g(&st.captured), "duplicates": g(&st.duplicates),
+                })
+            }
+            None => serde_json::json!({}),
+        }
+    }
+
+    /// What a migration source needs of this VM.
+    pub fn migration_context(&self) -> crate::migration::source::Context {
+        crate::migration::source::Context {
+            machine: self.machine.clone(),
+            mem: self.mem.clone(),
+            config: self.saved_config.clone(),
+        }
     }
 
     /// Stops the guest clock and the devices (the vCPU is already out of
@@ -389,13 +498,8 @@ impl Vm {
             "memory": self.saved_config.memory,
             "image": self.saved_config.image,
         });
-        if let Some(net) = &self.bus.net {
-            let st = net.stats();
-            let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            v["net"] = serde_json::json!({
-                "rx_frames": g(&st.rx_frames), "tx_frames": g(&st.tx_frames), "dropped": g(&st.dropped),
-                "interrupts": g(&st.interrupts), "captured": g(&st.captured), "duplicates": g(&st.duplicates),
-            });
+        if self.bus.net.is_some() {
+            v["net"] = self.net_counters();
         }
         v
     }
@@ -409,7 +513,7 @@ impl Vm {
             } else {
                 Duration::ZERO
             };
-            let Some((req, reply)) = control.take(wait) else {
+            let Some(job) = control.take(wait) else {
                 if self.paused.is_none() {
                     return Ok(None);
                 }
@@ -417,6 +521,19 @@ impl Vm {
                     return Err(Error::Signalled(sig));
                 }
                 continue;
+            };
+            let (req, reply) = match job {
+                Job::Api(req, reply) => (req, reply),
+                Job::Save(reply) => {
+                    let _ = reply.send(self.save().map_err(|e| e.to_string()));
+                    continue;
+                }
+                Job::Gone(reply) => {
+                    self.pause();
+                    self.gone = true;
+                    let _ = reply.send(());
+                    continue;
+                }
             };
             let (answer, end) = match req {
                 Request::Status => (self.status(), None),
@@ -427,6 +544,15 @@ impl Vm {
                         serde_json::json!({"ok": true, "pause_us": t.elapsed().as_micros() as u64}),
                         None,
                     )
+                }
+                Request::Resume if self.gone => {
+                    (control::error("the VM has moved to another host"), None)
+                }
+                Request::Snapshot { .. } if self.gone => {
+                    (control::error("the VM has moved to another host"), None)
+                }
+                Request::Migrate { .. } => {
+                    (control::error("migrate is served by the API thread"), None)
                 }
                 Request::Resume => match self.resume() {
                     Ok(()) => (serde_json::json!({"ok": true}), None),
@@ -478,7 +604,13 @@ impl Vm {
     /// (a restored VM starts paused and is resumed here first). With
     /// `FERRY_STATS=1`, prints the vCPU's non-zero KVM counters afterwards.
     pub fn run(&mut self, control: Option<&Control>) -> Result<End, Error> {
+        if let Some(c) = control {
+            c.set_context(self.migration_context());
+        }
         self.resume()?;
+        if let Some(f) = self.on_running.take() {
+            f(self);
+        }
         let r = loop {
             match self.vcpu.run(&self.mem, &mut self.bus, control) {
                 Ok(Stop::Control) => {

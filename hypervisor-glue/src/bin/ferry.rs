@@ -102,6 +102,47 @@ enum Command {
         #[arg(long, value_enum, default_value = "resume")]
         then: Then,
     },
+    /// Live-migrate a running VM to another host's `ferry receive`.
+    ///
+    /// Memory is copied while the VM runs (pre-copy with dirty logging),
+    /// until what is left fits the downtime budget; then the destination
+    /// starts capturing the VM's frames, the VM pauses, the last pages and
+    /// its state go over, and on commit it runs there. Any failure before
+    /// commit leaves it running here. Prints progress, then a report.
+    Migrate {
+        /// The VM's control socket.
+        #[arg(long)]
+        api: PathBuf,
+        /// The destination's listening address, e.g. 10.77.2.2:7000.
+        #[arg(long)]
+        to: String,
+        /// File holding the pre-shared key (16 to 4096 bytes); the
+        /// destination must hold the same one. Without it, neither may.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Downtime budget in milliseconds: pre-copy goes on until the
+        /// remaining dirty memory can be sent in this time.
+        #[arg(long, default_value_t = 5)]
+        downtime_ms: u64,
+        /// Print the report as JSON only.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait for a VM to migrate here, then run it (as `ferry run` would).
+    Receive {
+        /// Address to listen on, e.g. 10.77.2.2:7000.
+        #[arg(long)]
+        listen: String,
+        /// The tap for the VM's network card on this host.
+        #[arg(long)]
+        tap: Option<String>,
+        /// File holding the pre-shared key (as on the source).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Answer control requests on this Unix socket once the VM runs.
+        #[arg(long)]
+        api: Option<PathBuf>,
+    },
     /// Stop a VM (its process exits; nothing is saved).
     Stop {
         /// The VM's control socket.
@@ -216,6 +257,92 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 Then::Stop => After::Stop,
             };
             request(&api, Request::Snapshot { path: out, then })
+        }
+        Command::Migrate {
+            api,
+            to,
+            key,
+            downtime_ms,
+            json,
+        } => {
+            let key = match key {
+                Some(k) => Some(std::path::absolute(&k).context("the key path")?),
+                None => None,
+            };
+            let req = Request::Migrate {
+                to: to.clone(),
+                key,
+                downtime_ms,
+            };
+            let mut progress = |p: &serde_json::Value| {
+                if !json {
+                    eprint!(
+                        "\rferry: migrate: {:<9} round {:>3}  {:>10.1} MiB sent {}",
+                        p["phase"].as_str().unwrap_or(""),
+                        p["round"].as_u64().unwrap_or(0),
+                        p["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                        p["dirty_pages"]
+                            .as_u64()
+                            .map(|d| format!("({d} pages dirty)"))
+                            .unwrap_or_default()
+                    );
+                }
+            };
+            let answer = control::call_with_progress(&api, &req, &mut progress)
+                .map_err(anyhow::Error::msg)?;
+            if !json {
+                eprintln!();
+            }
+            if answer["ok"] != true {
+                anyhow::bail!(
+                    "{}",
+                    answer["error"].as_str().unwrap_or("the migration failed")
+                );
+            }
+            if json {
+                println!("{answer}");
+            } else {
+                println!(
+                    "ferry: migrated to {to}: {} pre-copy rounds, {:.1} MiB sent, downtime {:.2} ms (VMM-measured: pause to the destination running), total {:.1} ms",
+                    answer["rounds"],
+                    answer["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    answer["downtime_ms"].as_f64().unwrap_or(0.0),
+                    answer["total_ms"].as_f64().unwrap_or(0.0),
+                );
+            }
+            Ok(0)
+        }
+        Command::Receive {
+            listen,
+            tap,
+            key,
+            api,
+        } => {
+            ferry::stop::install().context("cannot install signal handling")?;
+            let key = match key {
+                Some(k) => ferry::migration::Key::from_file(&k).map_err(anyhow::Error::msg)?,
+                None => ferry::migration::Key::none(),
+            };
+            let listener = std::net::TcpListener::bind(&listen)
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("ferry: receive: waiting for a VM on {listen}");
+            let arrived = ferry::migration::dest::receive(
+                &listener,
+                tap.as_deref(),
+                &key,
+                || Console::new(Box::new(std::io::stdout())),
+                &|m| eprintln!("ferry: receive: {m}"),
+            )
+            .context("the migration failed")?;
+            let mut vm = arrived.vm;
+            let conn = arrived.conn;
+            vm.on_running(Box::new(move |vm| {
+                ferry::migration::dest::confirm(
+                    &conn,
+                    &serde_json::json!({"net": vm.net_counters()}),
+                );
+            }));
+            drive(vm, api)
         }
         Command::Restore { file, tap, api } => {
             ferry::stop::install().context("cannot install signal handling")?;

@@ -620,6 +620,15 @@ impl VirtioNet {
         mem: &GuestRam,
         state: &NetState,
     ) -> Result<Self, RestoreError> {
+        let mut dev = VirtioNet::new(config, vm, mem)?;
+        dev.pause(true);
+        dev.apply_state(mem, state)?;
+        Ok(dev)
+    }
+
+    /// Loads `state` into this (paused) device. Frames it captured so far
+    /// stay, after the saved backlog (which is older).
+    pub fn apply_state(&mut self, mem: &GuestRam, state: &NetState) -> Result<(), RestoreError> {
         let bad = |m: &str| RestoreError::Bad(m.to_string());
         if state.queues.len() != 2 || !(state.positions.is_empty() || state.positions.len() == 2) {
             return Err(bad("wrong number of queues"));
@@ -636,16 +645,40 @@ impl VirtioNet {
         if state.driver_features & !DEVICE_FEATURES != 0 {
             return Err(bad("driver features this device does not offer"));
         }
-        let mut dev = VirtioNet::new(config, vm, mem)?;
-        dev.pause(true);
-        dev.mac = state.mac;
-        dev.pci.restore_writable(&state.pci_config);
-        dev.device_feature_select = state.device_feature_select;
-        dev.driver_feature_select = state.driver_feature_select;
-        dev.driver_features = state.driver_features;
-        dev.status = state.status;
-        dev.queue_select = state.queue_select;
-        for (q, &(size, ready, desc, driver, device)) in dev.queues.iter_mut().zip(&state.queues) {
+        if state.mac != self.mac {
+            return Err(bad("the saved MAC is not this card's"));
+        }
+        let mut queues = None;
+        if !state.positions.is_empty() {
+            if state.status & status::DRIVER_OK == 0 {
+                return Err(bad("live queues without DRIVER_OK"));
+            }
+            let event_idx = state.driver_features & F_EVENT_IDX != 0;
+            let mut built = Vec::with_capacity(2);
+            for (i, (&(size, ready, desc, driver, device), p)) in
+                state.queues.iter().zip(&state.positions).enumerate()
+            {
+                let c = QueueConfig {
+                    size,
+                    ready,
+                    desc,
+                    driver,
+                    device,
+                };
+                let mut q = build_queue(i, &c, event_idx, mem).map_err(RestoreError::Bad)?;
+                q.set_next_avail(p.next_avail);
+                q.set_next_used(p.next_used);
+                built.push(q);
+            }
+            queues = Some(built.try_into().map_err(|_| bad("two queues"))?);
+        }
+        self.pci.restore_writable(&state.pci_config);
+        self.device_feature_select = state.device_feature_select;
+        self.driver_feature_select = state.driver_feature_select;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.queue_select = state.queue_select;
+        for (q, &(size, ready, desc, driver, device)) in self.queues.iter_mut().zip(&state.queues) {
             *q = QueueConfig {
                 size,
                 ready,
@@ -654,29 +687,18 @@ impl VirtioNet {
                 device,
             };
         }
-        let mut active = dev.shared.active.lock().expect("net state lock");
-        if !state.positions.is_empty() {
-            if state.status & status::DRIVER_OK == 0 {
-                return Err(bad("live queues without DRIVER_OK"));
-            }
-            let event_idx = state.driver_features & F_EVENT_IDX != 0;
-            let mut built = Vec::with_capacity(2);
-            for (i, (c, p)) in dev.queues.iter().zip(&state.positions).enumerate() {
-                let mut q = build_queue(i, c, event_idx, mem).map_err(RestoreError::Bad)?;
-                q.set_next_avail(p.next_avail);
-                q.set_next_used(p.next_used);
-                built.push(q);
-            }
-            active.queues = Some(built.try_into().map_err(|_| bad("two queues"))?);
-        }
+        let mut active = self.shared.active.lock().expect("net state lock");
+        active.queues = queues;
+        let captured = std::mem::take(&mut active.backlog);
         active.backlog = state.backlog.iter().cloned().collect();
+        active.backlog.extend(captured);
         drop(active);
-        dev.shared.isr.store(state.isr, Ordering::Release);
-        dev.shared
+        self.shared.isr.store(state.isr, Ordering::Release);
+        self.shared
             .features
             .store(state.driver_features, Ordering::Release);
-        dev.wake.write(1).ok();
-        Ok(dev)
+        self.wake.write(1).ok();
+        Ok(())
     }
 
     /// Writes a frame to the tap as if the guest had sent it (used to
