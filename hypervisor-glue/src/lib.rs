@@ -8,7 +8,12 @@
 //! - [`net`]: a VM's network settings, validated;
 //! - [`devices`]: what the guest reaches by I/O (the console, PCI, virtio-net on a tap);
 //! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear guest faults;
-//! - [`vm`]: all of it, created from a [`vm::VmConfig`] and run to the end.
+//! - [`vm`]: all of it, created from a [`vm::VmConfig`] (or brought in from
+//!   a snapshot or a migration) and run to the end;
+//! - [`snapshot`]: the VM's saved state and the snapshot file format;
+//! - [`control`]: the control socket (status, pause, resume, snapshot,
+//!   migrate, stop) and [`stop`]: SIGINT/SIGTERM and vCPU kicks;
+//! - [`migration`]: live migration, source and destination.
 //!
 //! The `ferry` binary (`src/bin/ferry.rs`) is the command line on top.
 //!
@@ -16,8 +21,8 @@
 //! use ferry::{devices::console::Console, vm::{Vm, VmConfig}};
 //! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![], net: None };
 //! let mut vm = Vm::create(&config, Console::new(Box::new(std::io::stdout()))).unwrap();
-//! let status = vm.run().unwrap();
-//! # let _ = status;
+//! let end = vm.run(None).unwrap();
+//! # let _ = end;
 //! ```
 //!
 //! Linux/KVM on x86_64 only.

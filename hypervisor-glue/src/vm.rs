@@ -114,6 +114,9 @@ pub enum Error {
     NetRestore(#[from] crate::devices::virtio::net::RestoreError),
 }
 
+/// Called once a VM runs.
+type OnRunning = Box<dyn FnOnce(&Vm) + Send>;
+
 /// A created VM, ready to run.
 pub struct Vm {
     // Field order is drop order: the vCPU and VM fds close before the
@@ -122,7 +125,7 @@ pub struct Vm {
     bus: IoBus,
     machine: Arc<Machine>,
     /// Called once the VM runs (after its first resume).
-    on_running: Option<Box<dyn FnOnce(&Vm) + Send>>,
+    on_running: Option<OnRunning>,
     clock: GuestClock,
     /// The stopped clock while paused.
     paused: Option<crate::clock::ClockState>,
@@ -382,7 +385,7 @@ impl Vm {
     }
 
     /// Calls `f` once the VM runs (used to confirm a migration).
-    pub fn on_running(&mut self, f: Box<dyn FnOnce(&Vm) + Send>) {
+    pub fn on_running(&mut self, f: OnRunning) {
         self.on_running = Some(f);
     }
 

@@ -272,7 +272,7 @@ mod tests {
         huge.extend_from_slice(&(Msg::Pages as u32).to_le_bytes());
         huge.extend_from_slice(&(MAX_MESSAGE + 1).to_le_bytes());
         assert!(matches!(recv(&mut &huge[..]), Err(Error::Protocol(_))));
-        let mut unknown = vec![0u8; 12];
+        let mut unknown = [0u8; 12];
         unknown[0] = 99;
         assert!(matches!(recv(&mut &unknown[..]), Err(Error::Protocol(_))));
     }
