@@ -109,16 +109,14 @@ bench-net SECONDS="8" REQUESTS="1000": setup build
     for i in stream kv; do images/build $i >/dev/null; done
     target/release/bench-net --seconds {{SECONDS}} --requests {{REQUESTS}}
 
-# The main job for now: boot hello on Ferry, uhyve and QEMU, then the boot benchmark.
+# Live-migrate the VM that `just run-app` started to the other host (and back when run again).
+live-migrate DOWNTIME_MS="5": build
+    target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}
+
+# The main job: stream to a verifying client (plus an echoed upstream), live-migrate A->B->A, report.
 demo: setup build
-    #!/usr/bin/env bash
-    set -euo pipefail
-    image=$(images/build hello)
-    echo "== Ferry";  target/release/ferry run "$image" -- demo sleep-ms=20 || true
-    echo "== uhyve";  uhyve "$image" -- -- demo sleep-ms=20 2>/dev/null || true
-    echo "== QEMU";   {{qemu}} -kernel "$image" -append "-- demo sleep-ms=20" || true
-    echo "== boot benchmark"
-    cargo run --release --quiet -p ferry-tests --bin bench-boot -- --runs 10
+    for i in stream; do images/build $i >/dev/null; done
+    target/release/ferry-demo
 
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU.
 test: setup build

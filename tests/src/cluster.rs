@@ -380,11 +380,27 @@ impl Cluster {
     /// Starts `ferry receive` on `host`, listening on its migration-link
     /// address and port `port`, with control socket `api`, and extra
     /// options; returns its PID once it listens.
-    pub fn start_receiver(&mut self, host: &str, port: u16, api: &Path, extra: &[&str], log: &Path) -> Result<u32> {
-        let i = HOSTS.iter().position(|h| *h == host).context("no such host")?;
+    pub fn start_receiver(
+        &mut self,
+        host: &str,
+        port: u16,
+        api: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<u32> {
+        let i = HOSTS
+            .iter()
+            .position(|h| *h == host)
+            .context("no such host")?;
         let mut cmd = self.command(host, crate::ferry_bin());
         cmd.arg("receive")
-            .args(["--listen", &format!("{}:{port}", MIGRATION_IPS[i]), "--tap", TAP, "--api"])
+            .args([
+                "--listen",
+                &format!("{}:{port}", MIGRATION_IPS[i]),
+                "--tap",
+                TAP,
+                "--api",
+            ])
             .arg(api)
             .args(extra);
         let pid = self.spawn(cmd, log)?;
@@ -394,10 +410,22 @@ impl Cluster {
 
     /// `ferry migrate --json` from the VM behind `api` to `host`:`port`;
     /// the JSON report, or the error line.
-    pub fn migrate(&self, api: &Path, host: &str, port: u16, extra: &[&str]) -> std::result::Result<String, String> {
+    pub fn migrate(
+        &self,
+        api: &Path,
+        host: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> std::result::Result<String, String> {
         let i = HOSTS.iter().position(|h| *h == host).expect("host");
         let out = Command::new(crate::ferry_bin())
-            .args(["migrate", "--json", "--to", &format!("{}:{port}", MIGRATION_IPS[i]), "--api"])
+            .args([
+                "migrate",
+                "--json",
+                "--to",
+                &format!("{}:{port}", MIGRATION_IPS[i]),
+                "--api",
+            ])
             .arg(api)
             .args(extra)
             .output()

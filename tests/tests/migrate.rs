@@ -26,12 +26,19 @@ fn setup(test: &str) -> Option<Setup> {
         eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
         return None;
     }
-    let prefix = format!("fm{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+    let prefix = format!(
+        "fm{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let dir = cluster::log_dir(test);
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let _ = std::fs::remove_file(e.path());
     }
-    Some(Setup { c: Cluster::up(&prefix).expect("building the cluster"), dir })
+    Some(Setup {
+        c: Cluster::up(&prefix).expect("building the cluster"),
+        dir,
+    })
 }
 
 impl Setup {
@@ -43,7 +50,15 @@ impl Setup {
         let api = self.api("vm0");
         let api_s = api.to_str().unwrap().to_string();
         self.c
-            .start_vm_with("hostA", &image(app), "64M", &["--api", &api_s], args, &self.dir.join("vm0.log"), "listening")
+            .start_vm_with(
+                "hostA",
+                &image(app),
+                "64M",
+                &["--api", &api_s],
+                args,
+                &self.dir.join("vm0.log"),
+                "listening",
+            )
             .unwrap_or_else(|e| panic!("starting {app}: {e:#}"));
         api
     }
@@ -54,16 +69,29 @@ impl Setup {
         let new_api = self.api(&format!("vm{n}"));
         let port = 7000 + n as u16;
         self.c
-            .start_receiver(host, port, &new_api, &[], &self.dir.join(format!("recv{n}.log")))
+            .start_receiver(
+                host,
+                port,
+                &new_api,
+                &[],
+                &self.dir.join(format!("recv{n}.log")),
+            )
             .expect("starting the receiver");
-        let report = self.c.migrate(api, host, port, &[]).unwrap_or_else(|e| panic!("migration {n} failed: {e}"));
+        let report = self
+            .c
+            .migrate(api, host, port, &[])
+            .unwrap_or_else(|e| panic!("migration {n} failed: {e}"));
         (new_api, report)
     }
 
     fn connect(&self, port: u16) -> TcpStream {
         self.c
             .in_ns("client", || {
-                let s = TcpStream::connect_timeout(&format!("{VIP}:{port}").parse().unwrap(), Duration::from_secs(10)).unwrap();
+                let s = TcpStream::connect_timeout(
+                    &format!("{VIP}:{port}").parse().unwrap(),
+                    Duration::from_secs(10),
+                )
+                .unwrap();
                 s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
                 s
             })
@@ -80,7 +108,9 @@ fn round_trip(s: &mut TcpStream, msg: &[u8]) {
 
 #[test]
 fn echo_ping_pongs_ten_times_with_an_open_connection() {
-    let Some(mut s) = setup("echo_ping_pongs_ten_times") else { return };
+    let Some(mut s) = setup("echo_ping_pongs_ten_times") else {
+        return;
+    };
     let mut api = s.start("echo", &[]);
     let before = s.c.client_tcp_counters().unwrap();
     let mut conn = s.connect(7);
@@ -97,18 +127,33 @@ fn echo_ping_pongs_ten_times_with_an_open_connection() {
     // Ten moves: the VM is back on hostA and answers new connections.
     let mut fresh = s.connect(7);
     round_trip(&mut fresh, b"fresh");
-    assert!(ferry_ctl(&["status", "--api"], &api).unwrap().contains("running"));
+    assert!(
+        ferry_ctl(&["status", "--api"], &api)
+            .unwrap()
+            .contains("running")
+    );
 }
 
 #[test]
 fn stream_is_verified_through_a_migration_with_upstream_traffic() {
-    let Some(mut s) = setup("stream_through_migration") else { return };
+    let Some(mut s) = setup("stream_through_migration") else {
+        return;
+    };
     let api = s.start("stream", &["rate=300K"]);
     let before = s.c.client_tcp_counters().unwrap();
-    let client = s
-        .c
-        .command("client", ferry_tests::root().join("target/release/stream-client"))
-        .args([&format!("{VIP}:5001"), "--seconds", "6", "--json", "--upstream", "20000"])
+    let client =
+        s.c.command(
+            "client",
+            ferry_tests::root().join("target/release/stream-client"),
+        )
+        .args([
+            &format!("{VIP}:5001"),
+            "--seconds",
+            "6",
+            "--json",
+            "--upstream",
+            "20000",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -116,8 +161,14 @@ fn stream_is_verified_through_a_migration_with_upstream_traffic() {
     let (_, report) = s.hop(&api, "hostB", 1);
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("\"error\":null"), "{text}");
-    assert!(json_u64(&text, "bytes_verified").unwrap() > 1_000_000, "{text}");
+    assert!(
+        out.status.success() && text.contains("\"error\":null"),
+        "{text}"
+    );
+    assert!(
+        json_u64(&text, "bytes_verified").unwrap() > 1_000_000,
+        "{text}"
+    );
     let d = s.c.client_tcp_counters().unwrap().since(&before);
     assert_eq!(d.estab_resets, 0, "{d:?}");
     eprintln!("migration report: {report}\nclient: {text}\ncounters: {d:?}");
@@ -125,41 +176,67 @@ fn stream_is_verified_through_a_migration_with_upstream_traffic() {
 
 #[test]
 fn kv_keeps_its_data_under_redis_benchmark() {
-    let Some(mut s) = setup("kv_under_redis_benchmark") else { return };
+    let Some(mut s) = setup("kv_under_redis_benchmark") else {
+        return;
+    };
     let api = s.start("kv", &[]);
-    let set = s.c.command("client", "redis-cli").args(["-h", VIP, "set", "survivor", "yes"]).output().unwrap();
+    let set =
+        s.c.command("client", "redis-cli")
+            .args(["-h", VIP, "set", "survivor", "yes"])
+            .output()
+            .unwrap();
     assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
-    let bench = s
-        .c
-        .command("client", "redis-benchmark")
-        .args(["-h", VIP, "-q", "-n", "400", "-c", "4", "-t", "set,get"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bench =
+        s.c.command("client", "redis-benchmark")
+            .args(["-h", VIP, "-q", "-n", "400", "-c", "4", "-t", "set,get"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let (_, report) = s.hop(&api, "hostB", 1);
     let out = bench.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("GET:"), "redis-benchmark: {text} {}", String::from_utf8_lossy(&out.stderr));
-    let get = s.c.command("client", "redis-cli").args(["-h", VIP, "get", "survivor"]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "yes", "{report}");
+    assert!(
+        out.status.success() && text.contains("GET:"),
+        "redis-benchmark: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let get =
+        s.c.command("client", "redis-cli")
+            .args(["-h", VIP, "get", "survivor"])
+            .output()
+            .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&get.stdout).trim(),
+        "yes",
+        "{report}"
+    );
 }
 
 #[test]
 fn http_download_completes_across_a_migration() {
-    let Some(mut s) = setup("http_download_across_migration") else { return };
+    let Some(mut s) = setup("http_download_across_migration") else {
+        return;
+    };
     let api = s.start("http", &[]);
     let body = s.dir.join("body.bin");
     let n = 3 << 20;
-    let curl = s
-        .c
-        .command("client", "curl")
-        .args(["-s", "-S", "--max-time", "120", "--limit-rate", "600K", "-o"])
-        .arg(&body)
-        .arg(format!("http://{VIP}/stream?bytes={n}"))
-        .spawn()
-        .unwrap();
+    let curl =
+        s.c.command("client", "curl")
+            .args([
+                "-s",
+                "-S",
+                "--max-time",
+                "120",
+                "--limit-rate",
+                "600K",
+                "-o",
+            ])
+            .arg(&body)
+            .arg(format!("http://{VIP}/stream?bytes={n}"))
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     s.hop(&api, "hostB", 1);
     let out = curl.wait_with_output().unwrap();
@@ -171,7 +248,8 @@ fn http_download_completes_across_a_migration() {
 
 /// After a failed migration, the source VM still serves on hostA.
 fn source_still_serves(s: &Setup, api: &Path, conn: &mut TcpStream, what: &str) {
-    let status = ferry_ctl(&["status", "--api"], api).unwrap_or_else(|e| panic!("{what}: the source VM is gone: {e}"));
+    let status = ferry_ctl(&["status", "--api"], api)
+        .unwrap_or_else(|e| panic!("{what}: the source VM is gone: {e}"));
     assert!(status.contains("\"state\":\"running\""), "{what}: {status}");
     round_trip(conn, format!("still here after {what};").as_bytes());
     let mut fresh = s.connect(7);
@@ -180,7 +258,9 @@ fn source_still_serves(s: &Setup, api: &Path, conn: &mut TcpStream, what: &str) 
 
 #[test]
 fn failed_migrations_leave_the_source_serving() {
-    let Some(mut s) = setup("failed_migrations_leave_the_source_serving") else { return };
+    let Some(mut s) = setup("failed_migrations_leave_the_source_serving") else {
+        return;
+    };
     let api = s.start("echo", &[]);
     let mut conn = s.connect(7);
     round_trip(&mut conn, b"before");
@@ -196,8 +276,17 @@ fn failed_migrations_leave_the_source_serving() {
 
     // Wrong key, and a key on one side only.
     let b1 = s.api("b1");
-    s.c.start_receiver("hostB", 7101, &b1, &["--key", key_b.to_str().unwrap()], &s.dir.join("r1.log")).unwrap();
-    let err = s.c.migrate(&api, "hostB", 7101, &["--key", key_a.to_str().unwrap()]).unwrap_err();
+    s.c.start_receiver(
+        "hostB",
+        7101,
+        &b1,
+        &["--key", key_b.to_str().unwrap()],
+        &s.dir.join("r1.log"),
+    )
+    .unwrap();
+    let err =
+        s.c.migrate(&api, "hostB", 7101, &["--key", key_a.to_str().unwrap()])
+            .unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");
     source_still_serves(&s, &api, &mut conn, "a wrong key");
     let err = s.c.migrate(&api, "hostB", 7101, &[]).unwrap_err();
@@ -207,7 +296,8 @@ fn failed_migrations_leave_the_source_serving() {
     // A destination that cannot set the VM up (no tap given).
     let b2 = s.api("b2");
     let mut cmd = s.c.command("hostB", ferry_tests::ferry_bin());
-    cmd.args(["receive", "--listen", "10.77.2.2:7102", "--api"]).arg(&b2);
+    cmd.args(["receive", "--listen", "10.77.2.2:7102", "--api"])
+        .arg(&b2);
     let log = s.dir.join("r2.log");
     let pid = s.c.spawn(cmd, &log).unwrap();
     cluster::wait_for_line(&log, "waiting for a VM", Duration::from_secs(10), pid).unwrap();
@@ -218,8 +308,17 @@ fn failed_migrations_leave_the_source_serving() {
     // A destination without memory for the VM (address space limit).
     let b3 = s.api("b3");
     let mut cmd = s.c.command("hostB", "prlimit");
-    cmd.args(["--as=60000000", "--"]).arg(ferry_tests::ferry_bin());
-    cmd.args(["receive", "--listen", "10.77.2.2:7103", "--tap", "tap0", "--api"]).arg(&b3);
+    cmd.args(["--as=60000000", "--"])
+        .arg(ferry_tests::ferry_bin());
+    cmd.args([
+        "receive",
+        "--listen",
+        "10.77.2.2:7103",
+        "--tap",
+        "tap0",
+        "--api",
+    ])
+    .arg(&b3);
     let log = s.dir.join("r3.log");
     let pid = s.c.spawn(cmd, &log).unwrap();
     cluster::wait_for_line(&log, "waiting for a VM", Duration::from_secs(10), pid).unwrap();
@@ -229,7 +328,11 @@ fn failed_migrations_leave_the_source_serving() {
 
     // A fake destination: another protocol version.
     let fake = |reply: &'static (dyn Fn(&mut TcpStream) + Sync)| {
-        let l = s.c.in_ns("hostB", || std::net::TcpListener::bind("10.77.2.2:7104").unwrap()).unwrap();
+        let l =
+            s.c.in_ns("hostB", || {
+                std::net::TcpListener::bind("10.77.2.2:7104").unwrap()
+            })
+            .unwrap();
         std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
             reply(&mut c);
@@ -253,11 +356,16 @@ fn failed_migrations_leave_the_source_serving() {
     // The destination dies in the middle: it accepts, authenticates with
     // the right (empty) key, then its process is killed while memory flows.
     let b5 = s.api("b5");
-    let pid = s.c.start_receiver("hostB", 7105, &b5, &[], &s.dir.join("r5.log")).unwrap();
+    let pid =
+        s.c.start_receiver("hostB", 7105, &b5, &[], &s.dir.join("r5.log"))
+            .unwrap();
     let killer = std::thread::spawn(move || {
         let log = cluster::log_dir("failed_migrations_leave_the_source_serving").join("r5.log");
         for _ in 0..500 {
-            if std::fs::read_to_string(&log).unwrap_or_default().contains("receiving a VM") {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("receiving a VM")
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));

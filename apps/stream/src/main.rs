@@ -5,7 +5,8 @@
 //!
 //! Arguments: `port=N` (default 5001), `rate=BYTES_PER_SECOND` (`120M`,
 //! `10K`, ...; default: full speed), `bytes=N` (stop after N bytes and
-//! close; default: never).
+//! close; default: never), `echo=PORT` (also echo TCP on PORT, so that a
+//! client can keep verified traffic flowing towards the service).
 #![no_std]
 #![no_main]
 
@@ -55,12 +56,36 @@ fn main(env: &Env) -> i32 {
             return 2;
         }
     };
+    let echo_port = match env.arg("echo").map(str::parse::<u16>) {
+        None => None,
+        Some(Ok(p)) if p != 0 && p != port => Some(p),
+        Some(_) => {
+            println!("stream: echo wants a port other than the stream's");
+            return 2;
+        }
+    };
     net::run(env, async move {
         let sizes = BufferSizes {
             rx: 64 * 1024,
             tx: 256 * 1024,
             backlog: 2,
         };
+        if let Some(p) = echo_port {
+            let mut echo = TcpListener::bind(
+                p,
+                BufferSizes {
+                    rx: 32 * 1024,
+                    tx: 32 * 1024,
+                    backlog: 2,
+                },
+            )?;
+            net::spawn(async move {
+                loop {
+                    let conn = echo.accept().await;
+                    net::spawn(echo_serve(conn));
+                }
+            });
+        }
         let mut listener = TcpListener::bind(port, sizes)?;
         println!(
             "stream: listening on port {port}, rate {}, {}",
@@ -121,6 +146,15 @@ async fn serve(mut conn: TcpStream, rate: Option<u64>, limit: Option<u64>) {
     while let Ok(n) = conn.read(&mut sink).await {
         if n == 0 {
             break;
+        }
+    }
+}
+
+async fn echo_serve(mut conn: TcpStream) {
+    let mut buf = [0u8; 2048];
+    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+        if conn.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }

@@ -25,6 +25,13 @@ enum Cmd {
     Down,
     /// Say whether the cluster is up and what runs in it.
     Status,
+    /// Live-migrate the VM that `run` started to the other host (and back
+    /// when run again); the destination keeps running it in the background.
+    Migrate {
+        /// Downtime budget in milliseconds.
+        #[arg(long, default_value_t = 5)]
+        downtime_ms: u64,
+    },
     /// Run an app image as the service on a host, in the foreground
     /// (Ctrl-C stops it); brings the cluster up first if needed.
     Run {
@@ -89,6 +96,74 @@ fn down() -> Result<()> {
     Ok(())
 }
 
+/// The control socket of the VM on `host` (`run` and `migrate` use it).
+fn api_path(host: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/ferry").join(format!("{host}.sock"))
+}
+
+/// Moves the cluster's VM to the other host.
+fn migrate(downtime_ms: u64) -> Result<()> {
+    let alive = |h: &str| {
+        let p = api_path(h);
+        p.exists() && ferry_tests::cluster::ferry_ctl(&["status", "--api"], &p).is_ok()
+    };
+    let (from, to, to_ip) = if alive("hostA") {
+        ("hostA", "hostB", cluster::MIGRATION_IPS[1])
+    } else if alive("hostB") {
+        ("hostB", "hostA", cluster::MIGRATION_IPS[0])
+    } else {
+        bail!("no VM runs in the cluster: start one with `just run-app APP`");
+    };
+    let to_api = api_path(to);
+    let _ = std::fs::remove_file(&to_api);
+    let log = ferry_tests::root().join(format!("target/cluster/{to}.log"));
+    std::fs::create_dir_all(log.parent().expect("dir"))?;
+    let out = std::fs::File::create(&log)?;
+    let mut receiver = std::process::Command::new("ip")
+        .args(["netns", "exec", &format!("{PREFIX}-{to}")])
+        .arg(ferry_tests::ferry_bin())
+        .args([
+            "receive",
+            "--listen",
+            &format!("{to_ip}:7000"),
+            "--tap",
+            TAP,
+            "--api",
+        ])
+        .arg(&to_api)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .context("starting ferry receive")?;
+    cluster::wait_for_line(
+        &log,
+        "waiting for a VM",
+        std::time::Duration::from_secs(10),
+        receiver.id(),
+    )?;
+    println!(
+        "live-migrate: {from} -> {to} (the VM's console continues in {})",
+        log.display()
+    );
+    let st = std::process::Command::new(ferry_tests::ferry_bin())
+        .args([
+            "migrate",
+            "--to",
+            &format!("{to_ip}:7000"),
+            "--downtime-ms",
+            &downtime_ms.to_string(),
+            "--api",
+        ])
+        .arg(api_path(from))
+        .status()?;
+    if !st.success() {
+        let _ = receiver.kill();
+        bail!("the migration failed; the VM runs on {from}");
+    }
+    Ok(())
+}
+
 fn hint(app: &str) -> String {
     match app {
         "kv" => format!("ip netns exec ferry-client redis-cli -h {VIP} -p 6379"),
@@ -108,6 +183,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Cmd::Up => up(),
         Cmd::Down => down(),
+        Cmd::Migrate { downtime_ms } => migrate(downtime_ms),
         Cmd::Status => {
             if Cluster::exists(PREFIX) {
                 println!("cluster: up, service IP {VIP}");
@@ -148,11 +224,15 @@ fn main() -> ExitCode {
             );
             println!("run-app:   {}", hint(app));
             println!("run-app: Ctrl-C stops it.");
+            let api = api_path(&host);
+            let _ = std::fs::create_dir_all(api.parent().expect("dir"));
             let err = std::process::Command::new("ip")
                 .args(["netns", "exec", &ns])
                 .arg(ferry_tests::ferry_bin())
                 .arg("run")
                 .arg(&image)
+                .arg("--api")
+                .arg(&api)
                 .args([
                     "--memory",
                     &memory,

@@ -28,15 +28,101 @@ struct Args {
     /// Also send this many bytes per second upstream (0 = none).
     #[arg(long, default_value_t = 0)]
     upstream: u64,
-    /// Report arrival gaps longer than this many milliseconds individually.
+    /// Report arrival gaps longer than this many milliseconds individually
+    /// (the 100 largest).
     #[arg(long, default_value_t = 50.0)]
     gap_ms: f64,
     /// Give up if nothing arrives for this many seconds.
     #[arg(long, default_value_t = 30.0)]
     idle_timeout: f64,
+    /// Also keep an echo conversation with this address (the stream app's
+    /// `echo=PORT`): verifiable bytes go up at --echo-rate and every byte
+    /// that comes back is checked.
+    #[arg(long)]
+    echo: Option<SocketAddr>,
+    /// Bytes per second sent to --echo.
+    #[arg(long, default_value_t = 20_000)]
+    echo_rate: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The echo conversation: (bytes sent, bytes verified, error).
+fn echo_run(
+    addr: SocketAddr,
+    rate: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (u64, u64, Option<String>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let conn = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => return (0, 0, Some(format!("echo: cannot connect to {addr}: {e}"))),
+    };
+    conn.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let mut w = conn.try_clone().expect("clone");
+    let stop_w = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut sent = 0u64;
+        let mut chunk = vec![0u8; 512];
+        while !stop_w.load(Relaxed) {
+            let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+            if sent < due {
+                ferry_abi::stream::fill(&mut chunk, sent);
+                if w.write_all(&chunk).is_err() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+            } else {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        sent
+    });
+    let mut r = conn;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    let mut error = None;
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        if stop.load(Relaxed) && drain_deadline.is_none() {
+            drain_deadline = Some(Instant::now() + Duration::from_secs(5));
+        }
+        match r.read(&mut buf) {
+            Ok(0) => {
+                error = Some(format!("echo: the service closed after {got} bytes"));
+                break;
+            }
+            Ok(n) => {
+                if let Err(i) = ferry_abi::stream::check(&buf[..n], got) {
+                    error = Some(format!("echo: byte {} came back wrong", got + i as u64));
+                    break;
+                }
+                got += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                error = Some(format!("echo: read after {got} bytes: {e}"));
+                break;
+            }
+        }
+        if let Some(d) = drain_deadline {
+            if writer.is_finished() && Instant::now() > d {
+                break;
+            }
+        }
+    }
+    let sent = writer.join().unwrap_or(0);
+    if error.is_none() && got < sent {
+        error = Some(format!("echo: {sent} bytes sent, {got} came back"));
+    }
+    let _ = r.shutdown(std::net::Shutdown::Both);
+    (sent, got, error)
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +159,11 @@ fn main() -> std::process::ExitCode {
             }
             sent
         })
+    });
+    let echo = a.echo.map(|addr| {
+        let stop = stop.clone();
+        let rate = a.echo_rate;
+        std::thread::spawn(move || echo_run(addr, rate, stop))
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut verified = 0u64;
@@ -120,11 +211,21 @@ fn main() -> std::process::ExitCode {
         }
         verified += n as u64;
     }
+    // Keep the 100 largest gaps, in time order.
+    gaps.sort_by(|a, b| b.1.total_cmp(&a.1));
+    gaps.truncate(100);
+    gaps.sort_by(|a, b| a.0.total_cmp(&b.0));
     let secs = start.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     drop(conn);
     let up = upstream.map(|h| h.join().unwrap_or(0)).unwrap_or(0);
+    let (echo_sent, echo_verified, echo_error) = echo
+        .map(|h| h.join().unwrap_or((0, 0, Some("echo thread died".into()))))
+        .unwrap_or((0, 0, None));
+    if error.is_none() {
+        error = echo_error;
+    }
     let rate = verified as f64 / secs.max(1e-9);
     if a.json {
         let gaps_json: Vec<String> = gaps
@@ -132,7 +233,7 @@ fn main() -> std::process::ExitCode {
             .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
             .collect();
         println!(
-            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"error\":{}}}",
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
             error
@@ -141,7 +242,7 @@ fn main() -> std::process::ExitCode {
         );
     } else {
         println!(
-            "stream-client: {verified} bytes verified in {secs:.2} s ({:.2} MB/s), largest gap between arrivals {:.2} ms, {up} bytes sent upstream",
+            "stream-client: {verified} bytes verified in {secs:.2} s ({:.2} MB/s), largest gap between arrivals {:.2} ms, {up} bytes sent upstream, echo {echo_verified} of {echo_sent} bytes verified",
             rate / 1e6,
             max_gap.as_secs_f64() * 1e3
         );
