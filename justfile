@@ -109,6 +109,13 @@ bench-net SECONDS="8" REQUESTS="1000": setup build
     for i in stream kv; do images/build $i >/dev/null; done
     target/release/bench-net --seconds {{SECONDS}} --requests {{REQUESTS}}
 
+# Migration delay and throughput vs image size, load and capture (TCPmig Fig. 5/6); JSON, table and plots.
+bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
+    images/build stream >/dev/null
+    target/release/bench-migrate --sizes {{SIZES}} --runs {{RUNS}}
+    python3 -m venv target/venv >/dev/null && target/venv/bin/pip install -q matplotlib
+    target/venv/bin/python tests/plot_migrate.py target/bench/migrate.json
+
 # Live-migrate the VM that `just run-app` started to the other host (and back when run again).
 live-migrate DOWNTIME_MS="5": build
     target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}

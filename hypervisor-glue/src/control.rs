@@ -97,6 +97,10 @@ pub struct Control {
     cv: Condvar,
     pending: AtomicBool,
     context: Mutex<Option<crate::migration::source::Context>>,
+    /// The VM has ended: nothing serves the queue any more.
+    closed: AtomicBool,
+    /// Connections being answered.
+    inflight: std::sync::atomic::AtomicUsize,
 }
 
 impl Control {
@@ -122,7 +126,20 @@ impl Control {
         r
     }
 
+    /// Marks the VM ended and waits (a little) for answers being written.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.queue.lock().expect("control queue").clear();
+        let t = std::time::Instant::now();
+        while self.inflight.load(Ordering::Acquire) > 0 && t.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn push<T>(&self, job: Job, rx: mpsc::Receiver<T>) -> Option<T> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
         self.queue.lock().expect("control queue").push_back(job);
         self.pending.store(true, Ordering::Release);
         self.cv.notify_all();
@@ -130,6 +147,9 @@ impl Control {
             crate::stop::kick_vcpu();
             match rx.recv_timeout(Duration::from_millis(5)) {
                 Ok(v) => return Some(v),
+                Err(mpsc::RecvTimeoutError::Timeout) if self.closed.load(Ordering::Acquire) => {
+                    return None;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
@@ -190,6 +210,12 @@ pub fn error(msg: impl std::fmt::Display) -> Value {
 }
 
 fn handle(conn: UnixStream, control: &Control) {
+    control.inflight.fetch_add(1, Ordering::AcqRel);
+    answer(conn, control);
+    control.inflight.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn answer(conn: UnixStream, control: &Control) {
     let mut line = String::new();
     let mut reader = BufReader::new((&conn).take_limited());
     let mut moved = false;

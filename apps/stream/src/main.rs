@@ -6,7 +6,9 @@
 //! Arguments: `port=N` (default 5001), `rate=BYTES_PER_SECOND` (`120M`,
 //! `10K`, ...; default: full speed), `bytes=N` (stop after N bytes and
 //! close; default: never), `echo=PORT` (also echo TCP on PORT, so that a
-//! client can keep verified traffic flowing towards the service).
+//! client can keep verified traffic flowing towards the service),
+//! `ballast=SIZE` (hold SIZE bytes of touched memory, like a process image
+//! of that size: what a migration has to move).
 #![no_std]
 #![no_main]
 
@@ -64,7 +66,26 @@ fn main(env: &Env) -> i32 {
             return 2;
         }
     };
+    let ballast = match env.arg("ballast").map(parse_amount) {
+        None => alloc::vec::Vec::new(),
+        Some(Some(n)) => {
+            // One word per page makes every page non-zero: migrations must
+            // move all of it. (Touching every byte would take minutes on an
+            // emulated guest.)
+            let mut v = alloc::vec![0u8; n as usize];
+            for (i, page) in v.chunks_mut(4096).enumerate() {
+                page[0] = (i as u8) | 1;
+            }
+            println!("stream: ballast of {n} bytes");
+            v
+        }
+        Some(None) => {
+            println!("stream: ballast wants a size, like 256M");
+            return 2;
+        }
+    };
     net::run(env, async move {
+        let _ballast = &ballast;
         let sizes = BufferSizes {
             rx: 64 * 1024,
             tx: 256 * 1024,

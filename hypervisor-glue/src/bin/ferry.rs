@@ -142,6 +142,10 @@ enum Command {
         /// Answer control requests on this Unix socket once the VM runs.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// Do not capture frames while the VM moves (for measurements of
+        /// what capture saves).
+        #[arg(long)]
+        no_capture: bool,
     },
     /// Stop a VM (its process exits; nothing is saved).
     Stop {
@@ -229,6 +233,7 @@ fn drive(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot serve the control socket {}", api.display()))?;
     }
     let r = vm.run(api.as_ref().map(|_| &*control));
+    control.close();
     if let Some(api) = &api {
         let _ = std::fs::remove_file(api);
     }
@@ -317,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             tap,
             key,
             api,
+            no_capture,
         } => {
             ferry::stop::install().context("cannot install signal handling")?;
             let key = match key {
@@ -330,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 &listener,
                 tap.as_deref(),
                 &key,
+                !no_capture,
                 || Console::new(Box::new(std::io::stdout())),
                 &|m| eprintln!("ferry: receive: {m}"),
             )

@@ -40,6 +40,7 @@ pub fn receive(
     listener: &TcpListener,
     tap: Option<&str>,
     key: &Key,
+    capture: bool,
     console: impl Fn() -> Console,
     status: &dyn Fn(&str),
 ) -> Result<Arrived, Error> {
@@ -54,7 +55,7 @@ pub fn receive(
                 continue;
             }
         }
-        return take_vm(conn, tap, console(), status);
+        return take_vm(conn, tap, capture, console(), status);
     }
 }
 
@@ -88,6 +89,7 @@ fn authenticate(conn: &TcpStream, key: &Key) -> Result<(), Error> {
 fn take_vm(
     conn: TcpStream,
     tap: Option<&str>,
+    capture: bool,
     console: Console,
     status: &dyn Fn(&str),
 ) -> Result<Arrived, Error> {
@@ -142,7 +144,9 @@ fn take_vm(
                 pages += 1;
             }
             Msg::StartCapture => {
-                incoming.start_capture();
+                if capture {
+                    incoming.start_capture();
+                }
                 send(&mut w, Msg::CaptureOn, b"")?;
                 w.flush()?;
             }

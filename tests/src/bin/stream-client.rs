@@ -40,6 +40,10 @@ struct Args {
     /// that comes back is checked.
     #[arg(long)]
     echo: Option<SocketAddr>,
+    /// Also report bytes received per window of this many milliseconds
+    /// (throughput over time); 0 = no.
+    #[arg(long, default_value_t = 0)]
+    windows_ms: u64,
     /// Bytes per second sent to --echo.
     #[arg(long, default_value_t = 20_000)]
     echo_rate: u64,
@@ -111,10 +115,11 @@ fn echo_run(
                 break;
             }
         }
-        if let Some(d) = drain_deadline {
-            if writer.is_finished() && Instant::now() > d {
-                break;
-            }
+        if let Some(d) = drain_deadline
+            && writer.is_finished()
+            && Instant::now() > d
+        {
+            break;
         }
     }
     let sent = writer.join().unwrap_or(0);
@@ -166,6 +171,7 @@ fn main() -> std::process::ExitCode {
         std::thread::spawn(move || echo_run(addr, rate, stop))
     });
     let mut buf = vec![0u8; 256 * 1024];
+    let mut windows: Vec<u64> = Vec::new();
     let mut verified = 0u64;
     let mut last = Instant::now();
     let mut max_gap = Duration::ZERO;
@@ -202,6 +208,13 @@ fn main() -> std::process::ExitCode {
             }
         }
         last = now;
+        if a.windows_ms > 0 {
+            let w = (now - start).as_millis() as u64 / a.windows_ms;
+            if windows.len() <= w as usize {
+                windows.resize(w as usize + 1, 0);
+            }
+            windows[w as usize] += n as u64;
+        }
         if let Err(i) = ferry_abi::stream::check(&buf[..n], verified) {
             error = Some(format!(
                 "byte {} of the stream is wrong",
@@ -233,7 +246,7 @@ fn main() -> std::process::ExitCode {
             .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
             .collect();
         println!(
-            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"error\":{}}}",
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
             error

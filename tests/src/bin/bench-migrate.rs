@@ -1,0 +1,221 @@
+//! `bench-migrate`: the TCPmig paper's Fig. 5 and Fig. 6, extended. For
+//! each image size (stream's `ballast`, every page touched) and load (the
+//! paper's 120 MB/s, and full speed), with capture on and off: stream to a
+//! verifying client, live-migrate hostA -> hostB in the middle, and record
+//! the largest gap between arrivals around the migration (the paper's
+//! migration delay), the VMM-measured downtime, the client's throughput in
+//! 100 ms windows, and its TCP counters. Repeats each point and reports
+//! medians. Writes `target/bench/migrate.json` and `docs/bench-migrate.md`.
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ferry_tests::cluster::{self, Cluster, VIP};
+use ferry_tests::{image, root};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(about = "Migration delay and client throughput against image size, load and capture")]
+struct Args {
+    /// Image sizes in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "4,10,20,50,256,1024")]
+    sizes: Vec<u64>,
+    /// Runs per point (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds of streaming per run (the migration is in the middle).
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn one_run(
+    c: &mut Cluster,
+    size: u64,
+    rate: &str,
+    capture: bool,
+    seconds: f64,
+    n: u32,
+) -> Result<Value> {
+    let dir = cluster::log_dir("bench-migrate");
+    let api_a = dir.join(format!("a{n}.sock"));
+    let api_b = dir.join(format!("b{n}.sock"));
+    let _ = std::fs::remove_file(&api_a);
+    let _ = std::fs::remove_file(&api_b);
+    let memory = format!("{}M", size + 64);
+    let ballast = format!("ballast={size}M");
+    let rate_arg = format!("rate={rate}");
+    let mut args = vec![ballast.as_str()];
+    if rate != "full" {
+        args.push(&rate_arg);
+    }
+    let a = c.start_vm_with(
+        "hostA",
+        &image("stream"),
+        &memory,
+        &["--api", api_a.to_str().expect("utf-8")],
+        &args,
+        &dir.join(format!("a{n}.log")),
+        "listening",
+    )?;
+    let port = 7000 + (n % 1000) as u16;
+    let extra: Vec<&str> = if capture {
+        vec![]
+    } else {
+        vec!["--no-capture"]
+    };
+    let b = c.start_receiver(
+        "hostB",
+        port,
+        &api_b,
+        &extra,
+        &dir.join(format!("b{n}.log")),
+    )?;
+    let before = c.client_tcp_counters()?;
+    let client = c
+        .command("client", root().join("target/release/stream-client"))
+        .args([
+            &format!("{VIP}:5001"),
+            "--seconds",
+            &seconds.to_string(),
+            "--json",
+            "--gap-ms",
+            "2",
+            "--windows-ms",
+            "100",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds / 2.0));
+    let at = t0.elapsed().as_secs_f64();
+    let report = c
+        .migrate(&api_a, "hostB", port, &[])
+        .map_err(anyhow::Error::msg)?;
+    let out = client.wait_with_output()?;
+    let d = c.client_tcp_counters()?.since(&before);
+    c.stop(a, Duration::from_secs(2));
+    c.stop(b, Duration::from_secs(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
+    let rv: Value = serde_json::from_str(&report)?;
+    let end = at + rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
+    let gap = cv["gaps"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter(|x| (at - 0.2..=end).contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
+                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
+                .fold(0.0f64, f64::max)
+        })
+        .unwrap_or(0.0);
+    // Throughput: 100 ms windows; steady state is the median window.
+    let windows: Vec<f64> = cv["windows"]
+        .as_array()
+        .map(|w| w.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let mut steady = windows.clone();
+    let steady = median(&mut steady);
+    let worst_window = windows
+        .iter()
+        .skip(1)
+        .take(windows.len().saturating_sub(2))
+        .cloned()
+        .fold(f64::INFINITY, f64::min);
+    Ok(json!({
+        "size_mib": size, "rate": rate, "capture": capture,
+        "migration_gap_ms": gap,
+        "max_gap_ms": cv["max_gap_ms"],
+        "downtime_ms": rv["downtime_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
+        "captured": rv["destination"]["net"]["captured"],
+        "client_bytes_per_second": cv["bytes_per_second"],
+        "steady_window_bytes": steady, "worst_window_bytes": worst_window,
+        "windows": windows, "migration_at_s": at,
+        "retransmits": d.retrans_segs, "dup_segments": d.dup_segs_received, "resets": d.estab_resets,
+        "error": cv["error"],
+    }))
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    let mut c = Cluster::up("fmbench").context("building the cluster (root needed)")?;
+    let mut results = Vec::new();
+    let mut n = 0u32;
+    for &size in &a.sizes {
+        for rate in ["120M", "full"] {
+            for capture in [true, false] {
+                let mut runs = Vec::new();
+                for _ in 0..a.runs {
+                    n += 1;
+                    match one_run(&mut c, size, rate, capture, a.seconds, n) {
+                        Ok(r) => runs.push(r),
+                        Err(e) => {
+                            eprintln!("bench-migrate: {size} MiB {rate} capture={capture}: {e:#}")
+                        }
+                    }
+                }
+                let med = |k: &str| {
+                    median(
+                        &mut runs
+                            .iter()
+                            .filter_map(|r| r[k].as_f64())
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                let row = json!({
+                    "size_mib": size, "rate": rate, "capture": capture, "runs": runs.len(),
+                    "migration_gap_ms_median": med("migration_gap_ms"),
+                    "migration_gap_ms_max": runs.iter().filter_map(|r| r["migration_gap_ms"].as_f64()).fold(0.0f64, f64::max),
+                    "downtime_ms_median": med("downtime_ms"),
+                    "total_ms_median": med("total_ms"),
+                    "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
+                    "client_bytes_per_second_median": med("client_bytes_per_second"),
+                    "worst_window_vs_steady": med("worst_window_bytes") / med("steady_window_bytes"),
+                    "detail": runs,
+                });
+                eprintln!(
+                    "bench-migrate: {size:>5} MiB {rate:>4} capture={capture:<5} gap {:.1} ms, downtime {:.2} ms, total {:.0} ms",
+                    row["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+                    row["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
+                    row["total_ms_median"].as_f64().unwrap_or(f64::NAN)
+                );
+                results.push(row);
+            }
+        }
+    }
+    let dir = root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("migrate.json"),
+        serde_json::to_string_pretty(&results)? + "\n",
+    )?;
+    let mut md = String::from(
+        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at ~1 MB/s whatever the rate asked). Image size = touched guest memory (`stream ballast=SIZE`). Medians of the runs; gap = largest gap between arrivals at the client around the migration (the paper's migration delay); downtime = VMM-measured, source pause to destination running.\n\n| image | load | capture | client gap (median / max) | VMM downtime | total | retransmits | worst 100 ms window / steady |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &results {
+        md.push_str(&format!(
+            "| {} MiB | {} | {} | {:.1} / {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} |\n",
+            r["size_mib"],
+            r["rate"].as_str().unwrap_or(""),
+            if r["capture"] == true { "on" } else { "off" },
+            r["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+            r["migration_gap_ms_max"].as_f64().unwrap_or(f64::NAN),
+            r["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
+            r["total_ms_median"].as_f64().unwrap_or(f64::NAN),
+            r["retransmits"],
+            r["worst_window_vs_steady"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    md.push_str("\nPlots: `docs/bench-migrate-delay.png` (gap and downtime against size), `docs/bench-migrate-throughput.png` (client throughput over time around the migration, largest size).\n");
+    std::fs::write(root().join("docs/bench-migrate.md"), &md)?;
+    print!("{md}");
+    drop(c);
+    Ok(())
+}
