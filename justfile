@@ -125,7 +125,23 @@ demo: setup build
     for i in stream; do images/build $i >/dev/null; done
     target/release/ferry-demo
 
+# Fuzz the snapshot decoder and the migration stream for SECONDS each (cargo-fuzz, nightly).
+fuzz SECONDS="20":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+      echo "fuzz: installing cargo-fuzz (once)"
+      cargo install cargo-fuzz --locked --version 0.13.2 --quiet
+    fi
+    cd hypervisor-glue
+    for t in snapshot_decode migration_stream; do
+      echo "fuzz: $t for {{SECONDS}} s"
+      cargo +nightly fuzz run $t -- -max_total_time={{SECONDS}} -rss_limit_mb=2048 2>&1 | grep -E "^(Done|#[0-9]+ +DONE)|ERROR|panicked|SUMMARY" || true
+      if ls fuzz/artifacts/$t/crash-* >/dev/null 2>&1; then echo "fuzz: $t found a crash:"; ls fuzz/artifacts/$t; exit 1; fi
+    done
+
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU.
 test: setup build
     for i in hello misbehave echo kv http stream; do images/build $i >/dev/null; done
     cargo test -- --test-threads 2
+    just fuzz 20

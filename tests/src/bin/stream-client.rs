@@ -208,8 +208,7 @@ fn main() -> std::process::ExitCode {
             }
         }
         last = now;
-        if a.windows_ms > 0 {
-            let w = (now - start).as_millis() as u64 / a.windows_ms;
+        if let Some(w) = ((now - start).as_millis() as u64).checked_div(a.windows_ms) {
             if windows.len() <= w as usize {
                 windows.resize(w as usize + 1, 0);
             }
