@@ -109,6 +109,11 @@ bench-net SECONDS="8" REQUESTS="1000": setup build
     for i in stream kv; do images/build $i >/dev/null; done
     target/release/bench-net --seconds {{SECONDS}} --requests {{REQUESTS}}
 
+# Snapshot time, file size and restore-to-running time against guest memory size.
+bench-snapshot SIZES="64,256,1024" RUNS="3": setup build
+    images/build hello >/dev/null
+    target/release/bench-snapshot --sizes {{SIZES}} --runs {{RUNS}}
+
 # Migration delay and throughput vs image size, load and capture (TCPmig Fig. 5/6); JSON, table and plots.
 bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
     images/build stream >/dev/null

@@ -611,6 +611,7 @@ impl Vm {
             c.set_context(self.migration_context());
         }
         self.resume()?;
+        Trace::new().mark("running");
         if let Some(f) = self.on_running.take() {
             f(self);
         }
@@ -659,14 +660,23 @@ impl Vm {
 }
 
 /// Phase timings on stderr when `FERRY_TRACE=1` (for boot-time work).
+/// Times are from [`trace_start`] (the process's start, when the CLI calls
+/// it first), so phases of different functions line up.
 struct Trace(Option<std::time::Instant>);
+
+static TRACE_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Fixes the origin of `FERRY_TRACE` times (call first thing in `main`).
+pub fn trace_start() {
+    TRACE_START.get_or_init(std::time::Instant::now);
+}
 
 impl Trace {
     fn new() -> Self {
         Trace(
             std::env::var_os("FERRY_TRACE")
                 .is_some_and(|v| v == "1")
-                .then(std::time::Instant::now),
+                .then(|| *TRACE_START.get_or_init(std::time::Instant::now)),
         )
     }
     fn mark(&self, phase: &str) {

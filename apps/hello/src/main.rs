@@ -3,9 +3,12 @@
 //!
 //! Arguments: `exit=N` (status, default 0), `sleep-ms=N` (sleep before exit),
 //! `spin=N` (time N rounds of integer arithmetic, a CPU-speed probe),
+//! `ballast-mib=N` (hold N MiB with every page touched),
 //! any other words are echoed.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
 
 use core::time::Duration;
 
@@ -22,6 +25,19 @@ fn main(env: &Env) -> i32 {
         t.as_micros(),
         time::tsc_khz()
     );
+    // ballast-mib=N: hold N MiB of memory with every page touched (for
+    // snapshot benchmarks).
+    let ballast_mib = env
+        .arg("ballast-mib")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut ballast = alloc::vec![0u8; ballast_mib << 20];
+    for (i, page) in ballast.chunks_mut(4096).enumerate() {
+        page[0] = (i as u8) | 1;
+    }
+    if ballast_mib > 0 {
+        println!("hello: ballast of {ballast_mib} MiB");
+    }
     if let Some(ms) = env.arg("sleep-ms") {
         let Ok(ms) = ms.parse::<u64>() else {
             println!("hello: sleep-ms wants a whole number of milliseconds, got {ms:?}");
@@ -48,6 +64,7 @@ fn main(env: &Env) -> i32 {
             time::now().duration_since(start).as_micros()
         );
     }
+    core::hint::black_box(&ballast);
     match env.arg("exit").map(str::parse::<i32>) {
         None => 0,
         Some(Ok(code)) => code,

@@ -188,12 +188,14 @@ async fn send_stream(conn: &mut TcpStream, n: u64) -> Result<(), NetError> {
         let left = n - sent;
         let wrote = conn
             .write_with(1, |space| {
-                let k = (space.len() as u64).min(left) as usize;
+                // A bounded chunk per turn keeps the vCPU transmitting.
+                let k = (space.len() as u64).min(left).min(16 * 1024) as usize;
                 stream::fill(&mut space[..k], sent);
                 k
             })
             .await?;
         sent += wrote as u64;
+        net::yield_now().await;
     }
     Ok(())
 }

@@ -22,6 +22,9 @@ use ferry_runtime::{Env, println};
 
 ferry_runtime::main!(main);
 
+/// Most bytes written into the send buffer per event-loop turn.
+const CHUNK: u64 = 16 * 1024;
+
 /// Parses `120M`, `64K`, `1G` or a plain number.
 fn parse_amount(s: &str) -> Option<u64> {
     let (num, mult) = match s.as_bytes().last()? {
@@ -150,9 +153,11 @@ async fn serve(mut conn: TcpStream, rate: Option<u64>, limit: Option<u64>) {
         if allowed == 0 {
             break;
         }
+        // At most CHUNK per turn: filling the whole send buffer at once
+        // would keep the (emulated) vCPU from transmitting for tens of ms.
         let wrote = conn
             .write_with(1, |space| {
-                let k = (space.len() as u64).min(allowed) as usize;
+                let k = (space.len() as u64).min(allowed).min(CHUNK) as usize;
                 stream::fill(&mut space[..k], sent);
                 k
             })
@@ -161,6 +166,8 @@ async fn serve(mut conn: TcpStream, rate: Option<u64>, limit: Option<u64>) {
             Ok(n) => sent += n as u64,
             Err(_) => return,
         }
+        // Let the stack transmit before the next chunk.
+        net::yield_now().await;
     }
     conn.shutdown();
     // Wait for the client to close so the last bytes are delivered.

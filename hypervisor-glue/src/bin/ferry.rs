@@ -205,6 +205,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    ferry::vm::trace_start();
     let cli = Cli::parse();
     match run(cli) {
         Ok(status) => ExitCode::from(status as u8),
