@@ -376,9 +376,11 @@ impl Vm {
         let mut incoming = Incoming::new(&st.config, mem, tap)?;
         incoming.start_capture();
         trace.mark("VM, vCPU, card (capturing)");
-        // SAFETY: nothing runs in this VM yet and the card is paused.
-        snap.verify_memory(&unsafe { memory::region_slices(&incoming.mem) })?;
-        trace.mark("verify memory");
+        if verify_memory {
+            // SAFETY: nothing runs in this VM yet and the card is paused.
+            snap.verify_memory(&unsafe { memory::region_slices(&incoming.mem) })?;
+            trace.mark("verify memory");
+        }
         let vm = incoming.finish(st, console)?;
         trace.mark("state loaded");
         Ok(vm)

@@ -68,6 +68,11 @@ enum Command {
         /// Answer control requests on this Unix socket.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// Do not check the memory image's digest (the header and the VM
+        /// state are always checked): restore time then does not grow with
+        /// memory size. For files you trust, e.g. written here a moment ago.
+        #[arg(long)]
+        no_verify_memory: bool,
     },
     /// Show a running VM's state (running or paused, guest time, network counters).
     Status {
@@ -352,7 +357,12 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }));
             drive(vm, api)
         }
-        Command::Restore { file, tap, api } => {
+        Command::Restore {
+            file,
+            tap,
+            api,
+            no_verify_memory,
+        } => {
             ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));
             let vm =
