@@ -361,10 +361,15 @@ impl Vm {
     /// card. The card captures frames for the VM from the moment its tap is
     /// open and delivers them when the VM runs. The VM is left paused:
     /// [`Vm::run`] runs it.
+    ///
+    /// With `verify_memory` false the memory image's digest is not checked
+    /// (header and state always are): restore then costs the same at any
+    /// memory size, since memory is mapped, not read.
     pub fn restore(
         path: &std::path::Path,
         tap: Option<&str>,
         console: Console,
+        verify_memory: bool,
     ) -> Result<Vm, Error> {
         let trace = Trace::new();
         let snap = Snapshot::open(path)?;
