@@ -365,8 +365,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));
-            let vm =
-                Vm::restore(&file, tap.as_deref(), console).context("cannot restore the VM")?;
+            let vm = Vm::restore(&file, tap.as_deref(), console, !no_verify_memory)
+                .context("cannot restore the VM")?;
             drive(vm, api)
         }
         Command::Run {
