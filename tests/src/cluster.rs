@@ -339,7 +339,9 @@ impl Cluster {
             .arg("--")
             .args(app_args);
         let pid = self.spawn(cmd, log)?;
-        wait_for_line(log, ready, Duration::from_secs(30), pid)?;
+        // Long: a guest with a large ballast touches it first (minutes at
+        // 1 GB on an emulated vCPU); a VM that dies fails this at once.
+        wait_for_line(log, ready, Duration::from_secs(600), pid)?;
         Ok(pid)
     }
 

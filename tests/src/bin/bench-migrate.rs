@@ -26,6 +26,12 @@ struct Args {
     /// Seconds of streaming per run (the migration is in the middle).
     #[arg(long, default_value_t = 6.0)]
     seconds: f64,
+    /// Also measure QEMU's own live migration of the same image.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    qemu: bool,
+    /// Measure only QEMU (keeps an earlier target/bench/migrate.json).
+    #[arg(long)]
+    only_qemu: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -156,12 +162,134 @@ fn one_run(
     }))
 }
 
+/// A QMP connection to QEMU (commands in, `return` values out).
+struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(sock: &std::path::Path) -> Result<Qmp> {
+        let t = Instant::now();
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => anyhow::bail!("QMP {}: {e}", sock.display()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Qmp { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        let mut greeting = String::new();
+        std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    fn cmd(&mut self, json: &str) -> Result<Value> {
+        use std::io::Write;
+        writeln!(self.w, "{json}")?;
+        loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut self.r, &mut line)? == 0 {
+                anyhow::bail!("QMP closed");
+            }
+            let v: Value = serde_json::from_str(&line)?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                anyhow::bail!("QMP {json}: {e}");
+            }
+        }
+    }
+}
+
+/// QEMU's own live migration of the same image, same topology, same load:
+/// QEMU (pc, qboot, virtio-net-pci on the tap) on hostA, `-incoming` on
+/// hostB, `migrate tcp:` over the migration link.
+fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Result<Value> {
+    let dir = cluster::log_dir("bench-migrate");
+    let (qa, qb) = (dir.join(format!("qa{n}.qmp")), dir.join(format!("qb{n}.qmp")));
+    let _ = std::fs::remove_file(&qa);
+    let _ = std::fs::remove_file(&qb);
+    let mut append = format!("net.ip={} net.gw={} -- ballast={size}M", cluster::VIP_CIDR, cluster::GATEWAY);
+    if rate != "full" {
+        append.push_str(&format!(" rate={rate}"));
+    }
+    let qemu = |c: &Cluster, host: &str, qmp: &std::path::Path, incoming: Option<String>| {
+        let mut cmd = c.command(host, "qemu-system-x86_64");
+        cmd.args(["-enable-kvm", "-M", "pc", "-bios", "/usr/share/qemu/qboot.rom", "-cpu", "host", "-m", &format!("{}M", size + 64)])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+            .args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", cluster::TAP)])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={},disable-legacy=on", cluster::SERVICE_MAC)])
+            .arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp.display()))
+            .arg("-kernel")
+            .arg(image("stream"))
+            .args(["-append", &append]);
+        if let Some(i) = incoming {
+            cmd.args(["-incoming", &i]);
+        }
+        cmd
+    };
+    let ca = qemu(c, "hostA", &qa, None);
+    let pa = c.spawn(ca, &dir.join(format!("qa{n}.log")))?;
+    cluster::wait_for_line(&dir.join(format!("qa{n}.log")), "listening", Duration::from_secs(300), pa)?;
+    let port = 7500 + (n % 400) as u16;
+    let cb = qemu(c, "hostB", &qb, Some(format!("tcp:{}:{port}", cluster::MIGRATION_IPS[1])));
+    let pb = c.spawn(cb, &dir.join(format!("qb{n}.log")))?;
+    let mut qmp_a = Qmp::connect(&qa)?;
+    let _qmp_b = Qmp::connect(&qb)?;
+    let before = c.client_tcp_counters()?;
+    let client = c
+        .command("client", root().join("target/release/stream-client"))
+        .args([&format!("{VIP}:5001"), "--seconds", &seconds.to_string(), "--json", "--gap-ms", "2", "--windows-ms", "100"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds / 2.0));
+    let at = t0.elapsed().as_secs_f64();
+    qmp_a.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#, cluster::MIGRATION_IPS[1]))?;
+    let st = loop {
+        let st = qmp_a.cmd(r#"{"execute":"query-migrate"}"#)?;
+        match st["status"].as_str() {
+            Some("completed") => break st,
+            Some("failed") | Some("cancelled") => anyhow::bail!("QEMU migration: {st}"),
+            _ if t0.elapsed().as_secs_f64() > at + 120.0 => anyhow::bail!("QEMU migration never completed"),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    let out = client.wait_with_output()?;
+    let d = c.client_tcp_counters()?.since(&before);
+    let _ = qmp_a.cmd(r#"{"execute":"quit"}"#);
+    c.stop(pa, Duration::from_secs(2));
+    c.stop(pb, Duration::from_secs(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
+    let end = at + st["total-time"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
+    let gap = cv["gaps"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter(|x| (at - 0.2..=end).contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
+                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
+                .fold(0.0f64, f64::max)
+        })
+        .unwrap_or(0.0);
+    Ok(json!({
+        "size_mib": size, "rate": rate, "vmm": "qemu",
+        "migration_gap_ms": gap, "downtime_ms": st["downtime"], "total_ms": st["total-time"],
+        "retransmits": d.retrans_segs, "resets": d.estab_resets, "error": cv["error"],
+    }))
+}
+
 fn main() -> Result<()> {
     let a = Args::parse();
     let mut c = Cluster::up("fmbench").context("building the cluster (root needed)")?;
     let mut results = Vec::new();
     let mut n = 0u32;
-    for &size in &a.sizes {
+    for &size in a.sizes.iter().filter(|_| !a.only_qemu) {
         for rate in ["120M", "full"] {
             for capture in [true, false] {
                 let mut runs = Vec::new();
@@ -204,18 +332,52 @@ fn main() -> Result<()> {
             }
         }
     }
+    // QEMU's own live migration of the same image, same load (120M).
+    let mut qemu_rows = Vec::new();
+    if a.qemu {
+        for &size in &a.sizes {
+            let mut runs = Vec::new();
+            for _ in 0..a.runs {
+                n += 1;
+                match qemu_run(&mut c, size, "120M", a.seconds, n) {
+                    Ok(r) => runs.push(r),
+                    Err(e) => eprintln!("bench-migrate: QEMU {size} MiB: {e:#}"),
+                }
+            }
+            let med = |k: &str| median(&mut runs.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>());
+            let row = json!({
+                "size_mib": size, "runs": runs.len(),
+                "migration_gap_ms_median": med("migration_gap_ms"),
+                "downtime_ms_median": med("downtime_ms"),
+                "total_ms_median": med("total_ms"),
+                "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
+                "detail": runs,
+            });
+            eprintln!(
+                "bench-migrate: QEMU {size:>5} MiB gap {:.1} ms, downtime {:.2} ms, total {:.0} ms",
+                row["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+                row["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
+                row["total_ms_median"].as_f64().unwrap_or(f64::NAN)
+            );
+            qemu_rows.push(row);
+        }
+    }
     let dir = root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("migrate.json"),
-        serde_json::to_string_pretty(&results)? + "\n",
-    )?;
+    if a.only_qemu {
+        let old = std::fs::read_to_string(dir.join("migrate.json"))
+            .context("--only-qemu needs an earlier target/bench/migrate.json")?;
+        results = serde_json::from_str(&old)?;
+    } else {
+        std::fs::write(dir.join("migrate.json"), serde_json::to_string_pretty(&results)? + "\n")?;
+    }
+    std::fs::write(dir.join("migrate-qemu.json"), serde_json::to_string_pretty(&qemu_rows)? + "\n")?;
     let mut md = String::from(
-        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at ~1 MB/s whatever the rate asked). Image size = touched guest memory (`stream ballast=SIZE`). Medians of the runs; gap = largest gap between arrivals at the client around the migration (the paper's migration delay); downtime = VMM-measured, source pause to destination running.\n\n| image | load | capture | client gap at migration (median / max) | largest gap before it | VMM downtime | total | retransmits | worst 100 ms window / steady |\n|---|---|---|---|---|---|---|---|---|\n",
+        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at ~1 MB/s whatever the rate asked). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`, decimal MB). Medians of the runs; gap = largest gap between arrivals at the client around the migration (the paper's migration delay); downtime = VMM-measured, source pause to destination running.\n\n| image | load | capture | client gap at migration (median / max) | largest gap before it | VMM downtime | total | retransmits | worst 100 ms window / steady |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &results {
         md.push_str(&format!(
-            "| {} MiB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} |\n",
+            "| {} MB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} |\n",
             r["size_mib"],
             r["rate"].as_str().unwrap_or(""),
             if r["capture"] == true { "on" } else { "off" },
@@ -227,6 +389,19 @@ fn main() -> Result<()> {
             r["retransmits"],
             r["worst_window_vs_steady"].as_f64().unwrap_or(f64::NAN),
         ));
+    }
+    if !qemu_rows.is_empty() {
+        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture:\n\n| image | client gap (median) | QEMU-reported downtime | total | retransmits |\n|---|---|---|---|---|\n");
+        for r in &qemu_rows {
+            md.push_str(&format!(
+                "| {} MB | {:.1} ms | {:.1} ms | {:.0} ms | {} |\n",
+                r["size_mib"],
+                r["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+                r["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
+                r["total_ms_median"].as_f64().unwrap_or(f64::NAN),
+                r["retransmits"],
+            ));
+        }
     }
     md.push_str("\nPlots: `docs/bench-migrate-delay.png` (gap and downtime against size), `docs/bench-migrate-throughput.png` (client throughput over time around the migration, largest size).\n");
     std::fs::write(root().join("docs/bench-migrate.md"), &md)?;

@@ -132,36 +132,54 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
     }))
 }
 
-/// Sends one human-monitor command to QEMU and returns its reply.
-fn hmp(sock: &std::path::Path, cmd: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_millis(300)))?;
-    let mut buf = [0u8; 8192];
-    let mut out = String::new();
-    // Banner, then the command and whatever it prints before the prompt.
-    let _ = s.read(&mut buf);
-    s.write_all(format!("{cmd}\n").as_bytes())?;
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.push_str(&String::from_utf8_lossy(&buf[..n]));
-                if out.trim_end().ends_with("(qemu)") && out.len() > cmd.len() + 10 {
-                    break;
-                }
+/// A QMP connection to QEMU.
+struct Qmp {
+    r: std::io::BufReader<std::os::unix::net::UnixStream>,
+    w: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(sock: &std::path::Path) -> Result<Qmp> {
+        let t = Instant::now();
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => bail!("QMP {}: {e}", sock.display()),
             }
-            Err(_) => break,
+        };
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut q = Qmp { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        let mut greeting = String::new();
+        std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    /// Sends a command; returns its `return` (events are skipped).
+    fn cmd(&mut self, json: &str) -> Result<Value> {
+        use std::io::Write;
+        writeln!(self.w, "{json}")?;
+        loop {
+            let mut line = String::new();
+            if std::io::BufRead::read_line(&mut self.r, &mut line)? == 0 {
+                bail!("QMP closed");
+            }
+            let v: Value = serde_json::from_str(&line)?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {json}: {e}");
+            }
         }
     }
-    Ok(out)
 }
 
 /// QEMU (microvm, PVH) saving the same guest to a file with its own
 /// migration to `exec:cat`, and loading it with `-incoming`.
 fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
-    let mon = dir.join("q.mon");
+    let mon = dir.join("q.qmp");
     let file = dir.join("q.state");
     let _ = std::fs::remove_file(&mon);
     let base = |c: &mut Command| {
@@ -197,21 +215,25 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(10));
     }
     ferry_tests::cluster::wait_for_line(&dir.join("q.log"), "ballast of", Duration::from_secs(300), q.id())?;
+    let mut qmp = Qmp::connect(&mon)?;
+    qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#, file.display()))?;
     let t = Instant::now();
-    hmp(&mon, &format!("migrate \"exec:cat > {}\"", file.display()))?;
-    loop {
-        let info = hmp(&mon, "info migrate")?;
-        if info.contains("Migration status: completed") {
-            break;
+    let save_ms = loop {
+        let st = qmp.cmd(r#"{"execute":"query-migrate"}"#)?;
+        match st["status"].as_str() {
+            Some("completed") => break st["total-time"].as_f64().unwrap_or(f64::NAN),
+            Some("failed") | Some("cancelled") => {
+                let _ = q.kill();
+                bail!("QEMU migration to file: {st}");
+            }
+            _ if t.elapsed() > Duration::from_secs(120) => {
+                let _ = q.kill();
+                bail!("QEMU migration to file never completed");
+            }
+            _ => std::thread::sleep(Duration::from_millis(1)),
         }
-        if info.contains("failed") || t.elapsed() > Duration::from_secs(120) {
-            let _ = q.kill();
-            bail!("QEMU migration to file: {info}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let save_ms = t.elapsed().as_secs_f64() * 1e3;
-    let _ = hmp(&mon, "quit");
+    };
+    let _ = qmp.cmd(r#"{"execute":"quit"}"#);
     let _ = q.wait();
     let bytes = std::fs::metadata(&file)?.len();
     let _ = std::fs::remove_file(&mon);
@@ -221,20 +243,19 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
         .arg(format!("exec:cat {}", file.display()));
     let t = Instant::now();
     let mut q = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut qmp = Qmp::connect(&mon)?;
     let restore_ms = loop {
-        if mon.exists()
-            && let Ok(st) = hmp(&mon, "info status")
-            && st.contains("status: running")
-        {
+        let st = qmp.cmd(r#"{"execute":"query-status"}"#)?;
+        if st["status"] == "running" {
             break t.elapsed().as_secs_f64() * 1e3;
         }
         if t.elapsed() > Duration::from_secs(120) {
             let _ = q.kill();
             bail!("QEMU never ran after -incoming");
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     };
-    let _ = hmp(&mon, "quit");
+    let _ = qmp.cmd(r#"{"execute":"quit"}"#);
     let _ = q.wait();
     let _ = std::fs::remove_file(&file);
     Ok(
