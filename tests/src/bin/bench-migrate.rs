@@ -174,12 +174,17 @@ impl Qmp {
         let s = loop {
             match std::os::unix::net::UnixStream::connect(sock) {
                 Ok(s) => break s,
-                Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 Err(e) => anyhow::bail!("QMP {}: {e}", sock.display()),
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Qmp { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        let mut q = Qmp {
+            r: std::io::BufReader::new(s.try_clone()?),
+            w: s,
+        };
         let mut greeting = String::new();
         std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
         q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
@@ -210,24 +215,57 @@ impl Qmp {
 /// hostB, `migrate tcp:` over the migration link.
 fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Result<Value> {
     let dir = cluster::log_dir("bench-migrate");
-    let (qa, qb) = (dir.join(format!("qa{n}.qmp")), dir.join(format!("qb{n}.qmp")));
+    let (qa, qb) = (
+        dir.join(format!("qa{n}.qmp")),
+        dir.join(format!("qb{n}.qmp")),
+    );
     let _ = std::fs::remove_file(&qa);
     let _ = std::fs::remove_file(&qb);
-    let mut append = format!("net.ip={} net.gw={} -- ballast={size}M", cluster::VIP_CIDR, cluster::GATEWAY);
+    let mut append = format!(
+        "net.ip={} net.gw={} -- ballast={size}M",
+        cluster::VIP_CIDR,
+        cluster::GATEWAY
+    );
     if rate != "full" {
         append.push_str(&format!(" rate={rate}"));
     }
     let qemu = |c: &Cluster, host: &str, qmp: &std::path::Path, incoming: Option<String>| {
         let mut cmd = c.command(host, "qemu-system-x86_64");
-        cmd.args(["-enable-kvm", "-M", "pc", "-bios", "/usr/share/qemu/qboot.rom", "-cpu", "host", "-m", &format!("{}M", size + 64)])
-            .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
-            .args(["-netdev", &format!("tap,id=n0,ifname={},script=no,downscript=no", cluster::TAP)])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={},disable-legacy=on", cluster::SERVICE_MAC)])
-            .arg("-qmp")
-            .arg(format!("unix:{},server,nowait", qmp.display()))
-            .arg("-kernel")
-            .arg(image("stream"))
-            .args(["-append", &append]);
+        cmd.args([
+            "-enable-kvm",
+            "-M",
+            "pc",
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
+            "-cpu",
+            "host",
+            "-m",
+            &format!("{}M", size + 64),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={},script=no,downscript=no", cluster::TAP),
+        ])
+        .args([
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on",
+                cluster::SERVICE_MAC
+            ),
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server,nowait", qmp.display()))
+        .arg("-kernel")
+        .arg(image("stream"))
+        .args(["-append", &append]);
         if let Some(i) = incoming {
             cmd.args(["-incoming", &i]);
         }
@@ -235,28 +273,52 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     };
     let ca = qemu(c, "hostA", &qa, None);
     let pa = c.spawn(ca, &dir.join(format!("qa{n}.log")))?;
-    cluster::wait_for_line(&dir.join(format!("qa{n}.log")), "listening", Duration::from_secs(300), pa)?;
+    cluster::wait_for_line(
+        &dir.join(format!("qa{n}.log")),
+        "listening",
+        Duration::from_secs(300),
+        pa,
+    )?;
     let port = 7500 + (n % 400) as u16;
-    let cb = qemu(c, "hostB", &qb, Some(format!("tcp:{}:{port}", cluster::MIGRATION_IPS[1])));
+    let cb = qemu(
+        c,
+        "hostB",
+        &qb,
+        Some(format!("tcp:{}:{port}", cluster::MIGRATION_IPS[1])),
+    );
     let pb = c.spawn(cb, &dir.join(format!("qb{n}.log")))?;
     let mut qmp_a = Qmp::connect(&qa)?;
     let _qmp_b = Qmp::connect(&qb)?;
     let before = c.client_tcp_counters()?;
     let client = c
         .command("client", root().join("target/release/stream-client"))
-        .args([&format!("{VIP}:5001"), "--seconds", &seconds.to_string(), "--json", "--gap-ms", "2", "--windows-ms", "100"])
+        .args([
+            &format!("{VIP}:5001"),
+            "--seconds",
+            &seconds.to_string(),
+            "--json",
+            "--gap-ms",
+            "2",
+            "--windows-ms",
+            "100",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(seconds / 2.0));
     let at = t0.elapsed().as_secs_f64();
-    qmp_a.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#, cluster::MIGRATION_IPS[1]))?;
+    qmp_a.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#,
+        cluster::MIGRATION_IPS[1]
+    ))?;
     let st = loop {
         let st = qmp_a.cmd(r#"{"execute":"query-migrate"}"#)?;
         match st["status"].as_str() {
             Some("completed") => break st,
             Some("failed") | Some("cancelled") => anyhow::bail!("QEMU migration: {st}"),
-            _ if t0.elapsed().as_secs_f64() > at + 120.0 => anyhow::bail!("QEMU migration never completed"),
+            _ if t0.elapsed().as_secs_f64() > at + 120.0 => {
+                anyhow::bail!("QEMU migration never completed")
+            }
             _ => std::thread::sleep(Duration::from_millis(2)),
         }
     };
@@ -344,7 +406,14 @@ fn main() -> Result<()> {
                     Err(e) => eprintln!("bench-migrate: QEMU {size} MiB: {e:#}"),
                 }
             }
-            let med = |k: &str| median(&mut runs.iter().filter_map(|r| r[k].as_f64()).collect::<Vec<_>>());
+            let med = |k: &str| {
+                median(
+                    &mut runs
+                        .iter()
+                        .filter_map(|r| r[k].as_f64())
+                        .collect::<Vec<_>>(),
+                )
+            };
             let row = json!({
                 "size_mib": size, "runs": runs.len(),
                 "migration_gap_ms_median": med("migration_gap_ms"),
@@ -369,9 +438,15 @@ fn main() -> Result<()> {
             .context("--only-qemu needs an earlier target/bench/migrate.json")?;
         results = serde_json::from_str(&old)?;
     } else {
-        std::fs::write(dir.join("migrate.json"), serde_json::to_string_pretty(&results)? + "\n")?;
+        std::fs::write(
+            dir.join("migrate.json"),
+            serde_json::to_string_pretty(&results)? + "\n",
+        )?;
     }
-    std::fs::write(dir.join("migrate-qemu.json"), serde_json::to_string_pretty(&qemu_rows)? + "\n")?;
+    std::fs::write(
+        dir.join("migrate-qemu.json"),
+        serde_json::to_string_pretty(&qemu_rows)? + "\n",
+    )?;
     let mut md = String::from(
         "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at ~1 MB/s whatever the rate asked). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`, decimal MB). Medians of the runs; gap = largest gap between arrivals at the client around the migration (the paper's migration delay); downtime = VMM-measured, source pause to destination running.\n\n| image | load | capture | client gap at migration (median / max) | largest gap before it | VMM downtime | total | retransmits | worst 100 ms window / steady |\n|---|---|---|---|---|---|---|---|---|\n",
     );

@@ -58,7 +58,12 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
         .stdout(std::fs::File::create(dir.join("s.log"))?)
         .spawn()?;
     // Touching the ballast takes the emulated guest a while.
-    ferry_tests::cluster::wait_for_line(&dir.join("s.log"), "ballast of", Duration::from_secs(300), vm.id())?;
+    ferry_tests::cluster::wait_for_line(
+        &dir.join("s.log"),
+        "ballast of",
+        Duration::from_secs(300),
+        vm.id(),
+    )?;
     wait_socket(&api)?;
     let t = Instant::now();
     let out = ferry_ctl(
@@ -144,12 +149,17 @@ impl Qmp {
         let s = loop {
             match std::os::unix::net::UnixStream::connect(sock) {
                 Ok(s) => break s,
-                Err(_) if t.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(2)),
+                Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
                 Err(e) => bail!("QMP {}: {e}", sock.display()),
             }
         };
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut q = Qmp { r: std::io::BufReader::new(s.try_clone()?), w: s };
+        let mut q = Qmp {
+            r: std::io::BufReader::new(s.try_clone()?),
+            w: s,
+        };
         let mut greeting = String::new();
         std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
         q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
@@ -198,7 +208,7 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
             "-serial",
             &format!("file:{}", dir.join("q.log").display()),
         ])
-        .arg("-monitor")
+        .arg("-qmp")
         .arg(format!("unix:{},server,nowait", mon.display()))
         .arg("-kernel")
         .arg(image("hello"))
@@ -214,9 +224,17 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
     while !mon.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    ferry_tests::cluster::wait_for_line(&dir.join("q.log"), "ballast of", Duration::from_secs(300), q.id())?;
+    ferry_tests::cluster::wait_for_line(
+        &dir.join("q.log"),
+        "ballast of",
+        Duration::from_secs(300),
+        q.id(),
+    )?;
     let mut qmp = Qmp::connect(&mon)?;
-    qmp.cmd(&format!(r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#, file.display()))?;
+    qmp.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#,
+        file.display()
+    ))?;
     let t = Instant::now();
     let save_ms = loop {
         let st = qmp.cmd(r#"{"execute":"query-migrate"}"#)?;
