@@ -209,13 +209,30 @@ fn parse_size(s: &str) -> Result<u64, String> {
     ferry::size::parse(s)
 }
 
+/// The error and its causes on one line, leaving out a cause whose text
+/// the message already carries (many errors here name their source).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if msg.contains(&c) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&c);
+    }
+    msg
+}
+
 fn main() -> ExitCode {
     ferry::vm::trace_start();
     let cli = Cli::parse();
     match run(cli) {
         Ok(status) => ExitCode::from(status as u8),
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", one_line(&e));
             ExitCode::from(FERRY_ERROR)
         }
     }
