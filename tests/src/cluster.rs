@@ -531,6 +531,24 @@ pub fn ferry_ctl(args: &[&str], api: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A cluster of its own for one integration test (unique namespace names
+/// from `tag`, the process ID and a counter), or `None` after one loud
+/// line when the machine has no KVM or we are not root.
+pub fn for_test(test: &str, tag: &str) -> Option<Cluster> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if !crate::kvm_or_skip(test) {
+        return None;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
+        return None;
+    }
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prefix = format!("{tag}{}{n}", std::process::id() % 100_000);
+    Some(Cluster::up(&prefix).expect("building the cluster"))
+}
+
 /// Removes every namespace of the cluster `prefix` (best effort).
 pub fn remove(prefix: &str) {
     for n in ["client", "router", "hostA", "hostB"] {

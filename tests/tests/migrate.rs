@@ -4,13 +4,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
-use ferry_tests::{image, json_u64, kvm_or_skip};
-
-static N: AtomicU32 = AtomicU32::new(0);
+use ferry_tests::{image, json_u64};
 
 struct Setup {
     c: Cluster,
@@ -18,27 +15,12 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
-        return None;
-    }
-    let prefix = format!(
-        "fm{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    );
+    let c = cluster::for_test(test, "fm")?;
     let dir = cluster::log_dir(test);
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let _ = std::fs::remove_file(e.path());
     }
-    Some(Setup {
-        c: Cluster::up(&prefix).expect("building the cluster"),
-        dir,
-    })
+    Some(Setup { c, dir })
 }
 
 impl Setup {

@@ -3,30 +3,14 @@
 //! the client namespace, `redis-cli`, `curl`, the stream verifier).
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use ferry_tests::cluster::{self, Cluster, VIP};
-use ferry_tests::{image, kvm_or_skip};
-
-static N: AtomicU32 = AtomicU32::new(0);
+use ferry_tests::image;
 
 /// A cluster of our own (unique namespace names), or None without KVM/root.
 fn cluster(test: &str) -> Option<Cluster> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
-        return None;
-    }
-    let prefix = format!(
-        "ft{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    );
-    Some(Cluster::up(&prefix).expect("building the cluster"))
+    cluster::for_test(test, "ft")
 }
 
 fn start(c: &mut Cluster, app: &str, args: &[&str], test: &str) {

@@ -4,33 +4,18 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
 use ferry_tests::{image, json_u64, kvm_or_skip};
 
-static N: AtomicU32 = AtomicU32::new(0);
-
 fn cluster(test: &str) -> Option<(Cluster, PathBuf)> {
-    if !kvm_or_skip(test) {
-        return None;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
-        return None;
-    }
-    let prefix = format!(
-        "fs{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    );
+    let c = cluster::for_test(test, "fs")?;
     let dir = cluster::log_dir(test);
     for f in ["a.sock", "b.sock", "vm.snap"] {
         let _ = std::fs::remove_file(dir.join(f));
     }
-    Some((Cluster::up(&prefix).expect("building the cluster"), dir))
+    Some((c, dir))
 }
 
 /// Starts `app` on hostA with a control socket.

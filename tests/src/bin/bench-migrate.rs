@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_tests::cluster::{self, Cluster, VIP};
+use ferry_tests::qmp::Qmp;
 use ferry_tests::{image, root};
 use serde_json::{Value, json};
 
@@ -160,54 +161,6 @@ fn one_run(
         "retransmits": d.retrans_segs, "dup_segments": d.dup_segs_received, "resets": d.estab_resets,
         "error": cv["error"],
     }))
-}
-
-/// A QMP connection to QEMU (commands in, `return` values out).
-struct Qmp {
-    r: std::io::BufReader<std::os::unix::net::UnixStream>,
-    w: std::os::unix::net::UnixStream,
-}
-
-impl Qmp {
-    fn connect(sock: &std::path::Path) -> Result<Qmp> {
-        let t = Instant::now();
-        let s = loop {
-            match std::os::unix::net::UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if t.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => anyhow::bail!("QMP {}: {e}", sock.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60)))?;
-        let mut q = Qmp {
-            r: std::io::BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let mut greeting = String::new();
-        std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(q)
-    }
-
-    fn cmd(&mut self, json: &str) -> Result<Value> {
-        use std::io::Write;
-        writeln!(self.w, "{json}")?;
-        loop {
-            let mut line = String::new();
-            if std::io::BufRead::read_line(&mut self.r, &mut line)? == 0 {
-                anyhow::bail!("QMP closed");
-            }
-            let v: Value = serde_json::from_str(&line)?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                anyhow::bail!("QMP {json}: {e}");
-            }
-        }
-    }
 }
 
 /// QEMU's own live migration of the same image, same topology, same load:

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ferry_tests::cluster::ferry_ctl;
+use ferry_tests::qmp::Qmp;
 use ferry_tests::{ferry_bin, image, root};
 use serde_json::{Value, json};
 
@@ -135,55 +136,6 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
         "restore_trusted_to_running_ms": running_trusted,
         "restore_verify_memory_ms": at("verify memory").zip(at("VM, vCPU, card (capturing)")).map(|(a, b)| a - b),
     }))
-}
-
-/// A QMP connection to QEMU.
-struct Qmp {
-    r: std::io::BufReader<std::os::unix::net::UnixStream>,
-    w: std::os::unix::net::UnixStream,
-}
-
-impl Qmp {
-    fn connect(sock: &std::path::Path) -> Result<Qmp> {
-        let t = Instant::now();
-        let s = loop {
-            match std::os::unix::net::UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if t.elapsed() < Duration::from_secs(30) => {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                Err(e) => bail!("QMP {}: {e}", sock.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut q = Qmp {
-            r: std::io::BufReader::new(s.try_clone()?),
-            w: s,
-        };
-        let mut greeting = String::new();
-        std::io::BufRead::read_line(&mut q.r, &mut greeting)?;
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
-        Ok(q)
-    }
-
-    /// Sends a command; returns its `return` (events are skipped).
-    fn cmd(&mut self, json: &str) -> Result<Value> {
-        use std::io::Write;
-        writeln!(self.w, "{json}")?;
-        loop {
-            let mut line = String::new();
-            if std::io::BufRead::read_line(&mut self.r, &mut line)? == 0 {
-                bail!("QMP closed");
-            }
-            let v: Value = serde_json::from_str(&line)?;
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                bail!("QMP {json}: {e}");
-            }
-        }
-    }
 }
 
 /// QEMU (microvm, PVH) saving the same guest to a file with its own
