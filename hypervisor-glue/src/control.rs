@@ -88,6 +88,9 @@ pub enum Job {
     Save(mpsc::Sender<Result<crate::snapshot::VmState, String>>),
     /// The VM has moved away: it stays paused and may not resume.
     Gone(mpsc::Sender<()>),
+    /// Start (true) or stop recording the frames the card reads, for a
+    /// migration's capture overlap.
+    Record(bool, mpsc::Sender<()>),
 }
 
 /// The queue between the API thread and the vCPU thread.
@@ -341,6 +344,10 @@ impl crate::migration::source::VmControl for Control {
     fn finish(&self) {
         let (tx, rx) = mpsc::channel();
         let _ = self.push(Job::Gone(tx), rx);
+    }
+    fn record(&self, on: bool) {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.push(Job::Record(on, tx), rx);
     }
 }
 

@@ -538,6 +538,17 @@ impl Vm {
                     let _ = reply.send(self.save().map_err(|e| e.to_string()));
                     continue;
                 }
+                Job::Record(on, reply) => {
+                    if let Some(net) = self.bus.net.as_mut() {
+                        if on {
+                            net.start_recording();
+                        } else {
+                            net.stop_recording();
+                        }
+                    }
+                    let _ = reply.send(());
+                    continue;
+                }
                 Job::Gone(reply) => {
                     self.pause();
                     self.gone = true;

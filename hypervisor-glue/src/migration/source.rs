@@ -45,6 +45,9 @@ pub trait VmControl {
     fn save(&self) -> Result<VmState, String>;
     /// Ends the VM here (it runs on the destination now).
     fn finish(&self);
+    /// Starts or stops recording the frames the card reads (the capture
+    /// overlap the destination drops).
+    fn record(&self, on: bool);
 }
 
 /// Parameters of a migration.
@@ -273,10 +276,16 @@ fn precopy_and_commit(
         );
     }
 
-    // Capture at the destination, then stop and copy.
-    send(w, Msg::StartCapture, b"")?;
-    w.flush()?;
-    expect(r, Msg::CaptureOn)?;
+    // Capture at the destination, then stop and copy. Frames read here
+    // from now on are recorded, so the destination can drop its copies.
+    vm.record(true);
+    let capture_on = send(w, Msg::StartCapture, b"")
+        .and_then(|()| w.flush().map_err(Error::from))
+        .and_then(|()| expect(r, Msg::CaptureOn).map(|_| ()));
+    if let Err(e) = capture_on {
+        vm.record(false);
+        return Err(e);
+    }
     let t_pause = Instant::now();
     vm.pause().map_err(Error::Local)?;
     let stop_and_copy = (|| -> Result<(u64, usize), Error> {
@@ -298,6 +307,7 @@ fn precopy_and_commit(
         Err(e) => {
             // Not committed: the VM runs on here.
             let _ = set_dirty_logging(ctx, false);
+            vm.record(false);
             vm.resume().map_err(Error::Local)?;
             return Err(e);
         }
@@ -308,6 +318,7 @@ fn precopy_and_commit(
     if let Err(e) = commit {
         // The destination cannot have resumed without the Commit message.
         let _ = set_dirty_logging(ctx, false);
+        vm.record(false);
         vm.resume().map_err(Error::Local)?;
         return Err(e);
     }

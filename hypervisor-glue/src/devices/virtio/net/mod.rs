@@ -121,6 +121,9 @@ struct Active {
     /// Frames (with their virtio-net header) waiting for receive buffers,
     /// oldest first.
     backlog: std::collections::VecDeque<Vec<u8>>,
+    /// While a migration's destination may be capturing: digests of the
+    /// frames read from the tap here, so that it can drop its copies.
+    recorded: Option<Vec<u64>>,
 }
 
 /// State shared by the vCPU thread and the worker.
@@ -549,6 +552,10 @@ pub struct NetState {
     pub isr: u8,
     /// Frames waiting for receive buffers (with their virtio-net header).
     pub backlog: Vec<Vec<u8>>,
+    /// Digests (XXH3 of the frame after its header) of the frames this
+    /// card read while the destination of a migration was capturing: the
+    /// destination drops its captured copies of them.
+    pub overlap: Vec<u64>,
 }
 
 /// Errors restoring the device.
@@ -609,7 +616,19 @@ impl VirtioNet {
                 .collect(),
             isr: self.shared.isr.load(Ordering::Acquire),
             backlog: active.backlog.iter().cloned().collect(),
+            overlap: active.recorded.clone().unwrap_or_default(),
         }
+    }
+
+    /// Starts recording the digests of frames read from the tap (before a
+    /// migration's destination starts capturing; see [`NetState::overlap`]).
+    pub fn start_recording(&mut self) {
+        self.shared.active.lock().expect("net state lock").recorded = Some(Vec::new());
+    }
+
+    /// Stops recording (a migration that failed).
+    pub fn stop_recording(&mut self) {
+        self.shared.active.lock().expect("net state lock").recorded = None;
     }
 
     /// Builds the device from `state` on a new tap (paused, capturing: the
@@ -687,11 +706,34 @@ impl VirtioNet {
                 device,
             };
         }
+        if state.overlap.len() > 1 << 20 {
+            return Err(bad("overlap list too long"));
+        }
         let mut active = self.shared.active.lock().expect("net state lock");
         active.queues = queues;
         let captured = std::mem::take(&mut active.backlog);
         active.backlog = state.backlog.iter().cloned().collect();
-        active.backlog.extend(captured);
+        // Captured frames the source read too (it was still running when
+        // they arrived) are already in the guest or in its backlog.
+        let mut overlap: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        for h in &state.overlap {
+            *overlap.entry(*h).or_default() += 1;
+        }
+        let mut dropped = 0u64;
+        for f in captured {
+            let h = xxhash_rust::xxh3::xxh3_64(&f[tap::VNET_HDR_LEN.min(f.len())..]);
+            match overlap.get_mut(&h) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    dropped += 1;
+                }
+                _ => active.backlog.push_back(f),
+            }
+        }
+        self.shared
+            .stats
+            .duplicates
+            .fetch_add(dropped, Ordering::Relaxed);
         drop(active);
         self.shared.isr.store(state.isr, Ordering::Release);
         self.shared

@@ -154,7 +154,11 @@ impl Worker {
                         notify |= self.transmit(&mut queues[TX]);
                     }
                     if rx {
-                        notify |= self.receive(&mut queues[RX], &mut active.backlog);
+                        notify |= self.receive(
+                            &mut queues[RX],
+                            &mut active.backlog,
+                            &mut active.recorded,
+                        );
                     }
                     drop(guard);
                     if notify {
@@ -216,6 +220,7 @@ impl Worker {
         &mut self,
         q: &mut Queue,
         backlog: &mut std::collections::VecDeque<Vec<u8>>,
+        recorded: &mut Option<Vec<u64>>,
     ) -> bool {
         let mem = &self.mem;
         let stats = &self.shared.stats;
@@ -232,6 +237,9 @@ impl Worker {
                         if len < MIN_FRAME || !fix_rx_header(&mut self.buf, len, self.features) {
                             stats.dropped.fetch_add(1, Ordering::Relaxed);
                             continue;
+                        }
+                        if let Some(r) = recorded.as_mut() {
+                            r.push(xxhash_rust::xxh3::xxh3_64(&self.buf[VNET_HDR_LEN..len]));
                         }
                         len
                     }
