@@ -5,7 +5,8 @@
 //! one arrives it records it and kicks the vCPU thread out of KVM_RUN with
 //! a real-time signal, repeating until the vCPU loop notices (a kick that
 //! lands between two KVM_RUN calls is not lost). The vCPU loop calls
-//! [`requested`] after every exit.
+//! [`requested`] after every exit. If nothing notices within a second
+//! (no VM runs yet), the process ends with status 128 + the signal.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
@@ -71,10 +72,17 @@ pub fn install() -> std::io::Result<()> {
                 return;
             }
             REQUESTED.store(sig, Ordering::Release);
-            while !SEEN.load(Ordering::Acquire) {
+            // No vCPU loop to notice within a second (a `ferry receive`
+            // still waiting for its VM, say): end the process directly.
+            for _ in 0..200 {
+                if SEEN.load(Ordering::Acquire) {
+                    return;
+                }
                 kick_vcpu();
                 std::thread::sleep(Duration::from_millis(5));
             }
+            eprintln!("ferry: stopped by signal {sig}");
+            std::process::exit(128 + sig);
         })?;
     Ok(())
 }
