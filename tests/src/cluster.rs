@@ -41,6 +41,25 @@ pub const HOSTS: [&str; 2] = ["hostA", "hostB"];
 /// Each host's address on the migration link.
 pub const MIGRATION_IPS: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
 
+/// The `ferry run` options that make a VM the cluster's service on a
+/// host: memory, its tap, the service MAC and IP, the router as gateway.
+pub fn service_args(memory: &str) -> Vec<String> {
+    [
+        "--memory",
+        memory,
+        "--tap",
+        TAP,
+        "--mac",
+        SERVICE_MAC,
+        "--ip",
+        VIP_CIDR,
+        "--gateway",
+        GATEWAY,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A cluster of namespaces named `{prefix}-client`, `{prefix}-router`,
 /// `{prefix}-hostA`, `{prefix}-hostB`.
 #[derive(Debug)]
@@ -323,18 +342,7 @@ impl Cluster {
         let mut cmd = self.command(host, crate::ferry_bin());
         cmd.arg("run")
             .arg(image)
-            .args([
-                "--memory",
-                memory,
-                "--tap",
-                TAP,
-                "--mac",
-                SERVICE_MAC,
-                "--ip",
-                VIP_CIDR,
-                "--gateway",
-                GATEWAY,
-            ])
+            .args(service_args(memory))
             .args(ferry_args)
             .arg("--")
             .args(app_args);

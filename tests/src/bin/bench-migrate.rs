@@ -35,6 +35,19 @@ struct Args {
     only_qemu: bool,
 }
 
+/// The largest gap between arrivals the client reported in `range` (s).
+fn largest_gap<R: std::ops::RangeBounds<f64>>(cv: &Value, range: R) -> f64 {
+    cv["gaps"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter(|x| range.contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
+                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
+                .fold(0.0f64, f64::max)
+        })
+        .unwrap_or(0.0)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -114,15 +127,7 @@ fn one_run(
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
     let rv: Value = serde_json::from_str(&report)?;
     let end = at + rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
-    let gap = cv["gaps"]
-        .as_array()
-        .map(|g| {
-            g.iter()
-                .filter(|x| (at - 0.2..=end).contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
-                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
-                .fold(0.0f64, f64::max)
-        })
-        .unwrap_or(0.0);
+    let gap = largest_gap(&cv, at - 0.2..=end);
     // Throughput: 100 ms windows; steady state is the median window.
     let windows: Vec<f64> = cv["windows"]
         .as_array()
@@ -139,15 +144,7 @@ fn one_run(
         .fold(f64::INFINITY, f64::min);
     // The same stream's largest gap before the migration: the guest's own
     // burstiness, to read the migration's gap against.
-    let baseline_gap = cv["gaps"]
-        .as_array()
-        .map(|g| {
-            g.iter()
-                .filter(|x| (0.3..at - 0.2).contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
-                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
-                .fold(0.0f64, f64::max)
-        })
-        .unwrap_or(0.0);
+    let baseline_gap = largest_gap(&cv, 0.3..at - 0.2);
     Ok(json!({
         "size_mib": size, "rate": rate, "capture": capture,
         "migration_gap_ms": gap,
@@ -283,15 +280,7 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let text = String::from_utf8_lossy(&out.stdout);
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
     let end = at + st["total-time"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
-    let gap = cv["gaps"]
-        .as_array()
-        .map(|g| {
-            g.iter()
-                .filter(|x| (at - 0.2..=end).contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
-                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
-                .fold(0.0f64, f64::max)
-        })
-        .unwrap_or(0.0);
+    let gap = largest_gap(&cv, at - 0.2..=end);
     Ok(json!({
         "size_mib": size, "rate": rate, "vmm": "qemu",
         "migration_gap_ms": gap, "downtime_ms": st["downtime"], "total_ms": st["total-time"],

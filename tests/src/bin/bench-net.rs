@@ -50,18 +50,9 @@ fn start(c: &mut Cluster, target: Target, app: &str, log: &Path) -> Result<u32> 
     let (ready, cmd) = match target {
         Target::Ferry => {
             let mut cmd = c.command("hostA", ferry_tests::ferry_bin());
-            cmd.arg("run").arg(image(app)).args([
-                "--memory",
-                "64M",
-                "--tap",
-                TAP,
-                "--mac",
-                SERVICE_MAC,
-                "--ip",
-                VIP_CIDR,
-                "--gateway",
-                GATEWAY,
-            ]);
+            cmd.arg("run")
+                .arg(image(app))
+                .args(cluster::service_args("64M"));
             ("listening", cmd)
         }
         Target::Native => {

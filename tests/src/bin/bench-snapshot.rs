@@ -42,6 +42,36 @@ fn wait_socket(p: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Restores `snap` (with `extra` options) with `FERRY_TRACE=1`, stops it
+/// once it answers, and returns its trace.
+fn restore_trace(snap: &std::path::Path, api: &std::path::Path, extra: &[&str]) -> Result<String> {
+    let _ = std::fs::remove_file(api);
+    let r = Command::new(ferry_bin())
+        .arg("restore")
+        .arg(snap)
+        .args(extra)
+        .arg("--api")
+        .arg(api)
+        .env("FERRY_TRACE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_socket(api)?;
+    ferry_ctl(&["stop", "--api"], api)?;
+    Ok(String::from_utf8_lossy(&r.wait_with_output()?.stderr).into_owned())
+}
+
+/// The time of `phase` in a `FERRY_TRACE` output, in ms.
+fn phase_ms(trace: &str, phase: &str) -> Option<f64> {
+    trace
+        .lines()
+        .find(|l| l.ends_with(phase))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
 fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
     let api = dir.join("s.sock");
     let snap = dir.join("s.snap");
@@ -82,51 +112,14 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
     vm.wait()?;
     let sv: Value = serde_json::from_str(&out)?;
     let meta = std::fs::metadata(&snap)?;
-    // Restore, to running.
-    let _ = std::fs::remove_file(&api);
-    let r = Command::new(ferry_bin())
-        .arg("restore")
-        .arg(&snap)
-        .arg("--api")
-        .arg(&api)
-        .env("FERRY_TRACE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_socket(&api)?;
-    ferry_ctl(&["stop", "--api"], &api)?;
-    let o = r.wait_with_output()?;
-    let trace = String::from_utf8_lossy(&o.stderr);
-    let at = |phase: &str| -> Option<f64> {
-        trace
-            .lines()
-            .find(|l| l.ends_with(phase))?
-            .split_whitespace()
-            .nth(2)?
-            .parse()
-            .ok()
-    };
-    let running = at("running").with_context(|| format!("no 'running' in the trace: {trace}"))?;
+    let trace = restore_trace(&snap, &api, &[])?;
+    let running = phase_ms(&trace, "running")
+        .with_context(|| format!("no 'running' in the trace: {trace}"))?;
     // Again, trusting the memory image (no digest over all of it).
-    let _ = std::fs::remove_file(&api);
-    let r = Command::new(ferry_bin())
-        .arg("restore")
-        .arg(&snap)
-        .args(["--no-verify-memory", "--api"])
-        .arg(&api)
-        .env("FERRY_TRACE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_socket(&api)?;
-    ferry_ctl(&["stop", "--api"], &api)?;
-    let o = r.wait_with_output()?;
-    let trace2 = String::from_utf8_lossy(&o.stderr);
-    let running_trusted: f64 = trace2
-        .lines()
-        .find(|l| l.ends_with("running"))
-        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
-        .with_context(|| format!("no 'running' in the trace: {trace2}"))?;
+    let trusted = restore_trace(&snap, &api, &["--no-verify-memory"])?;
+    let running_trusted = phase_ms(&trusted, "running")
+        .with_context(|| format!("no 'running' in the trace: {trusted}"))?;
+    let at = |phase: &str| phase_ms(&trace, phase);
     Ok(json!({
         "memory_mib": size,
         "snapshot_ms": snapshot_ms,

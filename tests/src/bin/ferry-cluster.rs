@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, TAP, VIP, VIP_CIDR};
+use ferry_tests::cluster::{self, Cluster, SERVICE_MAC, TAP, VIP};
 
 const PREFIX: &str = "ferry";
 
@@ -233,19 +233,8 @@ fn main() -> ExitCode {
                 .arg(&image)
                 .arg("--api")
                 .arg(&api)
-                .args([
-                    "--memory",
-                    &memory,
-                    "--tap",
-                    TAP,
-                    "--mac",
-                    SERVICE_MAC,
-                    "--ip",
-                    VIP_CIDR,
-                    "--gateway",
-                    GATEWAY,
-                    "--",
-                ])
+                .args(cluster::service_args(&memory))
+                .arg("--")
                 .args(&args)
                 .exec();
             Err(err).context("cannot start ferry")

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ferry_tests::cluster::{self, Cluster, MIGRATION_IPS, VIP};
+use ferry_tests::cluster::{Cluster, VIP};
 use ferry_tests::{image, json_u64, root};
 
 #[derive(Parser)]
@@ -109,7 +109,6 @@ fn main() -> Result<()> {
                 break;
             }
         }
-        let _ = MIGRATION_IPS;
     }
     // Counters just before the client hangs up (closing a socket with
     // unread data, as it does, resets it: that is not the service's doing).
@@ -203,7 +202,6 @@ fn main() -> Result<()> {
     );
     println!("  report: {}", dir.join("report.json").display());
     drop(c);
-    let _ = cluster::log_dir;
     if !errors.is_empty() {
         bail!("the demo saw errors");
     }

@@ -225,7 +225,10 @@ impl Worker {
         let mem = &self.mem;
         let stats = &self.shared.stats;
         let mut delivered = false;
-        self.seen.clear();
+        if !self.seen.is_empty() {
+            // A capture window is over; its duplicate filter goes with it.
+            self.seen = HashSet::new();
+        }
         loop {
             let len = match backlog.pop_front() {
                 Some(f) => {
