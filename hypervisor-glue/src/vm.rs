@@ -404,7 +404,7 @@ impl Vm {
                 let g =
                     |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 serde_json::json!({
-                    "rx_frames": g(&st.rx_frames), "tx_frames": g(&st.tx_frames), "dropped": g(&st.dropped),
+                    "rx_frames": g(&st.rx_frames), "tx_frames": g(&st.tx_frames), "tx_gso_frames": g(&st.tx_gso_frames), "dropped": g(&st.dropped),
                     "interrupts": g(&st.interrupts), "captured": g(&st.captured), "duplicates": g(&st.duplicates),
                 })
             }

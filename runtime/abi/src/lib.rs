@@ -25,6 +25,8 @@
 /// (`/ferry,vmm` `abi-version`); the runtime refuses a VMM with another one.
 pub const ABI_VERSION: u32 = 1;
 
+pub mod tso;
+
 /// Guest-physical layout of the boot structures Ferry's VMM writes.
 ///
 /// Everything below [`layout::KERNEL_ADDR`] belongs to the VMM's boot

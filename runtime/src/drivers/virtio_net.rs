@@ -1,9 +1,17 @@
 //! The virtio-net driver: finds the card on PCI, negotiates VERSION_1, MAC
-//! and EVENT_IDX, sets up one receive and one transmit queue with
-//! preallocated 2 KiB buffers, and routes the card's interrupt pin through
-//! the IOAPIC.
+//! and EVENT_IDX (and, where offered, checksum and TCP segmentation
+//! offload), sets up one receive and one transmit queue with preallocated
+//! buffers, and routes the card's interrupt pin through the IOAPIC.
 //!
-//! Frames carry the 12-byte virtio-net header (all zero: no offloads).
+//! Frames carry the 12-byte virtio-net header.
+//!
+//! TCP segmentation offload (VIRTIO_NET_F_HOST_TSO4): on PVM every guest
+//! instruction is emulated (docs/pvm-emulation.md), and building one TCP
+//! segment costs smoltcp about a thousand of them whatever its size, so the
+//! driver lets smoltcp build segments of up to [`TSO_PAYLOAD`] bytes and
+//! the device cuts them to the peer's MSS, as a NIC with TSO does (how the
+//! MSS reaches the device: `ferry_abi::tso`). The link stays a 1500-byte
+//! Ethernet.
 
 use alloc::vec::Vec;
 
@@ -14,22 +22,37 @@ use virtio_drivers::transport::pci::bus::{
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal};
 
+use ferry_abi::tso::{MssTable, NEEDS_CSUM};
+
 use super::pci::{IdentityHal, PortCam};
 use super::virtq::SplitQueue;
 use crate::arch::ioapic;
 
 /// The virtio-net header length with VIRTIO_F_VERSION_1.
 pub const HDR_LEN: usize = 12;
-/// Size of each buffer: the header and a full Ethernet frame fit.
+/// Size of each receive buffer (and transmit buffer without TSO): the
+/// header and a full Ethernet frame fit.
 pub const BUF_SIZE: usize = 2048;
-/// Largest Ethernet frame (no VLAN tag, no FCS) the driver sends.
-pub const MAX_FRAME: usize = 1514;
+/// The link's MTU: what the peers' stacks see.
+const LINK_MTU: usize = 1500;
+/// Largest Ethernet frame (no VLAN tag, no FCS) on the link.
+pub const MAX_FRAME: usize = 14 + LINK_MTU;
+/// The MSS a TCP peer on the link can take at most (IPv4, no options).
+const LINK_MSS: u16 = (LINK_MTU - 40) as u16;
+/// With TSO: the most TCP payload smoltcp puts in one frame.
+pub const TSO_PAYLOAD: usize = 16 * 1024;
+/// With TSO: the largest frame smoltcp builds (Ethernet, IPv4 and TCP
+/// headers, options and payload within [`TSO_PAYLOAD`] + 20).
+pub const TSO_FRAME: usize = 14 + 20 + 20 + TSO_PAYLOAD;
+/// With TSO: transmit buffers (each takes a whole super-frame).
+const TSO_BUFFERS: u16 = 48;
 /// Queue entries (the device may offer fewer).
 const QUEUE_SIZE: u16 = 256;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MAC: u64 = 1 << 5;
+const F_HOST_TSO4: u64 = 1 << 11;
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
 
@@ -75,34 +98,36 @@ impl core::fmt::Display for Error {
     }
 }
 
-/// A buffer pool: `count` buffers of [`BUF_SIZE`] bytes, buffer `i` at
-/// `base + i * BUF_SIZE`.
+/// A buffer pool: `count` buffers of `size` bytes, buffer `i` at
+/// `base + i * size`.
 #[derive(Debug)]
 struct Buffers {
     base: *mut u8,
     count: u16,
+    size: usize,
 }
 
 impl Buffers {
-    fn new(count: u16) -> Self {
-        let pages = (usize::from(count) * BUF_SIZE).div_ceil(4096);
+    fn new(count: u16, size: usize) -> Self {
+        let pages = (usize::from(count) * size).div_ceil(4096);
         let (_, base) = IdentityHal::dma_alloc(pages, BufferDirection::Both);
         Buffers {
             base: base.as_ptr(),
             count,
+            size,
         }
     }
 
     fn addr(&self, id: u16) -> u64 {
-        self.base as u64 + u64::from(id) * BUF_SIZE as u64
+        self.base as u64 + u64::from(id) * self.size as u64
     }
 
     /// Buffer `id`, `len` bytes.
     fn get(&mut self, id: u16, len: usize) -> &mut [u8] {
-        assert!(id < self.count && len <= BUF_SIZE);
+        assert!(id < self.count && len <= self.size);
         // SAFETY: buffer `id` lies inside the allocation; the caller only
         // asks for buffers the device does not own at the moment.
-        unsafe { core::slice::from_raw_parts_mut(self.base.add(usize::from(id) * BUF_SIZE), len) }
+        unsafe { core::slice::from_raw_parts_mut(self.base.add(usize::from(id) * self.size), len) }
     }
 }
 
@@ -148,6 +173,8 @@ pub struct TxHalf {
     /// TCP/UDP checksums are left to the device (VIRTIO_NET_F_CSUM), and
     /// received ones are checked by it (VIRTIO_NET_F_GUEST_CSUM).
     offload: bool,
+    /// With TSO negotiated: the peers' MSS.
+    tso: Option<MssTable>,
 }
 
 impl TxHalf {
@@ -166,7 +193,7 @@ impl TxHalf {
     /// Fills a free buffer with a `len`-byte frame through `f` and queues it.
     /// `None` if no buffer is free or `len` is too large.
     pub fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> Option<R> {
-        if len > MAX_FRAME {
+        if len > self.max_frame() {
             return None;
         }
         let id = self.free.pop()?;
@@ -176,6 +203,13 @@ impl TxHalf {
         let r = f(&mut buf[HDR_LEN..]);
         if offload {
             let (hdr, frame) = buf.split_at_mut(HDR_LEN);
+            if let Some(tso) = &self.tso
+                && !tso.prepare_tx(hdr, frame, MAX_FRAME)
+            {
+                // Too large and not TCP: nothing can cut it down.
+                self.free.push(id);
+                return Some(r);
+            }
             partial_checksum(hdr, frame);
         }
         let addr = self.bufs.addr(id);
@@ -186,6 +220,23 @@ impl TxHalf {
     /// Whether checksums are offloaded to the device.
     pub fn offload(&self) -> bool {
         self.offload
+    }
+
+    /// The largest frame [`send`](Self::send) takes.
+    pub fn max_frame(&self) -> usize {
+        if self.tso.is_some() {
+            TSO_FRAME
+        } else {
+            MAX_FRAME
+        }
+    }
+
+    /// Looks at a received frame before the stack does: with TSO, a SYN's
+    /// MSS is noted and shown to smoltcp as [`TSO_PAYLOAD`].
+    pub fn inspect_rx(&mut self, frame: &mut [u8]) {
+        if let Some(tso) = &mut self.tso {
+            tso.note_syn(frame);
+        }
     }
 
     /// Frames queued but not yet published.
@@ -199,8 +250,6 @@ impl TxHalf {
         self.q.kick_needed()
     }
 }
-
-const NEEDS_CSUM: u8 = 1;
 
 /// For an IPv4 TCP or UDP frame whose checksum field is zero (smoltcp with
 /// transmit checksums off): puts the pseudo-header sum there and asks the
@@ -317,7 +366,9 @@ impl core::fmt::Debug for NetCard {
 
 impl NetCard {
     /// Finds and starts the first virtio-net card on PCI bus 0.
-    pub fn probe() -> Result<NetCard, Error> {
+    /// Finds and starts the card; `tso`: use segmentation offload if the
+    /// card offers it.
+    pub fn probe(tso: bool) -> Result<NetCard, Error> {
         let mut root = PciRoot::new(PortCam);
         let mut found = None;
         for (df, info) in root.enumerate_bus(0) {
@@ -335,10 +386,10 @@ impl NetCard {
         root.set_command(df, cmd | Command::MEMORY_SPACE | Command::BUS_MASTER);
         let transport =
             PciTransport::new::<IdentityHal, _>(&mut root, df).map_err(Error::Transport)?;
-        NetCard::start(transport, irq_line)
+        NetCard::start(transport, irq_line, tso)
     }
 
-    fn start(mut t: PciTransport, irq_line: u8) -> Result<NetCard, Error> {
+    fn start(mut t: PciTransport, irq_line: u8, tso: bool) -> Result<NetCard, Error> {
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = t.read_device_features();
@@ -350,7 +401,10 @@ impl NetCard {
         if offered & F_MAC == 0 {
             return Err(Error::MissingFeature("a MAC address (VIRTIO_NET_F_MAC)"));
         }
-        let wanted = F_VERSION_1 | F_MAC | (offered & (F_EVENT_IDX | F_CSUM | F_GUEST_CSUM));
+        let mut wanted = F_VERSION_1 | F_MAC | (offered & (F_EVENT_IDX | F_CSUM | F_GUEST_CSUM));
+        if wanted & (F_CSUM | F_GUEST_CSUM) == F_CSUM | F_GUEST_CSUM && tso {
+            wanted |= offered & F_HOST_TSO4;
+        }
         t.write_driver_features(wanted);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
         if !t.get_status().contains(DeviceStatus::FEATURES_OK) {
@@ -371,14 +425,24 @@ impl NetCard {
         }
         let mut rx = RxHalf {
             q: rxq,
-            bufs: Buffers::new(size),
+            bufs: Buffers::new(size, BUF_SIZE),
         };
         let offload = wanted & (F_CSUM | F_GUEST_CSUM) == F_CSUM | F_GUEST_CSUM;
+        let tso = wanted & F_HOST_TSO4 != 0;
+        let (tx_count, tx_size) = if tso {
+            (
+                TSO_BUFFERS.min(size),
+                (HDR_LEN + TSO_FRAME).next_multiple_of(64),
+            )
+        } else {
+            (size, BUF_SIZE)
+        };
         let tx = TxHalf {
             q: txq,
-            bufs: Buffers::new(size),
-            free: (0..size).rev().collect(),
+            bufs: Buffers::new(tx_count, tx_size),
+            free: (0..tx_count).rev().collect(),
             offload,
+            tso: tso.then(|| MssTable::new(TSO_PAYLOAD as u16, LINK_MSS)),
         };
         for id in 0..size {
             rx.recycle(id);

@@ -6,11 +6,11 @@ use smoltcp::time::Instant;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::transport::pci::PciTransport;
 
-use crate::drivers::virtio_net::{MAX_FRAME, NetCard, RxHalf, TxHalf};
+use crate::drivers::virtio_net::{NetCard, RxHalf, TxHalf};
 
 /// Frames queued before the driver publishes them to the device mid-poll,
 /// so the device thread starts sending while smoltcp is still producing.
-const TX_BATCH: u16 = 32;
+const TX_BATCH: u16 = 1;
 
 /// A received frame.
 pub struct RxToken<'a> {
@@ -46,7 +46,7 @@ impl phy::TxToken for TxToken<'_> {
         // No buffer free (only possible for a reply token handed out with a
         // received frame): the frame is built and dropped, as a full NIC
         // queue would; TCP retransmits.
-        let mut scratch = alloc::vec![0u8; len.min(MAX_FRAME)];
+        let mut scratch = alloc::vec![0u8; len.min(self.tx.max_frame())];
         (f.take().expect("once"))(&mut scratch)
     }
 }
@@ -58,6 +58,7 @@ impl phy::Device for NetCard {
     fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
         let (rx, tx, transport) = self.split();
         let (id, len) = rx.next_frame()?;
+        tx.inspect_rx(rx.frame(id, len));
         Some((RxToken { rx, id, len }, TxToken { tx, transport }))
     }
 
@@ -70,7 +71,7 @@ impl phy::Device for NetCard {
     fn capabilities(&self) -> DeviceCapabilities {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = MAX_FRAME;
+        caps.max_transmission_unit = self.tx.max_frame();
         if self.tx.offload() {
             // The device fills in and checks TCP/UDP checksums: the guest,
             // whose every instruction is emulated on PVM, never sums a

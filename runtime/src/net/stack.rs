@@ -15,7 +15,7 @@ use smoltcp::wire::{
 use super::Local;
 use crate::arch::cpu;
 use crate::arch::idt::DEVICE_INTERRUPT;
-use crate::drivers::virtio_net::NetCard;
+use crate::drivers::virtio_net::{MAX_FRAME, NetCard};
 use crate::time::Instant;
 
 /// What can go wrong, for the network or a connection.
@@ -56,6 +56,8 @@ pub struct Config {
     pub gateway: Option<Ipv4Address>,
     /// Print event-loop counters every 2 s (`net.stats=1`).
     pub stats: bool,
+    /// Let the card cut large TCP segments if it can (`net.tso=0`: no).
+    pub tso: bool,
 }
 
 impl Config {
@@ -93,6 +95,7 @@ impl Config {
             prefix,
             gateway,
             stats: get("net.stats") == Some("1"),
+            tso: get("net.tso") != Some("0"),
         })
     }
 }
@@ -171,7 +174,7 @@ fn smol_now(now: Instant) -> smoltcp::time::Instant {
 }
 
 pub(super) fn init(config: &Config) -> Result<(), NetError> {
-    let mut card = NetCard::probe().map_err(|e| NetError::Card(alloc::format!("{e}")))?;
+    let mut card = NetCard::probe(config.tso).map_err(|e| NetError::Card(alloc::format!("{e}")))?;
     let mac = EthernetAddress(card.mac());
     let mut iface_config = smoltcp::iface::Config::new(HardwareAddress::Ethernet(mac));
     iface_config.random_seed = cpu::rdtsc()
@@ -191,9 +194,14 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
     }
     announce(&mut card, mac, config.ip);
     crate::println!(
-        "net: up: mac {mac} irq {} checksum offload {} ip {}/{} gateway {}",
+        "net: up: mac {mac} irq {} checksum offload {} tso {} ip {}/{} gateway {}",
         card.irq_line(),
         if card.tx.offload() { "on" } else { "off" },
+        if card.tx.max_frame() > MAX_FRAME {
+            "on"
+        } else {
+            "off"
+        },
         config.ip,
         config.prefix,
         config.gateway.map_or_else(
@@ -245,19 +253,27 @@ pub(super) fn poll(now: Instant) -> bool {
         let t = smol_now(now);
         let mut changed = false;
         s.iface.poll_maintenance(t);
+        // One received frame, then one round of sending, in turn: a
+        // sender's segments go out between the ACKs it takes in, instead
+        // of after all of them (each costs ~1 ms of emulated guest
+        // instructions here, so a queue of ACKs would otherwise be a
+        // gap of several ms in the outgoing stream).
         loop {
-            match s.iface.poll_ingress_single(t, &mut s.card, &mut s.sockets) {
-                PollIngressSingleResult::None => break,
-                PollIngressSingleResult::PacketProcessed => {}
+            let took = match s.iface.poll_ingress_single(t, &mut s.card, &mut s.sockets) {
+                PollIngressSingleResult::None => false,
+                PollIngressSingleResult::PacketProcessed => true,
                 PollIngressSingleResult::SocketStateChanged => {
                     changed = true;
                     s.replenish();
+                    true
                 }
+            };
+            let sent = s.iface.poll_egress(t, &mut s.card, &mut s.sockets)
+                == PollResult::SocketStateChanged;
+            changed |= sent;
+            if !took && !sent {
+                break;
             }
-        }
-        while s.iface.poll_egress(t, &mut s.card, &mut s.sockets) == PollResult::SocketStateChanged
-        {
-            changed = true;
         }
         s.card.flush();
         let sockets = &mut s.sockets;

@@ -43,11 +43,14 @@ pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
 /// Feature bit: the device has a MAC address in its configuration.
 pub const F_MAC: u64 = 1 << 5;
+/// Feature bit: the device takes TCP/IPv4 frames larger than the MTU and
+/// cuts them into segments (TSO; the tap's kernel side does the cutting).
+pub const F_HOST_TSO4: u64 = 1 << 11;
 /// Feature bit: the device configuration has a link status.
 pub const F_STATUS: u64 = 1 << 16;
 /// What the device offers.
 pub const DEVICE_FEATURES: u64 =
-    F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM;
+    F_VERSION_1 | F_EVENT_IDX | F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM | F_HOST_TSO4;
 /// Queue indices.
 const RX: usize = 0;
 const TX: usize = 1;
@@ -98,6 +101,8 @@ pub struct Stats {
     pub rx_frames: AtomicU64,
     /// Frames sent by the guest.
     pub tx_frames: AtomicU64,
+    /// Frames sent by the guest that the device cut into segments (TSO).
+    pub tx_gso_frames: AtomicU64,
     /// Frames dropped: too large for the guest's buffer, malformed, a bad
     /// checksum, or the device was not running.
     pub dropped: AtomicU64,

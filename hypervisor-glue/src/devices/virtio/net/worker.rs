@@ -24,12 +24,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::csum::{self, DATA_VALID, NEEDS_CSUM, Verdict};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::{F_CSUM, F_GUEST_CSUM, MAX_BACKLOG_BYTES, RX, Shared, TX};
+use super::{F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, MAX_BACKLOG_BYTES, RX, Shared, TX};
 use crate::memory::GuestRam;
+use ferry_abi::tso::{GSO_TCPV4, MIN_GSO_SIZE};
 
 /// Largest frame accepted from either side: a 12-byte header and a
-/// 64 KiB packet (no GSO is negotiated, so real frames are ~1.5 KiB).
+/// 64 KiB packet (the guest's TSO super-frames; received frames are
+/// ~1.5 KiB, as the tap never hands over GSO frames).
 pub(super) const MAX_FRAME: usize = VNET_HDR_LEN + 65_550;
+
 /// Smallest frame: the header and an Ethernet header.
 const MIN_FRAME: usize = VNET_HDR_LEN + 14;
 
@@ -303,9 +306,16 @@ impl Worker {
                 match frame {
                     Some(n) if fix_tx_header(&mut self.buf, n, self.features) => {
                         match self.tap.write_frame(&self.buf[..n]) {
-                            Ok(_) => stats.tx_frames.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => stats.dropped.fetch_add(1, Ordering::Relaxed),
-                        };
+                            Ok(_) => {
+                                stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                                if self.buf[1] != 0 {
+                                    stats.tx_gso_frames.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Err(_) => {
+                                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
                     }
                     _ => {
                         stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -371,19 +381,72 @@ fn fix_tx_header(buf: &mut [u8], n: usize, features: u64) -> bool {
         hdr.fill(0);
         return true;
     }
-    if gso_type != 0 {
-        return false;
-    }
     let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
     let offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
     let frame_len = n - VNET_HDR_LEN;
     if start >= frame_len || start + offset + 2 > frame_len {
         return false;
     }
+    match gso_type {
+        0 => hdr[2..6].iter_mut().for_each(|b| *b = 0),
+        GSO_TCPV4 if features & F_HOST_TSO4 != 0 => {
+            // A TCP super-frame: the tap's kernel side cuts it into
+            // segments of gso_size bytes after hdr_len bytes of headers
+            // (and checks those further); it must at least lie inside
+            // the frame and leave payload to cut.
+            let hdr_len = usize::from(u16::from_le_bytes([hdr[2], hdr[3]]));
+            let gso_size = usize::from(u16::from_le_bytes([hdr[4], hdr[5]]));
+            if hdr_len <= start || hdr_len >= frame_len || gso_size < usize::from(MIN_GSO_SIZE) {
+                return false;
+            }
+        }
+        _ => return false,
+    }
     // Passed to the kernel as is: it completes the checksum where one
     // is needed (for traffic between local namespaces, never).
     hdr[0] = NEEDS_CSUM;
-    hdr[2..6].iter_mut().for_each(|b| *b = 0);
     hdr[10..12].iter_mut().for_each(|b| *b = 0);
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header + frame buffer of `len` frame bytes with a TCP partial
+    /// checksum at 34 + 16 and the given GSO fields.
+    fn tx(len: usize, gso_type: u8, hdr_len: u16, gso_size: u16) -> Vec<u8> {
+        let mut b = vec![0u8; VNET_HDR_LEN + len];
+        b[0] = NEEDS_CSUM;
+        b[1] = gso_type;
+        b[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&34u16.to_le_bytes());
+        b[8..10].copy_from_slice(&16u16.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn gso_frames_pass_only_when_tso_was_negotiated_and_sane() {
+        let tso = F_CSUM | F_HOST_TSO4;
+        let n = VNET_HDR_LEN + 9000;
+        let mut b = tx(9000, GSO_TCPV4, 66, 1448);
+        assert!(fix_tx_header(&mut b, n, tso));
+        assert_eq!(&b[1..6], &[GSO_TCPV4, 66, 0, 0xA8, 0x05]);
+        // Not negotiated, another GSO type, headers outside the frame or
+        // before the checksum start, a segment size below the minimum.
+        assert!(!fix_tx_header(
+            &mut tx(9000, GSO_TCPV4, 66, 1448),
+            n,
+            F_CSUM
+        ));
+        assert!(!fix_tx_header(&mut tx(9000, 3, 66, 1448), n, tso));
+        assert!(!fix_tx_header(&mut tx(9000, GSO_TCPV4, 9000, 1448), n, tso));
+        assert!(!fix_tx_header(&mut tx(9000, GSO_TCPV4, 20, 1448), n, tso));
+        assert!(!fix_tx_header(&mut tx(9000, GSO_TCPV4, 66, 10), n, tso));
+        // A plain frame has its GSO fields cleared.
+        let mut b = tx(1000, 0, 66, 1448);
+        assert!(fix_tx_header(&mut b, VNET_HDR_LEN + 1000, tso));
+        assert_eq!(&b[1..6], &[0; 5]);
+    }
 }
