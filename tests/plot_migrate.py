@@ -16,6 +16,8 @@ for rate in ("120M", "full"):
         ax.plot(xs, [r["migration_gap_ms_median"] for r in pts], marker="o",
                 label=f"client gap, {rate}, capture {'on' if cap else 'off'}")
 pts = [r for r in rows if r["rate"] == "120M" and r["capture"] and r["runs"]]
+ax.plot([r["size_mib"] for r in pts], [r["own_gap_ms_median"] for r in pts], "k:", marker="s",
+        label="the stream's own gap, no migration (120M)")
 ax.plot([r["size_mib"] for r in pts], [r["downtime_ms_median"] for r in pts], "k--", marker="x", label="VMM downtime")
 ax.set_xscale("log")
 ax.set_xlabel("image size (MiB)")

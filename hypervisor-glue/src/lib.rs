@@ -13,7 +13,8 @@
 //! - [`snapshot`]: the VM's saved state and the snapshot file format;
 //! - [`control`]: the control socket (status, pause, resume, snapshot,
 //!   migrate, stop) and [`stop`]: SIGINT/SIGTERM and vCPU kicks;
-//! - [`migration`]: live migration, source and destination.
+//! - [`migration`]: live migration, source and destination, its bulk copying
+//!   kept behind running vCPUs by [`sched`].
 //!
 //! The `ferry` binary (`src/bin/ferry.rs`) is the command line on top.
 //!
@@ -36,6 +37,7 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod net;
+pub mod sched;
 pub mod size;
 pub mod snapshot;
 pub mod stop;

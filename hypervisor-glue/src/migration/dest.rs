@@ -125,6 +125,9 @@ fn take_vm(
         config.memory >> 20
     ));
     let mut pages = 0u64;
+    // Pre-copy rounds arrive while the VM still runs on the source (maybe
+    // on this machine's other core): receive them in the background.
+    let mut background = Some(crate::sched::Background::enter());
     loop {
         let (t, p) = recv(&mut r)?;
         match t {
@@ -144,6 +147,8 @@ fn take_vm(
                 pages += 1;
             }
             Msg::StartCapture => {
+                // The source stops the VM next: the rest is downtime.
+                drop(background.take());
                 if capture {
                     incoming.start_capture();
                 }

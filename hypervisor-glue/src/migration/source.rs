@@ -238,6 +238,8 @@ fn precopy_and_commit(
     t0: Instant,
 ) -> Result<Value, Error> {
     let _ = collect_dirty(ctx)?; // start from a clean log
+    // While the VM runs, copying yields the CPU to it.
+    let background = crate::sched::Background::enter();
     let total_pages = all_pages(&ctx.mem).len() as u64;
     let mut bytes = 0u64;
     let mut rounds = Vec::new();
@@ -276,8 +278,10 @@ fn precopy_and_commit(
         );
     }
 
-    // Capture at the destination, then stop and copy. Frames read here
-    // from now on are recorded, so the destination can drop its copies.
+    // Capture at the destination, then stop and copy (at full priority:
+    // the VM waits for it). Frames read here from now on are recorded, so
+    // the destination can drop its copies.
+    drop(background);
     vm.record(true);
     let capture_on = send(w, Msg::StartCapture, b"")
         .and_then(|()| w.flush().map_err(Error::from))

@@ -35,17 +35,60 @@ struct Args {
     only_qemu: bool,
 }
 
-/// The largest gap between arrivals the client reported in `range` (s).
-fn largest_gap<R: std::ops::RangeBounds<f64>>(cv: &Value, range: R) -> f64 {
-    cv["gaps"]
+/// Gap measures of one run whose migration ran from `at` (s after the
+/// client started) for `total_s`: the largest gap around it, when that gap
+/// came (ms after the migration started), and, for the same stream before
+/// the migration, the median over windows of the same length of each
+/// window's largest gap (the gap the client sees anyway, with no
+/// migration: on this emulated guest, arrivals come in bursts).
+struct Gaps {
+    gap: f64,
+    gap_at_ms: f64,
+    own_gap: f64,
+}
+
+fn gaps(cv: &Value, at: f64, total_s: f64) -> Gaps {
+    let (from, to) = (at - 0.2, at + total_s + 0.5);
+    let list: Vec<(f64, f64)> = cv["gaps"]
         .as_array()
         .map(|g| {
             g.iter()
-                .filter(|x| range.contains(&x["at_s"].as_f64().unwrap_or(-1.0)))
-                .map(|x| x["gap_ms"].as_f64().unwrap_or(0.0))
-                .fold(0.0f64, f64::max)
+                .filter_map(|x| Some((x["at_s"].as_f64()?, x["gap_ms"].as_f64()?)))
+                .collect()
         })
-        .unwrap_or(0.0)
+        .unwrap_or_default();
+    let largest = |a: f64, b: f64| {
+        list.iter()
+            .filter(|(t, _)| (a..b).contains(t))
+            .fold((0.0f64, a), |m, &(t, g)| if g > m.0 { (g, t) } else { m })
+    };
+    let (gap, when) = largest(from, to);
+    let len = to - from;
+    let mut own: Vec<f64> = Vec::new();
+    let mut start = 0.3;
+    while start + len <= from {
+        own.push(largest(start, start + len).0);
+        start += len;
+    }
+    Gaps {
+        gap,
+        gap_at_ms: (when - at) * 1e3,
+        own_gap: median(&mut own),
+    }
+}
+
+/// The smallest 100 ms window that overlaps `range` (s), relative to the
+/// median window of the run.
+fn worst_window(windows: &[f64], steady: f64, range: std::ops::Range<f64>) -> f64 {
+    windows
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            let t = *i as f64 / 10.0;
+            t + 0.1 > range.start && t < range.end
+        })
+        .map(|(_, w)| w / steady)
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -107,7 +150,9 @@ fn one_run(
             &seconds.to_string(),
             "--json",
             "--gap-ms",
-            "2",
+            "1",
+            "--max-gaps",
+            "1000000",
             "--windows-ms",
             "100",
         ])
@@ -126,8 +171,8 @@ fn one_run(
     let text = String::from_utf8_lossy(&out.stdout);
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
     let rv: Value = serde_json::from_str(&report)?;
-    let end = at + rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
-    let gap = largest_gap(&cv, at - 0.2..=end);
+    let total_s = rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3;
+    let g = gaps(&cv, at, total_s);
     // Throughput: 100 ms windows; steady state is the median window.
     let windows: Vec<f64> = cv["windows"]
         .as_array()
@@ -135,25 +180,21 @@ fn one_run(
         .unwrap_or_default();
     let mut steady = windows.clone();
     let steady = median(&mut steady);
-    // Leave out the connection's first and last 300 ms.
-    let worst_window = windows
-        .iter()
-        .skip(3)
-        .take(windows.len().saturating_sub(6))
-        .cloned()
-        .fold(f64::INFINITY, f64::min);
-    // The same stream's largest gap before the migration: the guest's own
-    // burstiness, to read the migration's gap against.
-    let baseline_gap = largest_gap(&cv, 0.3..at - 0.2);
     Ok(json!({
         "size_mib": size, "rate": rate, "capture": capture,
-        "migration_gap_ms": gap,
-        "baseline_gap_ms": baseline_gap,
+        "migration_gap_ms": g.gap,
+        "gap_at_ms": g.gap_at_ms,
+        "own_gap_ms": g.own_gap,
+        "added_ms": g.gap - g.own_gap,
         "max_gap_ms": cv["max_gap_ms"],
+        // The worst window around the migration, and the worst of the
+        // same stream before it (leaving out its first 300 ms).
+        "worst_window_at_migration": worst_window(&windows, steady, at - 0.2..at + total_s + 0.5),
+        "worst_window_before": worst_window(&windows, steady, 0.3..at - 0.2),
         "downtime_ms": rv["downtime_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
         "captured": rv["destination"]["net"]["captured"],
         "client_bytes_per_second": cv["bytes_per_second"],
-        "steady_window_bytes": steady, "worst_window_bytes": worst_window,
+        "steady_window_bytes": steady,
         "windows": windows, "migration_at_s": at,
         "retransmits": d.retrans_segs, "dup_segments": d.dup_segs_received, "resets": d.estab_resets,
         "error": cv["error"],
@@ -248,7 +289,9 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
             &seconds.to_string(),
             "--json",
             "--gap-ms",
-            "2",
+            "1",
+            "--max-gaps",
+            "1000000",
             "--windows-ms",
             "100",
         ])
@@ -279,11 +322,12 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     c.stop(pb, Duration::from_secs(2));
     let text = String::from_utf8_lossy(&out.stdout);
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
-    let end = at + st["total-time"].as_f64().unwrap_or(0.0) / 1e3 + 0.5;
-    let gap = largest_gap(&cv, at - 0.2..=end);
+    let g = gaps(&cv, at, st["total-time"].as_f64().unwrap_or(0.0) / 1e3);
     Ok(json!({
         "size_mib": size, "rate": rate, "vmm": "qemu",
-        "migration_gap_ms": gap, "downtime_ms": st["downtime"], "total_ms": st["total-time"],
+        "migration_gap_ms": g.gap, "gap_at_ms": g.gap_at_ms, "own_gap_ms": g.own_gap,
+        "added_ms": g.gap - g.own_gap,
+        "downtime_ms": st["downtime"], "total_ms": st["total-time"],
         "retransmits": d.retrans_segs, "resets": d.estab_resets, "error": cv["error"],
     }))
 }
@@ -314,21 +358,32 @@ fn main() -> Result<()> {
                             .collect::<Vec<_>>(),
                     )
                 };
+                let max = |k: &str| {
+                    runs.iter()
+                        .filter_map(|r| r[k].as_f64())
+                        .fold(f64::NEG_INFINITY, f64::max)
+                };
                 let row = json!({
                     "size_mib": size, "rate": rate, "capture": capture, "runs": runs.len(),
                     "migration_gap_ms_median": med("migration_gap_ms"),
-                    "migration_gap_ms_max": runs.iter().filter_map(|r| r["migration_gap_ms"].as_f64()).fold(0.0f64, f64::max),
-                    "baseline_gap_ms_median": med("baseline_gap_ms"),
+                    "migration_gap_ms_max": max("migration_gap_ms"),
+                    "own_gap_ms_median": med("own_gap_ms"),
+                    "added_ms_median": med("added_ms"),
+                    "added_ms_max": max("added_ms"),
+                    "gap_at_ms_median": med("gap_at_ms"),
                     "downtime_ms_median": med("downtime_ms"),
                     "total_ms_median": med("total_ms"),
                     "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
                     "client_bytes_per_second_median": med("client_bytes_per_second"),
-                    "worst_window_vs_steady": med("worst_window_bytes") / med("steady_window_bytes"),
+                    "worst_window_at_migration_median": med("worst_window_at_migration"),
+                    "worst_window_before_median": med("worst_window_before"),
                     "detail": runs,
                 });
                 eprintln!(
-                    "bench-migrate: {size:>5} MiB {rate:>4} capture={capture:<5} gap {:.1} ms, downtime {:.2} ms, total {:.0} ms",
+                    "bench-migrate: {size:>5} MiB {rate:>4} capture={capture:<5} gap {:.1} ms (own {:.1}, added {:.1}), downtime {:.2} ms, total {:.0} ms",
                     row["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+                    row["own_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
+                    row["added_ms_median"].as_f64().unwrap_or(f64::NAN),
                     row["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
                     row["total_ms_median"].as_f64().unwrap_or(f64::NAN)
                 );
@@ -359,6 +414,8 @@ fn main() -> Result<()> {
             let row = json!({
                 "size_mib": size, "runs": runs.len(),
                 "migration_gap_ms_median": med("migration_gap_ms"),
+                "own_gap_ms_median": med("own_gap_ms"),
+                "added_ms_median": med("added_ms"),
                 "downtime_ms_median": med("downtime_ms"),
                 "total_ms_median": med("total_ms"),
                 "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
@@ -389,40 +446,94 @@ fn main() -> Result<()> {
         dir.join("migrate-qemu.json"),
         serde_json::to_string_pretty(&qemu_rows)? + "\n",
     )?;
+    let md = report(&results, &qemu_rows);
+    std::fs::write(root().join("docs/bench-migrate.md"), &md)?;
+    print!("{md}");
+    drop(c);
+    Ok(())
+}
+
+/// p-quantile (0..=1) of `v` (nearest rank).
+fn quantile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// `docs/bench-migrate.md`.
+fn report(results: &[Value], qemu_rows: &[Value]) -> String {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let mut md = String::from(
-        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at ~1 MB/s whatever the rate asked). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`, decimal MB). Medians of the runs; gap = largest gap between arrivals at the client around the migration (the paper's migration delay); downtime = VMM-measured, source pause to destination running.\n\n| image | load | capture | client gap at migration (median / max) | largest gap before it | VMM downtime | total | retransmits | worst 100 ms window / steady |\n|---|---|---|---|---|---|---|---|---|\n",
+        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at a few MB/s whatever the rate asked, and its segments arrive in 16 KiB bursts several ms apart). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`, decimal MB).\n\nPer run: *gap* = the largest gap between arrivals at the client from 200 ms before the migration to 500 ms after it (the paper's migration delay); *own gap* = the same stream before the migration, cut into windows of that length: the median of their largest gaps (what the client sees with no migration); *added* = gap - own gap (what the migration costs the client); *downtime* = VMM-measured, source pause to destination running; *worst window* = the smallest 100 ms throughput window around the migration, and before it, against the run's median window. Medians of the runs unless marked.\n\n| image | load | capture | gap (median / max) | own gap | added (median / max) | VMM downtime | total | retransmits | worst window: at migration / before |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for r in &results {
+    for r in results {
         md.push_str(&format!(
-            "| {} MB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} |\n",
+            "| {} MB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} / {:.2} |\n",
             r["size_mib"],
             r["rate"].as_str().unwrap_or(""),
             if r["capture"] == true { "on" } else { "off" },
-            r["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
-            r["migration_gap_ms_max"].as_f64().unwrap_or(f64::NAN),
-            r["baseline_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
-            r["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
-            r["total_ms_median"].as_f64().unwrap_or(f64::NAN),
+            f(&r["migration_gap_ms_median"]),
+            f(&r["migration_gap_ms_max"]),
+            f(&r["own_gap_ms_median"]),
+            f(&r["added_ms_median"]),
+            f(&r["added_ms_max"]),
+            f(&r["downtime_ms_median"]),
+            f(&r["total_ms_median"]),
             r["retransmits"],
-            r["worst_window_vs_steady"].as_f64().unwrap_or(f64::NAN),
+            f(&r["worst_window_at_migration_median"]),
+            f(&r["worst_window_before_median"]),
+        ));
+    }
+    // The aims, over every run with capture on (Ferry's normal
+    // mode), per size: median and p99 of the delay.
+    md.push_str("\nAgainst the aims (every run with capture on, both loads; p99 is the nearest rank, so the largest value for fewer than 100 runs):\n\n| image | runs | gap p50 / p99 | added p50 / p99 | VMM downtime p50 / p99 |\n|---|---|---|---|---|\n");
+    let mut sizes: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r["size_mib"].as_u64())
+        .collect();
+    sizes.dedup();
+    for size in sizes {
+        let pick = |k: &str| -> Vec<f64> {
+            results
+                .iter()
+                .filter(|r| r["size_mib"].as_u64() == Some(size) && r["capture"] == true)
+                .flat_map(|r| r["detail"].as_array().cloned().unwrap_or_default())
+                .filter_map(|d| d[k].as_f64())
+                .collect()
+        };
+        let (mut g, mut a, mut d) = (
+            pick("migration_gap_ms"),
+            pick("added_ms"),
+            pick("downtime_ms"),
+        );
+        md.push_str(&format!(
+            "| {size} MB | {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.2} / {:.2} ms |\n",
+            g.len(),
+            quantile(&mut g, 0.5),
+            quantile(&mut g, 0.99),
+            quantile(&mut a, 0.5),
+            quantile(&mut a, 0.99),
+            quantile(&mut d, 0.5),
+            quantile(&mut d, 0.99),
         ));
     }
     if !qemu_rows.is_empty() {
-        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture:\n\n| image | client gap (median) | QEMU-reported downtime | total | retransmits |\n|---|---|---|---|---|\n");
-        for r in &qemu_rows {
+        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture:\n\n| image | gap (median) | own gap | added | QEMU-reported downtime | total | retransmits |\n|---|---|---|---|---|---|---|\n");
+        for r in qemu_rows {
             md.push_str(&format!(
-                "| {} MB | {:.1} ms | {:.1} ms | {:.0} ms | {} |\n",
+                "| {} MB | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms | {} |\n",
                 r["size_mib"],
-                r["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
-                r["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
-                r["total_ms_median"].as_f64().unwrap_or(f64::NAN),
+                f(&r["migration_gap_ms_median"]),
+                f(&r["own_gap_ms_median"]),
+                f(&r["added_ms_median"]),
+                f(&r["downtime_ms_median"]),
+                f(&r["total_ms_median"]),
                 r["retransmits"],
             ));
         }
     }
     md.push_str("\nPlots: `docs/bench-migrate-delay.png` (gap and downtime against size), `docs/bench-migrate-throughput.png` (client throughput over time around the migration, largest size).\n");
-    std::fs::write(root().join("docs/bench-migrate.md"), &md)?;
-    print!("{md}");
-    drop(c);
-    Ok(())
+    md
 }

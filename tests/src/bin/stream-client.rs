@@ -29,9 +29,12 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     upstream: u64,
     /// Report arrival gaps longer than this many milliseconds individually
-    /// (the 100 largest).
+    /// (the --max-gaps largest).
     #[arg(long, default_value_t = 50.0)]
     gap_ms: f64,
+    /// How many of the gaps longer than --gap-ms to report.
+    #[arg(long, default_value_t = 100)]
+    max_gaps: usize,
     /// Give up if nothing arrives for this many seconds.
     #[arg(long, default_value_t = 30.0)]
     idle_timeout: f64,
@@ -223,9 +226,9 @@ fn main() -> std::process::ExitCode {
         }
         verified += n as u64;
     }
-    // Keep the 100 largest gaps, in time order.
+    // Keep the largest gaps, in time order.
     gaps.sort_by(|a, b| b.1.total_cmp(&a.1));
-    gaps.truncate(100);
+    gaps.truncate(a.max_gaps);
     gaps.sort_by(|a, b| a.0.total_cmp(&b.0));
     let secs = start.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -1,0 +1,75 @@
+//! Thread priorities. A migration's bulk copying (the pre-copy rounds on
+//! the source, receiving them on the destination) competes for CPU with
+//! the vCPU it moves; on a small host (2 cores: vCPU, sender, receiver) the
+//! scheduler would otherwise take the vCPU off its core for milliseconds,
+//! which clients see as gaps before the migration even stops the VM.
+//! [`Background`] runs the copying at the lowest priority instead: it then
+//! takes the CPU the running VM leaves (and longer, which the downtime
+//! budget accounts for, as it measures bandwidth per round).
+
+/// The nice value of background work.
+const NICE: libc::c_int = 19;
+
+/// While alive, the calling thread runs at nice 19; dropping it restores
+/// the thread's priority (which needs CAP_SYS_NICE; without it the thread
+/// stays in the background, slower but correct).
+#[derive(Debug)]
+pub struct Background {
+    tid: libc::id_t,
+    old: Option<libc::c_int>,
+}
+
+impl Background {
+    /// Moves the calling thread to the background.
+    pub fn enter() -> Background {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // SAFETY: getpriority/setpriority on this thread's own id; errno
+        // is cleared first because -1 is a valid priority.
+        let old = unsafe {
+            *libc::__errno_location() = 0;
+            let p = libc::getpriority(libc::PRIO_PROCESS, tid);
+            let ok = *libc::__errno_location() == 0
+                && libc::setpriority(libc::PRIO_PROCESS, tid, NICE) == 0;
+            ok.then_some(p)
+        };
+        Background { tid, old }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(p) = self.old {
+            // SAFETY: as in `enter`, on the same thread id.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, p) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nice() -> libc::c_int {
+        // SAFETY: as above.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    #[test]
+    fn background_lowers_and_restores_this_threads_priority() {
+        std::thread::spawn(|| {
+            let before = nice();
+            {
+                let _bg = Background::enter();
+                assert_eq!(nice(), NICE);
+            }
+            // Restoring needs CAP_SYS_NICE (CI runs as root).
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                assert_eq!(nice(), before);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
