@@ -25,7 +25,7 @@
 /// (`/ferry,vmm` `abi-version`); the runtime refuses a VMM with another one.
 pub const ABI_VERSION: u32 = 1;
 
-pub mod tso;
+pub mod offload;
 
 /// Guest-physical layout of the boot structures Ferry's VMM writes.
 ///

@@ -10,7 +10,7 @@
 //! segment costs smoltcp about a thousand of them whatever its size, so the
 //! driver lets smoltcp build segments of up to [`TSO_PAYLOAD`] bytes and
 //! the device cuts them to the peer's MSS, as a NIC with TSO does (how the
-//! MSS reaches the device: `ferry_abi::tso`). The link stays a 1500-byte
+//! MSS reaches the device: `ferry_abi::offload`). The link stays a 1500-byte
 //! Ethernet.
 
 use alloc::vec::Vec;
@@ -22,7 +22,7 @@ use virtio_drivers::transport::pci::bus::{
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal};
 
-use ferry_abi::tso::{MssTable, NEEDS_CSUM};
+use ferry_abi::offload::{MssTable, NEEDS_CSUM, pure_ack, supersedes};
 
 use super::pci::{IdentityHal, PortCam};
 use super::virtq::SplitQueue;
@@ -136,11 +136,42 @@ impl Buffers {
 pub struct RxHalf {
     q: SplitQueue,
     bufs: Buffers,
+    /// A frame taken from the ring to look at, to be handed out next.
+    stash: Option<(u16, usize)>,
+    /// Pure ACKs dropped because a newer one said all they said.
+    pub coalesced: u64,
 }
 
 impl RxHalf {
-    /// The next received frame: (buffer id, frame length).
+    /// The next received frame: (buffer id, frame length). Of pure ACKs
+    /// of one connection that wait in a row, only the newest is handed out
+    /// (`ferry_abi::offload::supersedes`).
     pub fn next_frame(&mut self) -> Option<(u16, usize)> {
+        let mut cur = match self.stash.take() {
+            Some(f) => f,
+            None => self.pop_frame()?,
+        };
+        while let Some(older) = pure_ack(self.frame(cur.0, cur.1)) {
+            let Some(next) = self.pop_frame() else {
+                break;
+            };
+            match pure_ack(self.frame(next.0, next.1)) {
+                Some(newer) if supersedes(&newer, &older) => {
+                    self.recycle(cur.0);
+                    self.coalesced += 1;
+                    cur = next;
+                }
+                _ => {
+                    self.stash = Some(next);
+                    break;
+                }
+            }
+        }
+        Some(cur)
+    }
+
+    /// The next frame in the used ring.
+    fn pop_frame(&mut self) -> Option<(u16, usize)> {
         loop {
             let (id, len) = self.q.pop_used()?;
             let len = len as usize;
@@ -426,6 +457,8 @@ impl NetCard {
         let mut rx = RxHalf {
             q: rxq,
             bufs: Buffers::new(size, BUF_SIZE),
+            stash: None,
+            coalesced: 0,
         };
         let offload = wanted & (F_CSUM | F_GUEST_CSUM) == F_CSUM | F_GUEST_CSUM;
         let tso = wanted & F_HOST_TSO4 != 0;
@@ -515,7 +548,8 @@ impl NetCard {
     /// the ISR first to rearm the interrupt line. Returns false if there
     /// is work already (then do not halt).
     pub fn arm(&mut self) -> bool {
-        let pending = self.rx.q.want_interrupt();
+        // A frame set aside by ACK coalescing is work too.
+        let pending = self.rx.q.want_interrupt() || self.rx.stash.is_some();
         let tx_pending = !self.tx.can_send() && self.tx.q.want_interrupt();
         !(pending || tx_pending)
     }

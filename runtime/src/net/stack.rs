@@ -322,11 +322,12 @@ pub(super) fn idle(now: Instant, timer: Option<Instant>) {
             if after.as_nanos() - st.printed_at > 2_000_000_000 {
                 st.printed_at = after.as_nanos();
                 crate::println!(
-                    "net: stats: turns {} idles {} woken by the card {} halted {} ms",
+                    "net: stats: turns {} idles {} woken by the card {} halted {} ms acks coalesced {}",
                     st.turns,
                     st.idles,
                     st.irq_wakes,
-                    st.halted_ns / 1_000_000
+                    st.halted_ns / 1_000_000,
+                    s.card.rx.coalesced
                 );
             }
         }

@@ -26,7 +26,7 @@ use super::csum::{self, DATA_VALID, NEEDS_CSUM, Verdict};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, MAX_BACKLOG_BYTES, RX, Shared, TX};
 use crate::memory::GuestRam;
-use ferry_abi::tso::{GSO_TCPV4, MIN_GSO_SIZE};
+use ferry_abi::offload::{GSO_TCPV4, MIN_GSO_SIZE};
 
 /// Largest frame accepted from either side: a 12-byte header and a
 /// 64 KiB packet (the guest's TSO super-frames; received frames are

@@ -1,13 +1,21 @@
-//! TCP segmentation offload over virtio-net, as the guest driver does it
-//! and the VMM checks it: which frames become GSO frames and how their
-//! virtio-net header reads.
+//! What Ferry's virtio-net card offloads from the guest's TCP stack, as
+//! the guest driver does it and the VMM checks it. Every guest instruction
+//! is emulated on PVM (docs/pvm-emulation.md) and smoltcp spends about a
+//! thousand of them on each segment it sends or takes in, whatever its
+//! size, so the driver makes fewer, larger segments:
 //!
-//! smoltcp has no notion of TSO: it never sends more than the MSS its peer
-//! announced. So the driver keeps the MSS from each received SYN in an
-//! [`MssTable`] (for the header's `gso_size`) and shows smoltcp a larger
-//! one; on the way out, the MSS smoltcp announces (derived from its large
-//! MTU) is clamped to the link's. Frames here are Ethernet frames without
-//! the virtio-net header; only IPv4 TCP is touched.
+//! - TCP segmentation offload: smoltcp has no notion of TSO (it never sends
+//!   more than the MSS its peer announced). So the driver keeps the MSS
+//!   from each received SYN in an [`MssTable`] (for the virtio-net header's
+//!   `gso_size`) and shows smoltcp a larger one; on the way out, the MSS
+//!   smoltcp announces (derived from its large MTU) is clamped to the
+//!   link's, and the device cuts the large frames.
+//! - ACK coalescing: of two pure ACKs of one connection waiting in the
+//!   receive ring, the older is dropped when the newer says all it says
+//!   ([`supersedes`]), as a NIC's receive offload would merge them.
+//!
+//! Frames here are Ethernet frames without the virtio-net header; only
+//! IPv4 TCP is touched.
 
 /// virtio-net header `flags`: the device completes the checksum.
 pub const NEEDS_CSUM: u8 = 1;
@@ -165,6 +173,58 @@ impl MssTable {
     }
 }
 
+const TCP_ACK: u8 = 0x10;
+
+/// A pure ACK (no payload, only the ACK flag, no options but NOPs and
+/// timestamps: a SACK block is information an ACK after it may not
+/// repeat): its connection and what it acknowledges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PureAck {
+    /// Source and destination address and port, as in the frame.
+    flow: [u8; 12],
+    ack: u32,
+    window: u16,
+}
+
+/// The frame as a pure ACK, if it is one.
+pub fn pure_ack(frame: &[u8]) -> Option<PureAck> {
+    let (l4, doff) = tcp_header(frame)?;
+    if frame[l4 + 13] != TCP_ACK {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([frame[16], frame[17]]));
+    if 14 + total != l4 + doff {
+        return None;
+    }
+    let mut i = l4 + 20;
+    while i < l4 + doff {
+        match frame[i] {
+            0 => break,
+            1 => i += 1,
+            8 if frame.get(i + 1) == Some(&10) => i += 10,
+            _ => return None,
+        }
+    }
+    let mut flow = [0u8; 12];
+    flow[..8].copy_from_slice(&frame[26..34]);
+    flow[8..].copy_from_slice(&frame[l4..l4 + 4]);
+    Some(PureAck {
+        flow,
+        ack: u32::from_be_bytes([frame[l4 + 8], frame[l4 + 9], frame[l4 + 10], frame[l4 + 11]]),
+        window: u16::from_be_bytes([frame[l4 + 14], frame[l4 + 15]]),
+    })
+}
+
+/// Whether pure ACK `newer`, received after `older`, makes `older` moot:
+/// same connection, and it acknowledges more, or as much with another
+/// window (a window update). Two equal ACKs are both kept: that is a
+/// duplicate ACK, which the sender counts towards fast retransmit.
+pub fn supersedes(newer: &PureAck, older: &PureAck) -> bool {
+    newer.flow == older.flow
+        && ((newer.ack.wrapping_sub(older.ack) as i32) > 0
+            || (newer.ack == older.ack && newer.window != older.window))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +351,38 @@ mod tests {
         udp[23] = 17;
         let mut hdr = [0u8; 12];
         assert!(!t.prepare_tx(&mut hdr, &mut udp[..1654], 1514));
+    }
+
+    /// A pure ACK from 10.0.0.2:4000 acknowledging `ack` with `window`.
+    fn ack(ack: u32, window: u16, options: &[u8]) -> [u8; 2048] {
+        let mut f = frame(TCP_ACK, options, 0);
+        f[42..46].copy_from_slice(&ack.to_be_bytes());
+        f[48..50].copy_from_slice(&window.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn newer_acks_supersede_older_ones_but_duplicates_stay() {
+        let a = |n, w| pure_ack(&ack(n, w, &[])[..54]).unwrap();
+        assert!(supersedes(&a(2000, 100), &a(1000, 100)));
+        assert!(supersedes(&a(1000, 200), &a(1000, 100)), "window update");
+        assert!(!supersedes(&a(1000, 100), &a(1000, 100)), "duplicate ACK");
+        assert!(!supersedes(&a(1000, 100), &a(2000, 100)), "older");
+        assert!(supersedes(&a(5, 100), &a(u32::MAX - 5, 100)), "wraps");
+        let mut other = ack(3000, 100, &[]);
+        other[34..36].copy_from_slice(&4001u16.to_be_bytes());
+        assert!(!supersedes(&pure_ack(&other[..54]).unwrap(), &a(1000, 100)));
+    }
+
+    #[test]
+    fn only_pure_acks_qualify() {
+        let ts = [1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        assert!(pure_ack(&ack(1, 1, &ts)[..66]).is_some());
+        // A SACK block, data, another flag.
+        let sack = [1, 1, 5, 10, 0, 0, 0, 1, 0, 0, 0, 2];
+        assert!(pure_ack(&ack(1, 1, &sack)[..66]).is_none());
+        assert!(pure_ack(&frame(TCP_ACK, &[], 10)[..64]).is_none());
+        assert!(pure_ack(&frame(TCP_ACK | 0x08, &[], 0)[..54]).is_none());
+        assert!(pure_ack(&frame(TCP_ACK | 0x01, &[], 0)[..54]).is_none());
     }
 }
