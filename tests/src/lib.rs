@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod cluster;
+pub mod gaps;
 pub mod qmp;
 
 use std::io::Read;

@@ -270,11 +270,6 @@ impl TxHalf {
         }
     }
 
-    /// Frames queued but not yet published.
-    pub fn unpublished(&self) -> u16 {
-        self.q.unpublished()
-    }
-
     /// Publishes the queued frames; whether the device wants a kick.
     pub fn publish_needs_kick(&mut self) -> bool {
         self.q.publish();

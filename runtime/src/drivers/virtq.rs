@@ -121,11 +121,6 @@ impl SplitQueue {
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
-    /// Slots pushed but not yet published.
-    pub fn unpublished(&self) -> u16 {
-        self.avail_idx.wrapping_sub(self.published)
-    }
-
     /// Makes every pushed slot visible to the device.
     pub fn publish(&mut self) {
         if self.avail_idx == self.published {

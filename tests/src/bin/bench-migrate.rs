@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_tests::cluster::{self, Cluster, VIP};
+use ferry_tests::gaps::{self, median};
 use ferry_tests::qmp::Qmp;
 use ferry_tests::{image, root};
 use serde_json::{Value, json};
@@ -24,7 +25,8 @@ struct Args {
     /// Runs per point (medians are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Seconds of streaming per run (the migration is in the middle).
+    /// Seconds of streaming per run, at least (the migration is in the
+    /// middle; large images stream longer, to measure the stream before it).
     #[arg(long, default_value_t = 6.0)]
     seconds: f64,
     /// Also measure QEMU's own live migration of the same image.
@@ -35,46 +37,15 @@ struct Args {
     only_qemu: bool,
 }
 
-/// Gap measures of one run whose migration ran from `at` (s after the
-/// client started) for `total_s`: the largest gap around it, when that gap
-/// came (ms after the migration started), and, for the same stream before
-/// the migration, the median over windows of the same length of each
-/// window's largest gap (the gap the client sees anyway, with no
-/// migration: on this emulated guest, arrivals come in bursts).
-struct Gaps {
-    gap: f64,
-    gap_at_ms: f64,
-    own_gap: f64,
-}
-
-fn gaps(cv: &Value, at: f64, total_s: f64) -> Gaps {
-    let (from, to) = (at - 0.2, at + total_s + 0.5);
-    let list: Vec<(f64, f64)> = cv["gaps"]
-        .as_array()
-        .map(|g| {
-            g.iter()
-                .filter_map(|x| Some((x["at_s"].as_f64()?, x["gap_ms"].as_f64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let largest = |a: f64, b: f64| {
-        list.iter()
-            .filter(|(t, _)| (a..b).contains(t))
-            .fold((0.0f64, a), |m, &(t, g)| if g > m.0 { (g, t) } else { m })
-    };
-    let (gap, when) = largest(from, to);
-    let len = to - from;
-    let mut own: Vec<f64> = Vec::new();
-    let mut start = 0.3;
-    while start + len <= from {
-        own.push(largest(start, start + len).0);
-        start += len;
-    }
-    Gaps {
-        gap,
-        gap_at_ms: (when - at) * 1e3,
-        own_gap: median(&mut own),
-    }
+/// When to migrate (s after the client starts) and how long the client
+/// streams: at least `seconds` in all, the migration at least half-way,
+/// and before it room for three windows as long as the migration's (which
+/// `gaps::around` compares it with), the migration taking about
+/// `ms_per_mib` per MiB of image.
+fn timing(size_mib: u64, ms_per_mib: f64, seconds: f64) -> (f64, f64) {
+    let total = size_mib as f64 * ms_per_mib / 1e3;
+    let at = (seconds / 2.0).max(0.5 + 3.0 * (total + 0.7));
+    (at, seconds.max(at + total + 1.5))
 }
 
 /// The smallest 100 ms window that overlaps `range` (s), relative to the
@@ -89,14 +60,6 @@ fn worst_window(windows: &[f64], steady: f64, range: std::ops::Range<f64>) -> f6
         })
         .map(|(_, w)| w / steady)
         .fold(f64::INFINITY, f64::min)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn one_run(
@@ -141,25 +104,23 @@ fn one_run(
         &extra,
         &dir.join(format!("b{n}.log")),
     )?;
+    let (planned, client_seconds) = timing(size, 2.5, seconds);
     let before = c.client_tcp_counters()?;
     let client = c
         .command("client", root().join("target/release/stream-client"))
         .args([
             &format!("{VIP}:5001"),
             "--seconds",
-            &seconds.to_string(),
+            &client_seconds.to_string(),
             "--json",
-            "--gap-ms",
-            "1",
-            "--max-gaps",
-            "1000000",
             "--windows-ms",
             "100",
         ])
+        .args(gaps::CLIENT_ARGS)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(seconds / 2.0));
+    std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
     let report = c
         .migrate(&api_a, "hostB", port, &[])
@@ -172,7 +133,7 @@ fn one_run(
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
     let rv: Value = serde_json::from_str(&report)?;
     let total_s = rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3;
-    let g = gaps(&cv, at, total_s);
+    let g = gaps::around(&cv, at, total_s);
     // Throughput: 100 ms windows; steady state is the median window.
     let windows: Vec<f64> = cv["windows"]
         .as_array()
@@ -182,10 +143,10 @@ fn one_run(
     let steady = median(&mut steady);
     Ok(json!({
         "size_mib": size, "rate": rate, "capture": capture,
-        "migration_gap_ms": g.gap,
+        "migration_gap_ms": g.gap_ms,
         "gap_at_ms": g.gap_at_ms,
-        "own_gap_ms": g.own_gap,
-        "added_ms": g.gap - g.own_gap,
+        "own_gap_ms": g.own_gap_ms,
+        "added_ms": g.added_ms(),
         "max_gap_ms": cv["max_gap_ms"],
         // The worst window around the migration, and the worst of the
         // same stream before it (leaving out its first 300 ms).
@@ -280,25 +241,23 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let pb = c.spawn(cb, &dir.join(format!("qb{n}.log")))?;
     let mut qmp_a = Qmp::connect(&qa)?;
     let _qmp_b = Qmp::connect(&qb)?;
+    let (planned, client_seconds) = timing(size, 8.0, seconds);
     let before = c.client_tcp_counters()?;
     let client = c
         .command("client", root().join("target/release/stream-client"))
         .args([
             &format!("{VIP}:5001"),
             "--seconds",
-            &seconds.to_string(),
+            &client_seconds.to_string(),
             "--json",
-            "--gap-ms",
-            "1",
-            "--max-gaps",
-            "1000000",
             "--windows-ms",
             "100",
         ])
+        .args(gaps::CLIENT_ARGS)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs_f64(seconds / 2.0));
+    std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
     qmp_a.cmd(&format!(
         r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#,
@@ -322,11 +281,11 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     c.stop(pb, Duration::from_secs(2));
     let text = String::from_utf8_lossy(&out.stdout);
     let cv: Value = serde_json::from_str(text.trim()).with_context(|| format!("client: {text}"))?;
-    let g = gaps(&cv, at, st["total-time"].as_f64().unwrap_or(0.0) / 1e3);
+    let g = gaps::around(&cv, at, st["total-time"].as_f64().unwrap_or(0.0) / 1e3);
     Ok(json!({
         "size_mib": size, "rate": rate, "vmm": "qemu",
-        "migration_gap_ms": g.gap, "gap_at_ms": g.gap_at_ms, "own_gap_ms": g.own_gap,
-        "added_ms": g.gap - g.own_gap,
+        "migration_gap_ms": g.gap_ms, "gap_at_ms": g.gap_at_ms, "own_gap_ms": g.own_gap_ms,
+        "added_ms": g.added_ms(),
         "downtime_ms": st["downtime"], "total_ms": st["total-time"],
         "retransmits": d.retrans_segs, "resets": d.estab_resets, "error": cv["error"],
     }))

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use ferry_tests::cluster::{Cluster, VIP};
+use ferry_tests::gaps;
 use ferry_tests::{image, json_u64, root};
 
 #[derive(Parser)]
@@ -57,13 +58,12 @@ fn main() -> Result<()> {
             "--seconds",
             &a.seconds.to_string(),
             "--json",
-            "--gap-ms",
-            "10",
             "--echo",
             &format!("{VIP}:7"),
             "--echo-rate",
             "20000",
         ])
+        .args(gaps::CLIENT_ARGS)
         .stdout(std::fs::File::create(&client_out)?)
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -128,22 +128,16 @@ fn main() -> Result<()> {
         ));
     }
     // The paper's migration delay: the largest gap between arrivals at the
-    // client around each migration.
-    let gaps = cv["gaps"].as_array().cloned().unwrap_or_default();
+    // client around each migration, beside the gap the same stream shows
+    // with no migration (the guest's own bursts).
     let mut per_migration = Vec::new();
     for (from, to, at, v) in &migrations {
-        let end = at + v["total_ms"].as_f64().unwrap_or(0.0) / 1e3 + 1.0;
-        let worst = gaps
-            .iter()
-            .filter(|g| {
-                let t = g["at_s"].as_f64().unwrap_or(0.0);
-                t >= at - 0.5 && t <= end
-            })
-            .map(|g| g["gap_ms"].as_f64().unwrap_or(0.0))
-            .fold(0.0f64, f64::max);
+        let g = gaps::around(&cv, *at, v["total_ms"].as_f64().unwrap_or(0.0) / 1e3);
         per_migration.push(serde_json::json!({
             "from": from, "to": to, "at_s": at,
-            "client_max_gap_ms": worst,
+            "client_max_gap_ms": g.gap_ms,
+            "own_gap_ms": g.own_gap_ms,
+            "added_ms": g.added_ms(),
             "vmm_downtime_ms": v["downtime_ms"], "total_ms": v["total_ms"],
             "rounds": v["rounds"], "bytes": v["bytes"],
             "captured_frames": v["destination"]["net"]["captured"],
@@ -169,11 +163,13 @@ fn main() -> Result<()> {
     println!("\n== client-side report ({} s of streaming)", a.seconds);
     for m in &per_migration {
         println!(
-            "  {} -> {} at {:.1} s: largest gap between arrivals {:.1} ms; VMM-measured downtime {:.2} ms; {} frames captured",
+            "  {} -> {} at {:.1} s: largest gap between arrivals {:.1} ms (the stream's own, no migration: {:.1} ms; added {:.1} ms); VMM-measured downtime {:.2} ms; {} frames captured",
             m["from"].as_str().unwrap_or(""),
             m["to"].as_str().unwrap_or(""),
             m["at_s"].as_f64().unwrap_or(0.0),
             m["client_max_gap_ms"].as_f64().unwrap_or(0.0),
+            m["own_gap_ms"].as_f64().unwrap_or(f64::NAN),
+            m["added_ms"].as_f64().unwrap_or(f64::NAN),
             m["vmm_downtime_ms"].as_f64().unwrap_or(0.0),
             m["captured_frames"]
         );
