@@ -32,6 +32,9 @@ pub struct VmConfig {
     pub cpus: u32,
     /// The application's arguments.
     pub app_args: Vec<String>,
+    /// Settings for the guest runtime (`key=value`, e.g. `net.stats=1`),
+    /// beside the network settings the VMM derives from `net`.
+    pub guest_args: Vec<String>,
     /// The network card, if any.
     pub net: Option<NetSettings>,
 }
@@ -77,6 +80,11 @@ pub enum Error {
         "guest argument {0:?} is empty or contains whitespace, which the guest command line cannot carry"
     )]
     BadArg(String),
+    /// A runtime setting that is not `key=value` (or is one the VMM sets).
+    #[error(
+        "guest setting {0:?} refused: it must be KEY=VALUE without spaces, and not net.ip or net.gw (those come from --ip and --gateway)"
+    )]
+    BadGuestArg(String),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] memory::Error),
@@ -249,6 +257,23 @@ impl Incoming {
     }
 }
 
+/// Checks settings for the guest runtime: `key=value` words, no spaces,
+/// and none of the network settings the VMM sets from its own options.
+pub fn check_guest_args(args: &[String]) -> Result<Vec<String>, Error> {
+    for a in args {
+        let key = a.split_once('=').map(|(k, _)| k).unwrap_or("");
+        if key.is_empty()
+            || a.starts_with('-')
+            || a.chars().any(char::is_whitespace)
+            || key == "net.ip"
+            || key == "net.gw"
+        {
+            return Err(Error::BadGuestArg(a.clone()));
+        }
+    }
+    Ok(args.to_vec())
+}
+
 /// Builds the guest command line: the runtime's words, then `--` and the
 /// application's arguments.
 pub fn cmdline(runtime_args: &[String], app_args: &[String]) -> Result<String, Error> {
@@ -282,11 +307,12 @@ impl Vm {
             return Err(Error::Cpus(config.cpus));
         }
         let trace = Trace::new();
-        let runtime_args = config
+        let mut runtime_args = config
             .net
             .as_ref()
             .map(NetSettings::runtime_args)
             .unwrap_or_default();
+        runtime_args.extend(check_guest_args(&config.guest_args)?);
         let cmdline = cmdline(&runtime_args, &config.app_args)?;
         let image = read_image(&config.image)?;
         trace.mark("read image");
@@ -745,5 +771,24 @@ mod tests {
             Err(Error::BadArg(_))
         ));
         assert!(matches!(cmdline(&[], &["".into()]), Err(Error::BadArg(_))));
+    }
+
+    #[test]
+    fn guest_settings_are_key_value_words_the_vmm_does_not_own() {
+        assert!(check_guest_args(&["net.stats=1".into(), "net.tso=0".into()]).is_ok());
+        for bad in [
+            "net.stats",
+            "=1",
+            "a=b c",
+            "--",
+            "-x=1",
+            "net.ip=1.2.3.4/24",
+            "net.gw=1.1.1.1",
+        ] {
+            assert!(
+                matches!(check_guest_args(&[bad.into()]), Err(Error::BadGuestArg(_))),
+                "{bad}"
+            );
+        }
     }
 }

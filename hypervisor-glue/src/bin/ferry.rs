@@ -49,6 +49,11 @@ enum Command {
         /// this Unix socket; see `ferry status --help`.
         #[arg(long)]
         api: Option<PathBuf>,
+        /// A setting for the guest runtime, KEY=VALUE (repeatable):
+        /// `net.stats=1` prints event-loop counters every 2 s, `net.tso=0`
+        /// turns TCP segmentation offload off.
+        #[arg(long = "guest-arg", value_name = "KEY=VALUE")]
+        guest_args: Vec<String>,
         /// Arguments for the application, after `--` (e.g. `-- exit=3`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -392,6 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             cpus,
             net,
             api,
+            guest_args,
             args,
         } => {
             let config = VmConfig {
@@ -399,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 memory,
                 cpus,
                 app_args: args,
+                guest_args,
                 net: net.settings()?,
             };
             ferry::stop::install().context("cannot install signal handling")?;

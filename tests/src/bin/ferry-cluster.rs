@@ -43,6 +43,10 @@ enum Cmd {
         /// Guest memory.
         #[arg(long, default_value = "64M")]
         memory: String,
+        /// A setting for the guest runtime (`ferry run --guest-arg`), e.g.
+        /// net.stats=1; repeatable.
+        #[arg(long = "guest-arg", value_name = "KEY=VALUE")]
+        guest_args: Vec<String>,
         /// The app's arguments, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -202,6 +206,7 @@ fn main() -> ExitCode {
             image,
             host,
             memory,
+            guest_args,
             args,
         } => (|| -> Result<()> {
             if !image.exists() {
@@ -234,6 +239,7 @@ fn main() -> ExitCode {
                 .arg("--api")
                 .arg(&api)
                 .args(cluster::service_args(&memory))
+                .args(guest_args.iter().flat_map(|a| ["--guest-arg", a]))
                 .arg("--")
                 .args(&args)
                 .exec();
