@@ -253,11 +253,16 @@ pub(super) fn poll(now: Instant) -> bool {
         let t = smol_now(now);
         let mut changed = false;
         s.iface.poll_maintenance(t);
-        // One received frame, then one round of sending, in turn: a
-        // sender's segments go out between the ACKs it takes in, instead
-        // of after all of them (each costs ~1 ms of emulated guest
-        // instructions here, so a queue of ACKs would otherwise be a
-        // gap of several ms in the outgoing stream).
+        // While there is something to send, one received frame and one
+        // round of sending take turns: a sender's segments go out between
+        // the ACKs it takes in, instead of after all of them (each costs
+        // ~1 ms of emulated guest instructions here, so a queue of ACKs
+        // would otherwise be a gap of several ms in the outgoing stream).
+        // Once a round sends nothing (requests waiting for the app, say),
+        // received frames are taken in a row: a round of sending walks
+        // every socket, which a server with many connections would
+        // otherwise pay once per frame.
+        let mut sending = true;
         loop {
             let took = match s.iface.poll_ingress_single(t, &mut s.card, &mut s.sockets) {
                 PollIngressSingleResult::None => false,
@@ -268,10 +273,13 @@ pub(super) fn poll(now: Instant) -> bool {
                     true
                 }
             };
-            let sent = s.iface.poll_egress(t, &mut s.card, &mut s.sockets)
+            if took && !sending {
+                continue;
+            }
+            sending = s.iface.poll_egress(t, &mut s.card, &mut s.sockets)
                 == PollResult::SocketStateChanged;
-            changed |= sent;
-            if !took && !sent {
+            changed |= sending;
+            if !took && !sending {
                 break;
             }
         }
