@@ -292,6 +292,49 @@ impl Cluster {
         c
     }
 
+    /// QEMU/KVM running `image` as the service on `host`: a `pc` machine
+    /// with qboot, `memory` of RAM, virtio-net-pci on the host's tap with
+    /// the service MAC, the console on stdout, the service address on the
+    /// command line and `app_args` after `--`.
+    pub fn qemu_service(&self, host: &str, image: &Path, memory: &str, app_args: &str) -> Command {
+        let mut c = self.command(host, "qemu-system-x86_64");
+        c.args([
+            "-enable-kvm",
+            "-M",
+            "pc",
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
+            "-cpu",
+            "host",
+            "-m",
+            memory,
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-netdev",
+            &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={SERVICE_MAC},disable-legacy=on"),
+            "-append",
+            &format!("net.ip={VIP_CIDR} net.gw={GATEWAY} -- {app_args}"),
+        ])
+        .arg("-kernel")
+        .arg(image);
+        c
+    }
+
+    /// `stream-client` in the client namespace, reading the stream app on
+    /// the service address (its port 5001) with `--json` output; add the
+    /// rest of its options.
+    pub fn stream_client(&self) -> Command {
+        let mut c = self.command("client", crate::root().join("target/release/stream-client"));
+        c.arg(format!("{VIP}:5001")).arg("--json");
+        c
+    }
+
     /// Runs `program args` in `node` to completion; fails on a non-zero exit.
     pub fn exec(&self, node: &str, program: &str, args: &[&str]) -> Result<()> {
         sh(self.command(node, program).args(args))

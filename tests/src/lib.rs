@@ -155,9 +155,9 @@ pub fn uhyve_run(image: &Path, args: &[&str]) -> Command {
     c
 }
 
-/// QEMU/KVM booting the image directly (PVH) on a microvm machine.
-/// The guest's status `s` comes back as QEMU's `(s << 1) | 1`: see [`qemu_status`].
-pub fn qemu_run(image: &Path, args: &[&str]) -> Command {
+/// QEMU/KVM with a microvm machine of `memory` and no default devices:
+/// add the console, devices and `-kernel`.
+pub fn qemu_microvm(memory: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-enable-kvm",
@@ -166,11 +166,18 @@ pub fn qemu_run(image: &Path, args: &[&str]) -> Command {
         "-cpu",
         "host",
         "-m",
-        "64M",
+        memory,
         "-nodefaults",
         "-no-user-config",
-    ])
-    .args([
+    ]);
+    c
+}
+
+/// QEMU/KVM booting the image directly (PVH) on a microvm machine.
+/// The guest's status `s` comes back as QEMU's `(s << 1) | 1`: see [`qemu_status`].
+pub fn qemu_run(image: &Path, args: &[&str]) -> Command {
+    let mut c = qemu_microvm("64M");
+    c.args([
         "-nographic",
         "-serial",
         "stdio",

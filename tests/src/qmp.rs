@@ -40,6 +40,21 @@ impl Qmp {
         Ok(q)
     }
 
+    /// Polls `query-migrate` until the migration completed (its status
+    /// then) or failed, was cancelled or took longer than `limit`.
+    pub fn wait_migration(&mut self, limit: Duration) -> Result<Value> {
+        let t = Instant::now();
+        loop {
+            let st = self.cmd(r#"{"execute":"query-migrate"}"#)?;
+            match st["status"].as_str() {
+                Some("completed") => return Ok(st),
+                Some("failed") | Some("cancelled") => bail!("QEMU migration: {st}"),
+                _ if t.elapsed() > limit => bail!("QEMU migration not done after {limit:?}"),
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
     /// Sends a command; returns its `return` value (events are skipped).
     pub fn cmd(&mut self, json: &str) -> Result<Value> {
         writeln!(self.w, "{json}")?;

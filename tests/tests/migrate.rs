@@ -124,21 +124,11 @@ fn stream_is_verified_through_a_migration_with_upstream_traffic() {
     let api = s.start("stream", &["rate=300K"]);
     let before = s.c.client_tcp_counters().unwrap();
     let client =
-        s.c.command(
-            "client",
-            ferry_tests::root().join("target/release/stream-client"),
-        )
-        .args([
-            &format!("{VIP}:5001"),
-            "--seconds",
-            "6",
-            "--json",
-            "--upstream",
-            "20000",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        s.c.stream_client()
+            .args(["--seconds", "6", "--upstream", "20000"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let (_, report) = s.hop(&api, "hostB", 1);
     let out = client.wait_with_output().unwrap();

@@ -200,18 +200,8 @@ fn http_serves_curl_small_and_large_bodies() {
 /// checks that all of them were verified.
 fn stream_verified(c: &Cluster, bytes: u64) {
     let out = c
-        .command(
-            "client",
-            ferry_tests::root().join("target/release/stream-client"),
-        )
-        .args([
-            &format!("{VIP}:5001"),
-            "--bytes",
-            &bytes.to_string(),
-            "--idle-timeout",
-            "10",
-            "--json",
-        ])
+        .stream_client()
+        .args(["--bytes", &bytes.to_string(), "--idle-timeout", "10"])
         .output()
         .expect("running stream-client");
     let text = String::from_utf8_lossy(&out.stdout);

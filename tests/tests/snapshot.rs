@@ -176,18 +176,8 @@ fn a_stream_in_progress_is_verified_across_the_move() {
     let api = start(&mut c, &dir, "stream", &["rate=400K"]);
     let before = c.client_tcp_counters().unwrap();
     let client = c
-        .command(
-            "client",
-            ferry_tests::root().join("target/release/stream-client"),
-        )
-        .args([
-            &format!("{VIP}:5001"),
-            "--seconds",
-            "6",
-            "--json",
-            "--upstream",
-            "20000",
-        ])
+        .stream_client()
+        .args(["--seconds", "6", "--upstream", "20000"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ferry_tests::cluster::{self, Cluster, VIP};
+use ferry_tests::cluster::{self, Cluster};
 use ferry_tests::gaps::{self, median};
 use ferry_tests::qmp::Qmp;
 use ferry_tests::{image, root};
@@ -46,6 +46,15 @@ fn timing(size_mib: u64, ms_per_mib: f64, seconds: f64) -> (f64, f64) {
     let total = size_mib as f64 * ms_per_mib / 1e3;
     let at = (seconds / 2.0).max(0.5 + 3.0 * (total + 0.7));
     (at, seconds.max(at + total + 1.5))
+}
+
+/// The stream's client for one run: every gap listed, 100 ms windows.
+fn measuring_client(c: &Cluster, seconds: f64) -> Result<std::process::Child> {
+    Ok(c.stream_client()
+        .args(["--seconds", &seconds.to_string(), "--windows-ms", "100"])
+        .args(gaps::CLIENT_ARGS)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?)
 }
 
 /// The smallest 100 ms window that overlaps `range` (s), relative to the
@@ -106,19 +115,7 @@ fn one_run(
     )?;
     let (planned, client_seconds) = timing(size, 2.5, seconds);
     let before = c.client_tcp_counters()?;
-    let client = c
-        .command("client", root().join("target/release/stream-client"))
-        .args([
-            &format!("{VIP}:5001"),
-            "--seconds",
-            &client_seconds.to_string(),
-            "--json",
-            "--windows-ms",
-            "100",
-        ])
-        .args(gaps::CLIENT_ARGS)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let client = measuring_client(c, client_seconds)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
@@ -173,51 +170,20 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     );
     let _ = std::fs::remove_file(&qa);
     let _ = std::fs::remove_file(&qb);
-    let mut append = format!(
-        "net.ip={} net.gw={} -- ballast={size}M",
-        cluster::VIP_CIDR,
-        cluster::GATEWAY
-    );
-    if rate != "full" {
-        append.push_str(&format!(" rate={rate}"));
-    }
+    let app_args = if rate == "full" {
+        format!("ballast={size}M")
+    } else {
+        format!("ballast={size}M rate={rate}")
+    };
     let qemu = |c: &Cluster, host: &str, qmp: &std::path::Path, incoming: Option<String>| {
-        let mut cmd = c.command(host, "qemu-system-x86_64");
-        cmd.args([
-            "-enable-kvm",
-            "-M",
-            "pc",
-            "-bios",
-            "/usr/share/qemu/qboot.rom",
-            "-cpu",
-            "host",
-            "-m",
+        let mut cmd = c.qemu_service(
+            host,
+            &image("stream"),
             &format!("{}M", size + 64),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={},script=no,downscript=no", cluster::TAP),
-        ])
-        .args([
-            "-device",
-            &format!(
-                "virtio-net-pci,netdev=n0,mac={},disable-legacy=on",
-                cluster::SERVICE_MAC
-            ),
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server,nowait", qmp.display()))
-        .arg("-kernel")
-        .arg(image("stream"))
-        .args(["-append", &append]);
+            &app_args,
+        );
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server,nowait", qmp.display()));
         if let Some(i) = incoming {
             cmd.args(["-incoming", &i]);
         }
@@ -243,19 +209,7 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let _qmp_b = Qmp::connect(&qb)?;
     let (planned, client_seconds) = timing(size, 8.0, seconds);
     let before = c.client_tcp_counters()?;
-    let client = c
-        .command("client", root().join("target/release/stream-client"))
-        .args([
-            &format!("{VIP}:5001"),
-            "--seconds",
-            &client_seconds.to_string(),
-            "--json",
-            "--windows-ms",
-            "100",
-        ])
-        .args(gaps::CLIENT_ARGS)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let client = measuring_client(c, client_seconds)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
@@ -263,17 +217,7 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
         r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#,
         cluster::MIGRATION_IPS[1]
     ))?;
-    let st = loop {
-        let st = qmp_a.cmd(r#"{"execute":"query-migrate"}"#)?;
-        match st["status"].as_str() {
-            Some("completed") => break st,
-            Some("failed") | Some("cancelled") => anyhow::bail!("QEMU migration: {st}"),
-            _ if t0.elapsed().as_secs_f64() > at + 120.0 => {
-                anyhow::bail!("QEMU migration never completed")
-            }
-            _ => std::thread::sleep(Duration::from_millis(2)),
-        }
-    };
+    let st = qmp_a.wait_migration(Duration::from_secs(120))?;
     let out = client.wait_with_output()?;
     let d = c.client_tcp_counters()?.since(&before);
     let _ = qmp_a.cmd(r#"{"execute":"quit"}"#);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, TAP, VIP, VIP_CIDR};
+use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, VIP, VIP_CIDR};
 use ferry_tests::{image, json_u64, root};
 
 #[derive(Parser)]
@@ -62,33 +62,7 @@ fn start(c: &mut Cluster, target: Target, app: &str, log: &Path) -> Result<u32> 
             cmd.arg(format!("0.0.0.0:{port}"));
             ("listening", cmd)
         }
-        Target::Qemu => {
-            let mut cmd = c.command("hostA", "qemu-system-x86_64");
-            cmd.args([
-                "-enable-kvm",
-                "-M",
-                "pc",
-                "-bios",
-                "/usr/share/qemu/qboot.rom",
-                "-cpu",
-                "host",
-                "-m",
-                "64M",
-                "-nodefaults",
-                "-no-user-config",
-                "-nographic",
-                "-serial",
-                "stdio",
-                "-netdev",
-                &format!("tap,id=n0,ifname={TAP},script=no,downscript=no"),
-                "-device",
-                &format!("virtio-net-pci,netdev=n0,mac={SERVICE_MAC},disable-legacy=on"),
-                "-kernel",
-            ])
-            .arg(image(app))
-            .args(["-append", &format!("net.ip={VIP_CIDR} net.gw={GATEWAY} --")]);
-            ("listening", cmd)
-        }
+        Target::Qemu => ("listening", c.qemu_service("hostA", &image(app), "64M", "")),
     };
     let pid = c.spawn(cmd, log)?;
     cluster::wait_for_line(log, ready, Duration::from_secs(30), pid)?;
@@ -118,13 +92,8 @@ fn host_owns_vip(c: &Cluster, on: bool) -> Result<()> {
 
 fn stream_rate(c: &Cluster, seconds: f64) -> Result<f64> {
     let out = c
-        .command("client", root().join("target/release/stream-client"))
-        .args([
-            &format!("{VIP}:5001"),
-            "--seconds",
-            &seconds.to_string(),
-            "--json",
-        ])
+        .stream_client()
+        .args(["--seconds", &seconds.to_string()])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.contains("\"error\":null") {

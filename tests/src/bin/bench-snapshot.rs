@@ -137,17 +137,9 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
     let mon = dir.join("q.qmp");
     let file = dir.join("q.state");
     let _ = std::fs::remove_file(&mon);
-    let base = |c: &mut Command| {
+    let base = || {
+        let mut c = ferry_tests::qemu_microvm(&format!("{size}M"));
         c.args([
-            "-enable-kvm",
-            "-M",
-            "microvm",
-            "-cpu",
-            "host",
-            "-m",
-            &format!("{size}M"),
-            "-nodefaults",
-            "-no-user-config",
             "-display",
             "none",
             "-serial",
@@ -161,10 +153,9 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
             "-append",
             &format!("-- ballast-mib={} sleep-ms=600000", size / 2),
         ]);
+        c
     };
-    let mut c = Command::new("qemu-system-x86_64");
-    base(&mut c);
-    let mut q = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let mut q = base().stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
     let t = Instant::now();
     while !mon.exists() && t.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(10));
@@ -180,28 +171,18 @@ fn qemu_one(size: u64, dir: &std::path::Path) -> Result<Value> {
         r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {}"}}}}"#,
         file.display()
     ))?;
-    let t = Instant::now();
-    let save_ms = loop {
-        let st = qmp.cmd(r#"{"execute":"query-migrate"}"#)?;
-        match st["status"].as_str() {
-            Some("completed") => break st["total-time"].as_f64().unwrap_or(f64::NAN),
-            Some("failed") | Some("cancelled") => {
-                let _ = q.kill();
-                bail!("QEMU migration to file: {st}");
-            }
-            _ if t.elapsed() > Duration::from_secs(120) => {
-                let _ = q.kill();
-                bail!("QEMU migration to file never completed");
-            }
-            _ => std::thread::sleep(Duration::from_millis(1)),
+    let save_ms = match qmp.wait_migration(Duration::from_secs(120)) {
+        Ok(st) => st["total-time"].as_f64().unwrap_or(f64::NAN),
+        Err(e) => {
+            let _ = q.kill();
+            bail!("QEMU migration to file: {e:#}");
         }
     };
     let _ = qmp.cmd(r#"{"execute":"quit"}"#);
     let _ = q.wait();
     let bytes = std::fs::metadata(&file)?.len();
     let _ = std::fs::remove_file(&mon);
-    let mut c = Command::new("qemu-system-x86_64");
-    base(&mut c);
+    let mut c = base();
     c.arg("-incoming")
         .arg(format!("exec:cat {}", file.display()));
     let t = Instant::now();

@@ -52,12 +52,10 @@ fn main() -> Result<()> {
     let before = c.client_tcp_counters()?;
     let client_out = dir.join("client.json");
     let mut client = c
-        .command("client", root().join("target/release/stream-client"))
+        .stream_client()
         .args([
-            &format!("{VIP}:5001"),
             "--seconds",
             &a.seconds.to_string(),
-            "--json",
             "--echo",
             &format!("{VIP}:7"),
             "--echo-rate",
