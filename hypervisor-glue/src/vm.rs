@@ -259,7 +259,7 @@ impl Incoming {
 
 /// Checks settings for the guest runtime: `key=value` words, no spaces,
 /// and none of the network settings the VMM sets from its own options.
-pub fn check_guest_args(args: &[String]) -> Result<Vec<String>, Error> {
+pub fn check_guest_args(args: &[String]) -> Result<(), Error> {
     for a in args {
         let key = a.split_once('=').map(|(k, _)| k).unwrap_or("");
         if key.is_empty()
@@ -271,7 +271,7 @@ pub fn check_guest_args(args: &[String]) -> Result<Vec<String>, Error> {
             return Err(Error::BadGuestArg(a.clone()));
         }
     }
-    Ok(args.to_vec())
+    Ok(())
 }
 
 /// Builds the guest command line: the runtime's words, then `--` and the
@@ -312,7 +312,8 @@ impl Vm {
             .as_ref()
             .map(NetSettings::runtime_args)
             .unwrap_or_default();
-        runtime_args.extend(check_guest_args(&config.guest_args)?);
+        check_guest_args(&config.guest_args)?;
+        runtime_args.extend(config.guest_args.iter().cloned());
         let cmdline = cmdline(&runtime_args, &config.app_args)?;
         let image = read_image(&config.image)?;
         trace.mark("read image");

@@ -253,13 +253,14 @@ impl TxHalf {
         self.offload
     }
 
+    /// Whether the card cuts large TCP frames (TSO negotiated).
+    pub fn tso(&self) -> bool {
+        self.tso.is_some()
+    }
+
     /// The largest frame [`send`](Self::send) takes.
     pub fn max_frame(&self) -> usize {
-        if self.tso.is_some() {
-            TSO_FRAME
-        } else {
-            MAX_FRAME
-        }
+        if self.tso() { TSO_FRAME } else { MAX_FRAME }
     }
 
     /// Looks at a received frame before the stack does: with TSO, a SYN's

@@ -15,7 +15,7 @@ use smoltcp::wire::{
 use super::Local;
 use crate::arch::cpu;
 use crate::arch::idt::DEVICE_INTERRUPT;
-use crate::drivers::virtio_net::{MAX_FRAME, NetCard};
+use crate::drivers::virtio_net::NetCard;
 use crate::time::Instant;
 
 /// What can go wrong, for the network or a connection.
@@ -197,11 +197,7 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
         "net: up: mac {mac} irq {} checksum offload {} tso {} ip {}/{} gateway {}",
         card.irq_line(),
         if card.tx.offload() { "on" } else { "off" },
-        if card.tx.max_frame() > MAX_FRAME {
-            "on"
-        } else {
-            "off"
-        },
+        if card.tx.tso() { "on" } else { "off" },
         config.ip,
         config.prefix,
         config.gateway.map_or_else(
