@@ -305,7 +305,7 @@ impl Cluster {
             "-bios",
             "/usr/share/qemu/qboot.rom",
             "-cpu",
-            "host",
+            crate::QEMU_CPU,
             "-m",
             memory,
             "-nodefaults",

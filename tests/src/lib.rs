@@ -155,6 +155,13 @@ pub fn uhyve_run(image: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// QEMU's CPU model for every Ferry run of QEMU: the host's CPU without
+/// `arch-capabilities`. This KVM refuses the value QEMU 7.2 writes to
+/// MSR 0x10a (IA32_ARCH_CAPABILITIES) on AMD hosts, and QEMU then aborts
+/// with "failed to set MSR 0x10a"; without the feature it boots on AMD
+/// and Intel alike. The justfile's QEMU lines use the same model.
+pub const QEMU_CPU: &str = "host,-arch-capabilities";
+
 /// QEMU/KVM with a microvm machine of `memory` and no default devices:
 /// add the console, devices and `-kernel`.
 pub fn qemu_microvm(memory: &str) -> Command {
@@ -164,7 +171,7 @@ pub fn qemu_microvm(memory: &str) -> Command {
         "-M",
         "microvm",
         "-cpu",
-        "host",
+        QEMU_CPU,
         "-m",
         memory,
         "-nodefaults",
