@@ -315,6 +315,12 @@ pub enum StateError {
     /// KVM would not take a saved MSR.
     #[error("KVM refused MSR {0:#x} from the snapshot")]
     Msr(u32),
+    /// The guest ran in PVM native mode and this host cannot take that.
+    #[error(
+        "the guest runs in PVM native mode and this host's KVM refused PVM's control MSR \
+         (not a PVM host, or another PVM ABI)"
+    )]
+    PvmNative,
     /// Too many MSRs in a snapshot.
     #[error("snapshot lists {0} MSRs; at most {MAX_MSRS} are accepted")]
     TooManyMsrs(usize),
@@ -351,8 +357,69 @@ fn io(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> StateError {
     move |source| StateError::Ioctl { what, source }
 }
 
-/// Reads every MSR KVM lists that this vCPU lets us read.
+/// PVM's control MSR. The guest writes it to run its ring 0 natively
+/// (bits 12+: its PVCS page; see the runtime's `arch::pvm`). KVM_GET_MSRS
+/// reads it as `0x400 | guest value`, and KVM_SET_MSRS takes back exactly
+/// that value. It is not in KVM_GET_MSR_INDEX_LIST: saved by hand, or a
+/// restored guest falls back to instruction emulation.
+pub const MSR_PVM_CONTROL: u32 = 0x4b56_4d10;
+/// Bit the host adds to [`MSR_PVM_CONTROL`] when it reads it.
+const PVM_CONTROL_HOST_BIT: u64 = 0x400;
+
+/// How the vCPU executes the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuMode {
+    /// PVM, guest in native mode (its control MSR is set).
+    Native,
+    /// PVM, every guest supervisor instruction emulated.
+    Emulated,
+    /// Not a PVM host: hardware virtualization, the guest runs natively.
+    Hardware,
+}
+
+impl CpuMode {
+    /// The name `ferry status` and `FERRY_STATS` print.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuMode::Native => "pvm-native",
+            CpuMode::Emulated => "pvm-emulated",
+            CpuMode::Hardware => "hardware",
+        }
+    }
+}
+
+fn read_pvm_control(vcpu: &VcpuFd) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_PVM_CONTROL,
+        ..Default::default()
+    }])
+    .expect("one entry fits");
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
+/// Reads the vCPU's execution mode. The vCPU must not be running.
+pub fn cpu_mode(vcpu: &VcpuFd) -> CpuMode {
+    match read_pvm_control(vcpu) {
+        None => CpuMode::Hardware,
+        Some(v) if v & !PVM_CONTROL_HOST_BIT != 0 => CpuMode::Native,
+        Some(_) => CpuMode::Emulated,
+    }
+}
+
+/// Reads every MSR KVM lists that this vCPU lets us read, and PVM's
+/// control MSR where there is one (last).
 fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
+    let mut msrs = save_listed_msrs(kvm, vcpu)?;
+    if let Some(v) = read_pvm_control(vcpu) {
+        msrs.push((MSR_PVM_CONTROL, v));
+    }
+    Ok(msrs)
+}
+
+fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
     let list = kvm
         .get_msr_index_list()
         .map_err(io("KVM_GET_MSR_INDEX_LIST"))?;
@@ -441,7 +508,10 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     let msrs = Msrs::from_entries(&entries).map_err(|_| StateError::TooManyMsrs(entries.len()))?;
     let n = vcpu.set_msrs(&msrs).map_err(io("KVM_SET_MSRS"))?;
     if n != entries.len() {
-        return Err(StateError::Msr(entries[n].index));
+        return Err(match entries[n].index {
+            MSR_PVM_CONTROL => StateError::PvmNative,
+            index => StateError::Msr(index),
+        });
     }
     vcpu.set_vcpu_events(&events)
         .map_err(io("KVM_SET_VCPU_EVENTS"))?;

@@ -534,7 +534,18 @@ impl Vm {
             "guest_time_ns": guest_ns,
             "memory": self.saved_config.memory,
             "image": self.saved_config.image,
+            "cpu_mode": kvm::cpu_mode(self.vcpu.fd()).name(),
         });
+        // The vCPU's KVM counters that say how it runs: exits, emulated
+        // instructions, halts, injected interrupts.
+        let stats = kvm::vcpu_stats(self.vcpu.fd());
+        let mut counters = serde_json::Map::new();
+        for (k, val) in stats {
+            if ["exits", "insn_emulation", "halt_exits", "irq_injections"].contains(&k.as_str()) {
+                counters.insert(k, val.into());
+            }
+        }
+        v["kvm"] = counters.into();
         if self.bus.net.is_some() {
             v["net"] = self.net_counters();
         }
@@ -681,7 +692,11 @@ impl Vm {
                 .filter(|(_, v)| *v != 0)
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            eprintln!("ferry: kvm stats: {}", line.join(" "));
+            eprintln!(
+                "ferry: kvm stats: cpu_mode={} {}",
+                kvm::cpu_mode(self.vcpu.fd()).name(),
+                line.join(" ")
+            );
             if let Some(net) = &self.bus.net {
                 let st = net.stats();
                 let get =

@@ -95,6 +95,12 @@ impl Env {
     pub fn platform(&self) -> Platform {
         self.platform
     }
+
+    /// How the vCPU runs the guest's code: natively on a PVM host, or
+    /// instruction by instruction (see [`arch::pvm`]).
+    pub fn cpu_mode(&self) -> arch::pvm::Mode {
+        platform::cpu_mode()
+    }
 }
 
 /// Ends the VM with `status` (the VMM exits with it).

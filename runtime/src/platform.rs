@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use ferry_abi::{ClockPage, SerialWriteBuffer, ports};
 use hermit_entry::boot_info::{BootInfo, PlatformInfo, RawBootInfo};
 
-use crate::arch::{apic, cpu, idt};
+use crate::arch::{apic, cpu, idt, pvm};
 use crate::fdt::Fdt;
 use crate::{args, heap, time};
 
@@ -35,6 +35,34 @@ impl Platform {
 }
 
 static PLATFORM: AtomicU8 = AtomicU8::new(0);
+static CPU_MODE: AtomicU8 = AtomicU8::new(0);
+
+/// How the vCPU executes the guest, as found at boot (see [`pvm`]).
+pub fn cpu_mode() -> pvm::Mode {
+    match CPU_MODE.load(Ordering::Relaxed) {
+        1 => pvm::Mode::Native,
+        2 => pvm::Mode::EmulatedByChoice,
+        _ => pvm::Mode::NotPvm,
+    }
+}
+
+/// Enters PVM native mode unless the runtime arguments (the words of
+/// `cmdline` before `--`) say `pvm.native=0`. Runs before the heap exists.
+fn enter_native_mode(cmdline: &str, user_mapped: bool) {
+    let off = cmdline
+        .split_ascii_whitespace()
+        .take_while(|w| *w != "--")
+        .any(|w| w == "pvm.native=0");
+    let mode = pvm::enter_native(!off, user_mapped);
+    CPU_MODE.store(
+        match mode {
+            pvm::Mode::Native => 1,
+            pvm::Mode::EmulatedByChoice => 2,
+            pvm::Mode::NotPvm => 3,
+        },
+        Ordering::Relaxed,
+    );
+}
 
 /// The platform, once boot has found out (before that: [`Platform::Pvh`]'s
 /// console is never assumed; output goes through the Hermit hypercalls).
@@ -100,13 +128,19 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
         .hardware_info
         .device_tree
         .and_then(|a| device_tree(a.get()));
-    let is_ferry = fdt.is_some_and(|f| {
+    let bootargs = fdt
+        .and_then(|f| f.str_property("/chosen", "bootargs"))
+        .unwrap_or("");
+    let abi = fdt.and_then(|f| {
         f.int_property(
             ferry_abi::fdt::VMM_NODE_PATH,
             ferry_abi::fdt::ABI_VERSION_PROP,
         )
-        .is_some()
     });
+    let is_ferry = abi.is_some();
+    // Ferry's VMM maps everything with the user bit; uhyve does not (and a
+    // VMM of another ABI is refused below, after the tables are mended).
+    enter_native_mode(bootargs, abi == Some(u64::from(ferry_abi::ABI_VERSION)));
     PLATFORM.store(
         if is_ferry {
             Platform::Ferry
@@ -165,9 +199,6 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
         }
     }
 
-    let bootargs = fdt
-        .and_then(|f| f.str_property("/chosen", "bootargs"))
-        .unwrap_or("");
     let args = args::parse(bootargs);
     apic::init();
     crate::run_app(args)
@@ -248,13 +279,14 @@ pub extern "C" fn pvh_main(start_info: u64) -> ! {
         }
     }
     heap::init(ram.start, ram.end);
-    time::init_fixed(time::calibrate_tsc_khz(), 0);
     let cmdline = if si.cmdline_paddr == 0 {
         ""
     } else {
         // SAFETY: QEMU's command line is a NUL-terminated string in low memory.
         unsafe { c_str(si.cmdline_paddr as *const u8, 4096) }
     };
+    enter_native_mode(cmdline, true);
+    time::init_fixed(time::calibrate_tsc_khz(), 0);
     let args = args::parse(cmdline);
     apic::init();
     crate::run_app(args)

@@ -136,7 +136,6 @@ pub fn sleep_until(deadline: Instant) {
         cpu::disable_interrupts();
         apic::arm_deadline(tsc.saturating_add(ticks));
         cpu::enable_interrupts_and_halt();
-        cpu::disable_interrupts();
     }
 }
 
@@ -162,7 +161,6 @@ pub fn halt_until(deadline: Option<Instant>, still_idle: impl FnOnce() -> bool) 
     }
     if still_idle() {
         cpu::enable_interrupts_and_halt();
-        cpu::disable_interrupts();
     }
 }
 

@@ -51,6 +51,18 @@ pub fn image(name: &str) -> PathBuf {
     p
 }
 
+/// Whether this host's KVM is PVM (the software hypervisor of Ferry's
+/// development machines), where the runtime switches to native mode.
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The CPU mode the runtime should report on this host when left to
+/// itself: `native` on PVM, else `not pvm`.
+pub fn expected_cpu_mode() -> &'static str {
+    if host_is_pvm() { "native" } else { "not pvm" }
+}
+
 /// Whether `/dev/kvm` can be opened; if not, says so in one loud line.
 pub fn kvm_or_skip(test: &str) -> bool {
     match std::fs::OpenOptions::new()

@@ -17,7 +17,11 @@ fn check_hello(out: &Finished, platform: &str) {
                 out.stdout, out.stderr
             )
         });
-    assert!(line.contains(&format!("on {platform}:")), "{line}");
+    let mode = expected_cpu_mode();
+    assert!(
+        line.contains(&format!("on {platform} ({mode}):")),
+        "want {platform} in cpu mode {mode}: {line}"
+    );
     assert!(
         line.contains(r#"args=["alpha", "beta", "exit=7"]"#),
         "{line}"

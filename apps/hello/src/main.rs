@@ -19,8 +19,9 @@ ferry_runtime::main!(main);
 fn main(env: &Env) -> i32 {
     let t = time::now().since_boot();
     println!(
-        "hello from ferry-runtime on {}: args={:?} guest_time_us={} tsc_khz={}",
+        "hello from ferry-runtime on {} ({}): args={:?} guest_time_us={} tsc_khz={}",
         env.platform().name(),
+        env.cpu_mode().name(),
         env.args(),
         t.as_micros(),
         time::tsc_khz()

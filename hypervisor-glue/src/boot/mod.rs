@@ -107,7 +107,10 @@ fn write_gdt(mem: &GuestRam) -> Result<(), Error> {
     Ok(())
 }
 
-const PRESENT_WRITABLE: u64 = 0b11;
+/// Present, writable and user (U/S=1). The user bit matters on PVM: a
+/// guest in native mode runs its ring 0 on hardware ring 3, and a
+/// supervisor-only page faults there forever.
+const PRESENT_WRITABLE: u64 = 0b111;
 const HUGE: u64 = 1 << 7;
 const GIB: u64 = 1 << 30;
 

@@ -23,7 +23,9 @@
 
 /// Version of this contract. The VMM writes it into the device tree
 /// (`/ferry,vmm` `abi-version`); the runtime refuses a VMM with another one.
-pub const ABI_VERSION: u32 = 1;
+/// Version 2: the VMM's boot page tables map everything with the user bit
+/// (a guest in PVM native mode needs it; see the runtime's `arch::pvm`).
+pub const ABI_VERSION: u32 = 2;
 
 pub mod offload;
 

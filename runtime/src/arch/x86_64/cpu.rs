@@ -101,23 +101,34 @@ pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-/// Enables interrupts and halts until the next one, atomically (the STI
-/// shadow covers the HLT, so a wake-up that is already pending is not lost).
+/// Enables interrupts and halts until the next one, atomically: the STI
+/// shadow covers the HLT (in PVM native mode: see [`super::pvm`]), so a
+/// wake-up that is already pending is not lost. Interrupts are masked
+/// again when it returns.
 #[inline]
 pub fn enable_interrupts_and_halt() {
-    // SAFETY: the IDT is installed before interrupts are ever enabled.
-    unsafe { asm!("sti", "hlt", options(nomem, nostack)) }
+    if super::pvm::native() {
+        super::pvm::enable_interrupts_and_halt();
+    } else {
+        // SAFETY: the IDT is installed before interrupts are ever enabled.
+        unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) }
+    }
 }
 
 /// Disables interrupts.
 #[inline]
 pub fn disable_interrupts() {
-    // SAFETY: masking interrupts is always sound.
-    unsafe { asm!("cli", options(nomem, nostack)) }
+    if super::pvm::native() {
+        super::pvm::disable_interrupts();
+    } else {
+        // SAFETY: masking interrupts is always sound.
+        unsafe { asm!("cli", options(nomem, nostack)) }
+    }
 }
 
 /// Halts forever with interrupts off: the end of the line.
 pub fn halt_forever() -> ! {
+    disable_interrupts();
     loop {
         // SAFETY: halting with interrupts masked only stops this vCPU.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) }
@@ -130,4 +141,22 @@ pub fn cr2() -> u64 {
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)) }
     v
+}
+
+/// Reads CR3 (the page-table root).
+pub fn cr3() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Loads CR3.
+///
+/// # Safety
+/// `v` must be the root of page tables that map everything the runtime
+/// uses, as the current ones do.
+pub unsafe fn write_cr3(v: u64) {
+    // SAFETY: the caller guarantees the tables are valid.
+    unsafe { asm!("mov cr3, {}", in(reg) v, options(nostack, preserves_flags)) }
 }

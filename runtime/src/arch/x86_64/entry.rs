@@ -41,24 +41,25 @@ _start:
 pvh_start:
     cli
     mov edi, ebx
-    /* six zeroed pages in .bss: PML4, PDPT, PD0..PD3 */
+    /* six zeroed pages in .bss: PML4, PDPT, PD0..PD3; every entry is
+       present, writable and user (PVM native mode runs ring 0 on ring 3) */
     mov eax, offset __pvh_tables_phys
-    lea ecx, [eax + 0x1003]
+    lea ecx, [eax + 0x1007]
     mov [eax], ecx
-    lea ecx, [eax + 0x2003]
+    lea ecx, [eax + 0x2007]
     mov [eax + 0x1000], ecx
-    lea ecx, [eax + 0x3003]
+    lea ecx, [eax + 0x3007]
     mov [eax + 0x1008], ecx
-    lea ecx, [eax + 0x4003]
+    lea ecx, [eax + 0x4007]
     mov [eax + 0x1010], ecx
-    lea ecx, [eax + 0x5003]
+    lea ecx, [eax + 0x5007]
     mov [eax + 0x1018], ecx
     lea ebx, [eax + 0x2000]
     xor ecx, ecx
 2:
     mov edx, ecx
     shl edx, 21
-    or edx, 0x83
+    or edx, 0x87
     mov [ebx + ecx * 8], edx
     mov dword ptr [ebx + ecx * 8 + 4], 0
     inc ecx

@@ -32,7 +32,7 @@ pub struct TrapFrame {
     r11: u64,
     r10: u64,
     r9: u64,
-    r8: u64,
+    pub(super) r8: u64,
     rbp: u64,
     rdi: u64,
     rsi: u64,
@@ -42,7 +42,7 @@ pub struct TrapFrame {
     rax: u64,
     vector: u64,
     error_code: u64,
-    rip: u64,
+    pub(super) rip: u64,
     cs: u64,
     rflags: u64,
     rsp: u64,
@@ -196,6 +196,12 @@ const EXCEPTION_NAMES: [&str; 32] = [
 ];
 
 extern "C" fn dispatch(frame: &mut TrapFrame) {
+    if frame.vector >= 32 && super::pvm::native() {
+        super::pvm::fixup_halt(frame);
+    }
+    if frame.vector == 13 && super::pvm::fixup_gp(frame) {
+        return;
+    }
     match frame.vector {
         v if v == u64::from(TIMER_VECTOR) => super::apic::end_of_interrupt(),
         v if v == u64::from(DEVICE_VECTOR) => {

@@ -6,3 +6,4 @@ pub mod cpu;
 pub mod entry;
 pub mod idt;
 pub mod ioapic;
+pub mod pvm;
