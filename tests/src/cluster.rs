@@ -582,6 +582,37 @@ pub fn ferry_ctl(args: &[&str], api: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Checks, while the VM behind `api` is under load, that its guest runs
+/// natively: `ferry status` says `pvm-native` and the vCPU emulates fewer
+/// than `max_emulated` instructions over `window` (an emulated guest under
+/// load emulates millions a second). On a host that is not PVM, checks
+/// that the status says `hardware`. Returns the emulated count.
+pub fn assert_runs_native(api: &Path, window: Duration, max_emulated: u64, what: &str) -> u64 {
+    let status = |api: &Path| -> serde_json::Value {
+        let text = ferry_ctl(&["status", "--api"], api).expect("ferry status");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
+    };
+    let first = status(api);
+    if !crate::host_is_pvm() {
+        assert_eq!(first["cpu_mode"], "hardware", "{what}: {first}");
+        return 0;
+    }
+    assert_eq!(first["cpu_mode"], "pvm-native", "{what}: {first}");
+    std::thread::sleep(window);
+    let second = status(api);
+    let count = |v: &serde_json::Value| v["kvm"]["insn_emulation"].as_u64().unwrap_or(u64::MAX);
+    let emulated = count(&second).saturating_sub(count(&first));
+    assert!(
+        emulated < max_emulated,
+        "{what}: {emulated} instructions emulated in {window:?} ({first} -> {second})"
+    );
+    assert!(
+        second["kvm"]["exits"].as_u64() > first["kvm"]["exits"].as_u64(),
+        "{what}: the vCPU did not run in {window:?}: {second}"
+    );
+    emulated
+}
+
 /// A cluster of its own for one integration test (unique namespace names
 /// from `tag`, the process ID and a counter), or `None` after one loud
 /// line when the machine has no KVM or we are not root.

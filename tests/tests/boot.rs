@@ -92,6 +92,46 @@ fn ferry_guest_sleeps_in_hlt_and_time_advances() {
     );
 }
 
+/// On PVM the runtime switches itself to native mode: a busy guest then
+/// emulates almost nothing, and `pvm.native=0` keeps it emulated (so the
+/// counter below would catch a runtime that never switched).
+#[test]
+fn ferry_runs_the_guest_natively_on_pvm() {
+    if !kvm_or_skip("ferry_runs_the_guest_natively_on_pvm") {
+        return;
+    }
+    if !host_is_pvm() {
+        eprintln!("!!! SKIPPED ferry_runs_the_guest_natively_on_pvm: this host's KVM is not PVM !!!");
+        return;
+    }
+    let stats = |extra: &[&str], spin: &str| {
+        let mut cmd = ferry_run(&image("hello"), extra, &[spin]);
+        cmd.env("FERRY_STATS", "1");
+        let out = run(&mut cmd, LIMIT);
+        assert_eq!(out.status, Some(0), "{}", out.stderr);
+        let line = out
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("ferry: kvm stats:"))
+            .unwrap_or_else(|| panic!("no stats line: {}", out.stderr))
+            .to_string();
+        (out.stdout, line)
+    };
+    let (stdout, line) = stats(&[], "spin=2000000");
+    assert!(stdout.contains("on ferry (native)"), "{stdout}");
+    assert!(line.contains("cpu_mode=pvm-native"), "{line}");
+    // Boot before the switch and the exits emulate a few thousand
+    // instructions; two million rounds of the loop emulated would be ~10^7.
+    let emulated = field(&line, "insn_emulation").unwrap_or(0);
+    assert!(emulated < 20_000, "native guest emulated {emulated}: {line}");
+
+    let (stdout, line) = stats(&["--guest-arg", "pvm.native=0"], "spin=20000");
+    assert!(stdout.contains("on ferry (emulated (pvm.native=0))"), "{stdout}");
+    assert!(line.contains("cpu_mode=pvm-emulated"), "{line}");
+    let emulated = field(&line, "insn_emulation").unwrap_or(0);
+    assert!(emulated > 100_000, "emulated guest emulated only {emulated}: {line}");
+}
+
 #[test]
 fn uhyve_boots_the_same_image() {
     if !kvm_or_skip("uhyve_boots_the_same_image") {

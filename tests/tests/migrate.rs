@@ -130,7 +130,11 @@ fn stream_is_verified_through_a_migration_with_upstream_traffic() {
             .spawn()
             .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let (_, report) = s.hop(&api, "hostB", 1);
+    cluster::assert_runs_native(&api, Duration::from_secs(1), 20_000, "before the migration");
+    let (moved, report) = s.hop(&api, "hostB", 1);
+    // The migrated guest runs natively on the destination too.
+    let emulated = cluster::assert_runs_native(&moved, Duration::from_secs(1), 20_000, "migrated");
+    eprintln!("migrated guest: {emulated} instructions emulated in 1 s under load");
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -182,7 +182,11 @@ fn a_stream_in_progress_is_verified_across_the_move() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    move_to_b(&mut c, &dir, &api);
+    cluster::assert_runs_native(&api, Duration::from_secs(1), 20_000, "before the snapshot");
+    let b = move_to_b(&mut c, &dir, &api);
+    // The restored guest runs natively too (PVM's control MSR came back).
+    let emulated = cluster::assert_runs_native(&b, Duration::from_secs(1), 20_000, "restored");
+    eprintln!("restored guest: {emulated} instructions emulated in 1 s under load");
     let out = client.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
