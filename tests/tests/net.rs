@@ -233,7 +233,7 @@ fn stream_is_verified_end_to_end() {
     assert_eq!(d.estab_resets, 0, "{d:?}");
 }
 
-/// TCP segmentation offload: the guest hands the card 16 KiB segments and
+/// TCP segmentation offload: the guest hands the card 62 KiB segments and
 /// the device cuts them at the MSS the client announced. The client's
 /// link has an MTU of 1280 here (its MSS is 1240), so a segment cut at
 /// the usual 1460 could not be forwarded to it (smoltcp sets DF): the
@@ -263,12 +263,12 @@ fn tso_cuts_segments_at_the_clients_mss() {
         "listening",
     )
     .expect("starting stream");
-    stream_verified(&c, 4 << 20);
+    stream_verified(&c, 16 << 20);
     let status = cluster::ferry_ctl(&["status", "--api"], &api).expect("ferry status");
     let gso = ferry_tests::json_u64(&status, "tx_gso_frames").unwrap_or(0);
     let frames = ferry_tests::json_u64(&status, "tx_frames").unwrap_or(0);
-    // 4 MiB at a 1240-byte MSS is ~3400 segments; with TSO the guest
+    // 16 MiB at a 1240-byte MSS is ~13,500 segments; with TSO the guest
     // handed over far fewer frames, most of them cut by the device.
     assert!(gso > 100, "GSO frames: {gso} ({status})");
-    assert!(frames < 1500, "frames the guest sent: {frames} ({status})");
+    assert!(frames < 3000, "frames the guest sent: {frames} ({status})");
 }

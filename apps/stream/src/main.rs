@@ -100,7 +100,9 @@ fn main(env: &Env) -> i32 {
         let _ballast = &ballast;
         let sizes = BufferSizes {
             rx: 64 * 1024,
-            tx: 256 * 1024,
+            // A native guest sends faster than it wakes for ACKs (~150 us
+            // an interrupt): 1 MiB in flight keeps the link busy meanwhile.
+            tx: 1024 * 1024,
             backlog: 2,
         };
         if let Some(p) = echo_port {

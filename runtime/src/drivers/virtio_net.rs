@@ -39,8 +39,9 @@ const LINK_MTU: usize = 1500;
 pub const MAX_FRAME: usize = 14 + LINK_MTU;
 /// The MSS a TCP peer on the link can take at most (IPv4, no options).
 const LINK_MSS: u16 = (LINK_MTU - 40) as u16;
-/// With TSO: the most TCP payload smoltcp puts in one frame.
-pub const TSO_PAYLOAD: usize = 16 * 1024;
+/// With TSO: the most TCP payload smoltcp puts in one frame (an IPv4
+/// packet of at most 64 KiB with room for TCP options).
+pub const TSO_PAYLOAD: usize = 62 * 1024;
 /// With TSO: the largest frame smoltcp builds (Ethernet, IPv4 and TCP
 /// headers, options and payload within [`TSO_PAYLOAD`] + 20).
 pub const TSO_FRAME: usize = 14 + 20 + 20 + TSO_PAYLOAD;
