@@ -152,6 +152,6 @@ fuzz SECONDS="20":
 
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU.
 test: setup build
-    for i in hello misbehave echo kv http stream; do images/build $i >/dev/null; done
+    for i in hello misbehave echo kv http stream udpcount; do images/build $i >/dev/null; done
     cargo test -- --test-threads 2
     just fuzz 20

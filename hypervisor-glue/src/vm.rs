@@ -439,6 +439,14 @@ impl Vm {
         }
     }
 
+    /// Drops the frames queued in the card's tap while nothing read it
+    /// (a migration's destination that was told not to capture).
+    pub fn discard_waiting_frames(&mut self) {
+        if let Some(net) = self.bus.net.as_mut() {
+            net.discard_waiting();
+        }
+    }
+
     /// What a migration source needs of this VM.
     pub fn migration_context(&self) -> crate::migration::source::Context {
         crate::migration::source::Context {
@@ -454,7 +462,11 @@ impl Vm {
         if self.paused.is_none() {
             self.paused = Some(self.clock.save());
             if let Some(net) = self.bus.net.as_mut() {
-                net.pause(false);
+                // A migration's source keeps reading its tap while paused,
+                // so what arrived before the destination captured goes
+                // with the VM.
+                let capture = net.recording();
+                net.pause(capture);
             }
         }
     }

@@ -8,7 +8,7 @@
 //! ```
 //!
 //! The router floods every frame for the service MAC to both hosts; each
-//! host bridges its uplink and a tap for the VM, which owns the service IP
+//! host bridges its uplink (learning off) and a tap for the VM, which owns the service IP
 //! [`VIP`] and MAC [`SERVICE_MAC`]. A host that does not run the VM drops
 //! those frames: its kernel owns neither address, so it sends nothing
 //! back. A separate link joins the hosts for migration traffic. Addresses
@@ -251,6 +251,22 @@ impl Cluster {
                 &format!("02:00:00:00:0{}:02", i + 1),
             ])?;
             ip(&["-n", &hn, "link", "set", "e0", "master", "brv"])?;
+            // The uplink never learns the service MAC: frames the VM sends
+            // from another host (its ARP, its broadcasts) flood back here,
+            // and a learned entry would make this bridge drop every frame
+            // for the VM at its uplink, so a migration's destination would
+            // capture nothing.
+            ip(&[
+                "-n",
+                &hn,
+                "link",
+                "set",
+                "e0",
+                "type",
+                "bridge_slave",
+                "learning",
+                "off",
+            ])?;
             ip(&["-n", &hn, "link", "set", TAP, "master", "brv"])?;
             ip(&["-n", &hn, "link", "set", TAP, "up"])?;
             ip(&["-n", &hn, "link", "set", "brv", "up"])?;

@@ -174,6 +174,11 @@ fn take_vm(
                 // Nothing runs until the source commits; if it goes away
                 // instead, the VM is discarded here.
                 expect(&mut r, Msg::Commit)?;
+                let mut vm = vm;
+                if !capture {
+                    // What queued in the tap meanwhile is not the VM's.
+                    vm.discard_waiting_frames();
+                }
                 status(&format!("committed after {pages} page messages"));
                 return Ok(Arrived { vm, conn });
             }

@@ -32,6 +32,7 @@
 mod device;
 mod stack;
 mod tcp;
+mod udp;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -43,6 +44,7 @@ use core::task::{Context, Poll, Waker};
 pub use smoltcp::wire::{IpEndpoint, Ipv4Address};
 pub use stack::{Config, NetError};
 pub use tcp::{BufferSizes, TcpListener, TcpStream};
+pub use udp::UdpSocket;
 
 use crate::Env;
 use crate::time::Instant;

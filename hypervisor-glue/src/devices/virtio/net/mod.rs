@@ -21,7 +21,7 @@ pub mod tap;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
@@ -129,6 +129,8 @@ struct Active {
     /// While a migration's destination may be capturing: digests of the
     /// frames read from the tap here, so that it can drop its copies.
     recorded: Option<Vec<u64>>,
+    /// Capture passes the worker has finished (see [`VirtioNet::pause`]).
+    capture_passes: u64,
 }
 
 /// State shared by the vCPU thread and the worker.
@@ -139,6 +141,12 @@ struct Shared {
     paused: AtomicBool,
     /// While paused, read the tap into the backlog (a VM about to run here).
     capture: AtomicBool,
+    /// Discard what the tap holds before the next step: frames that
+    /// queued while nobody read them (see [`VirtioNet::pause`] and
+    /// [`VirtioNet::discard_waiting`]).
+    flush: AtomicBool,
+    /// Signalled (with `active`) after each capture pass.
+    passed: Condvar,
     /// ISR status: bit 0 = queue interrupt. A read by the guest clears it.
     isr: AtomicU8,
     /// The features the driver accepted (valid while `queues` is `Some`).
@@ -577,13 +585,41 @@ pub enum RestoreError {
 impl VirtioNet {
     /// Stops the worker from touching guest memory or the queues; returns
     /// once it is out of its current batch. With `capture`, it keeps
-    /// reading the tap into the backlog (for a VM about to run here).
+    /// reading the tap into the backlog (for a VM about to run here, or a
+    /// migration's source, which must carry what arrived before the
+    /// destination captured), and this returns after one full pass: every
+    /// frame the tap held is then in the backlog. A device that was paused
+    /// without capturing first discards what queued in its tap meanwhile
+    /// (frames of a time it did not claim; a source VM got them).
     pub fn pause(&mut self, capture: bool) {
+        let was_paused = self.shared.paused.load(Ordering::Acquire);
+        let was_capturing = self.shared.capture.load(Ordering::Acquire);
+        if capture && was_paused && !was_capturing {
+            self.shared.flush.store(true, Ordering::Release);
+        }
         self.shared.capture.store(capture, Ordering::Release);
         self.shared.paused.store(true, Ordering::Release);
         // The worker processes a batch under this lock and checks `paused`
         // after taking it: once we hold it, no batch is running.
-        drop(self.shared.active.lock().expect("net state lock"));
+        let guard = self.shared.active.lock().expect("net state lock");
+        let start = guard.capture_passes;
+        self.wake.write(1).ok();
+        if capture {
+            // Bounded: a worker that died must not stop the VMM.
+            let _ = self
+                .shared
+                .passed
+                .wait_timeout_while(guard, std::time::Duration::from_millis(200), |a| {
+                    a.capture_passes == start
+                });
+        }
+    }
+
+    /// Drops the frames waiting in the tap, unread, before the worker next
+    /// delivers: a migration's destination that does not capture uses it,
+    /// so the VM gets only frames that arrived once it runs here.
+    pub fn discard_waiting(&mut self) {
+        self.shared.flush.store(true, Ordering::Release);
         self.wake.write(1).ok();
     }
 
@@ -628,7 +664,13 @@ impl VirtioNet {
     /// Starts recording the digests of frames read from the tap (before a
     /// migration's destination starts capturing; see [`NetState::overlap`]).
     pub fn start_recording(&mut self) {
+        debug_assert!(!self.recording());
         self.shared.active.lock().expect("net state lock").recorded = Some(Vec::new());
+    }
+
+    /// Whether frame digests are being recorded (a migration is under way).
+    pub fn recording(&self) -> bool {
+        self.shared.active.lock().expect("net state lock").recorded.is_some()
     }
 
     /// Stops recording (a migration that failed).

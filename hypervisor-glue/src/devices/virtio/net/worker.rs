@@ -143,9 +143,15 @@ impl Worker {
                     eprintln!("ferry: virtio-net: {e}");
                 }
             }
+            if shared.flush.swap(false, Ordering::AcqRel) {
+                self.discard_tap();
+            }
             if shared.paused.load(Ordering::Acquire) {
                 if shared.capture.load(Ordering::Acquire) {
-                    self.capture(&mut guard.backlog);
+                    let active = &mut *guard;
+                    self.capture(&mut active.backlog, &mut active.recorded);
+                    active.capture_passes += 1;
+                    shared.passed.notify_all();
                 }
                 continue;
             }
@@ -191,8 +197,13 @@ impl Worker {
     }
 
     /// Reads every waiting tap frame into the backlog, each distinct frame
-    /// once, up to [`MAX_BACKLOG_BYTES`].
-    fn capture(&mut self, backlog: &mut std::collections::VecDeque<Vec<u8>>) {
+    /// once, up to [`MAX_BACKLOG_BYTES`] (recording its digest while a
+    /// migration's destination may capture it too).
+    fn capture(
+        &mut self,
+        backlog: &mut std::collections::VecDeque<Vec<u8>>,
+        recorded: &mut Option<Vec<u64>>,
+    ) {
         let mut bytes: usize = backlog.iter().map(Vec::len).sum();
         while let Ok(Some(len)) = self.tap.read_frame(&mut self.buf) {
             let stats = &self.shared.stats;
@@ -204,12 +215,13 @@ impl Worker {
                 continue;
             }
             let frame = &self.buf[..len];
-            if !self
-                .seen
-                .insert(xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]))
-            {
+            let digest = xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]);
+            if !self.seen.insert(digest) {
                 stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 continue;
+            }
+            if let Some(r) = recorded.as_mut() {
+                r.push(digest);
             }
             stats.captured.fetch_add(1, Ordering::Relaxed);
             bytes += len;
