@@ -127,7 +127,7 @@ bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
     cp target/bench/migrate-qemu.json docs/bench-migrate-qemu.json
 
 # Live-migrate the VM that `just run-app` started to the other host (and back when run again).
-live-migrate DOWNTIME_MS="5": build
+live-migrate DOWNTIME_MS="1": build
     target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}
 
 # The main job: stream to a verifying client (plus an echoed upstream), live-migrate A->B->A, report.

@@ -5,10 +5,16 @@
 //! which clients see as gaps before the migration even stops the VM.
 //! [`Background`] runs the copying at the lowest priority instead: it then
 //! takes the CPU the running VM leaves (and longer, which the downtime
-//! budget accounts for, as it measures bandwidth per round).
+//! budget accounts for, as it measures bandwidth per round). The
+//! stop-and-copy, when the VM waits for the copying, runs [`Urgent`]:
+//! ahead of everything else on the host, so that the pause is as short as
+//! the work.
 
 /// The nice value of background work.
 const NICE: libc::c_int = 19;
+
+/// The nice value of the stop-and-copy.
+const URGENT_NICE: libc::c_int = -15;
 
 /// While alive, the calling thread runs at nice 19; dropping it restores
 /// the thread's priority (which needs CAP_SYS_NICE; without it the thread
@@ -19,9 +25,29 @@ pub struct Background {
     old: Option<libc::c_int>,
 }
 
+/// While alive, the calling thread runs at nice -15 (needs CAP_SYS_NICE;
+/// without it nothing changes); dropping it restores the priority.
+#[derive(Debug)]
+pub struct Urgent {
+    _restores_on_drop: Background,
+}
+
+impl Urgent {
+    /// Moves the calling thread ahead.
+    pub fn enter() -> Urgent {
+        Urgent {
+            _restores_on_drop: Background::at(URGENT_NICE),
+        }
+    }
+}
+
 impl Background {
     /// Moves the calling thread to the background.
     pub fn enter() -> Background {
+        Background::at(NICE)
+    }
+
+    fn at(nice: libc::c_int) -> Background {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() } as libc::id_t;
         // SAFETY: getpriority/setpriority on this thread's own id; errno
@@ -30,7 +56,7 @@ impl Background {
             *libc::__errno_location() = 0;
             let p = libc::getpriority(libc::PRIO_PROCESS, tid);
             let ok = *libc::__errno_location() == 0
-                && libc::setpriority(libc::PRIO_PROCESS, tid, NICE) == 0;
+                && libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0;
             ok.then_some(p)
         };
         Background { tid, old }

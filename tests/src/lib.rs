@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod gaps;
 pub mod qmp;
+pub mod tcpinfo;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -244,4 +245,12 @@ pub fn json_u64(text: &str, key: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// How a guest's code ran, from its console log: the `cpu` word of the
+/// runtime's `net: up` line ("native", "not pvm", ...).
+pub fn guest_cpu_mode(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.starts_with("net: up"))?;
+    Some(line.split_once(" cpu ")?.1.trim().to_string())
 }

@@ -19,6 +19,9 @@ pub struct Arrived {
     pub vm: Vm,
     /// The source's connection: send Committed on it once the VM runs.
     pub conn: TcpStream,
+    /// When the source's Commit arrived (the rest of the downtime is
+    /// this side's, from here to the VM running).
+    pub committed_at: std::time::Instant,
 }
 
 impl std::fmt::Debug for Arrived {
@@ -128,6 +131,7 @@ fn take_vm(
     // Pre-copy rounds arrive while the VM still runs on the source (maybe
     // on this machine's other core): receive them in the background.
     let mut background = Some(crate::sched::Background::enter());
+    let mut urgent = None;
     loop {
         let (t, p) = recv(&mut r)?;
         match t {
@@ -149,6 +153,9 @@ fn take_vm(
             Msg::StartCapture => {
                 // The source stops the VM next: the rest is downtime.
                 drop(background.take());
+                // Until this returns (the VM then runs on this thread at
+                // its normal priority).
+                urgent = Some(crate::sched::Urgent::enter());
                 if capture {
                     incoming.start_capture();
                 }
@@ -174,13 +181,19 @@ fn take_vm(
                 // Nothing runs until the source commits; if it goes away
                 // instead, the VM is discarded here.
                 expect(&mut r, Msg::Commit)?;
+                let committed_at = std::time::Instant::now();
+                drop(urgent.take());
                 let mut vm = vm;
                 if !capture {
                     // What queued in the tap meanwhile is not the VM's.
                     vm.discard_waiting_frames();
                 }
                 status(&format!("committed after {pages} page messages"));
-                return Ok(Arrived { vm, conn });
+                return Ok(Arrived {
+                    vm,
+                    conn,
+                    committed_at,
+                });
             }
             other => return fail(&mut w, Error::Protocol(format!("unexpected {other:?}"))),
         }

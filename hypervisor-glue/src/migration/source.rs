@@ -282,6 +282,7 @@ fn precopy_and_commit(
     // the VM waits for it). Frames read here from now on are recorded, so
     // the destination can drop its copies.
     drop(background);
+    let _urgent = crate::sched::Urgent::enter();
     vm.record(true);
     let capture_on = send(w, Msg::StartCapture, b"")
         .and_then(|()| w.flush().map_err(Error::from))
@@ -292,18 +293,29 @@ fn precopy_and_commit(
     }
     let t_pause = Instant::now();
     vm.pause().map_err(Error::Local)?;
+    // Where the downtime goes, in ms from the pause.
+    let mut phases = serde_json::Map::new();
+    let mut mark = |name: &str| {
+        phases.insert(name.into(), json!(t_pause.elapsed().as_secs_f64() * 1e3));
+    };
+    mark("paused");
     let stop_and_copy = (|| -> Result<(u64, usize), Error> {
         let mut last_pages = pending;
         last_pages.extend(collect_dirty(ctx)?);
         last_pages.sort_unstable();
         last_pages.dedup();
         let n = last_pages.len();
+        mark("dirty_collected");
         let b = send_pages(w, &ctx.mem, last_pages.into_iter(), false)?;
+        mark("pages_sent");
         let state = vm.save().map_err(Error::Local)?;
         let enc = crate::snapshot::encode_state(&state).map_err(|e| Error::Local(e.to_string()))?;
+        mark("state_saved");
         send(w, Msg::State, &enc)?;
         w.flush()?;
+        mark("state_sent");
         expect(r, Msg::StateOk)?;
+        mark("state_loaded_there");
         Ok((b + enc.len() as u64, n))
     })();
     let (b, last_n) = match stop_and_copy {
@@ -328,6 +340,7 @@ fn precopy_and_commit(
     }
     let committed = expect(r, Msg::Committed);
     let downtime = t_pause.elapsed();
+    mark("running_there");
     vm.finish();
     let dest: Value = match committed {
         Ok(p) => serde_json::from_slice(&p).unwrap_or(Value::Null),
@@ -346,6 +359,7 @@ fn precopy_and_commit(
         "last_pages": last_n,
         "bytes": bytes,
         "downtime_ms": downtime.as_secs_f64() * 1e3,
+        "downtime_phases_ms": phases,
         "total_ms": t0.elapsed().as_secs_f64() * 1e3,
         "destination": dest,
     }))

@@ -201,7 +201,7 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
     }
     announce(&mut card, mac, config.ip);
     crate::println!(
-        "net: up: mac {mac} irq {} checksum offload {} tso {} ip {}/{} gateway {}",
+        "net: up: mac {mac} irq {} checksum offload {} tso {} ip {}/{} gateway {} cpu {}",
         card.irq_line(),
         if card.tx.offload() { "on" } else { "off" },
         if card.tx.tso() { "on" } else { "off" },
@@ -210,7 +210,8 @@ pub(super) fn init(config: &Config) -> Result<(), NetError> {
         config.gateway.map_or_else(
             || alloc::string::String::from("none"),
             |g| alloc::format!("{g}")
-        )
+        ),
+        crate::platform::cpu_mode().name()
     );
     *STACK.0.borrow_mut() = Some(Stack {
         card,

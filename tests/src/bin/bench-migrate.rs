@@ -4,8 +4,11 @@
 //! verifying client, live-migrate hostA -> hostB in the middle, and record
 //! the largest gap between arrivals around the migration (the paper's
 //! migration delay), the VMM-measured downtime, the client's throughput in
-//! 100 ms windows, and its TCP counters. Repeats each point and reports
-//! medians. Writes `target/bench/migrate.json` and `docs/bench-migrate.md`.
+//! 100 ms windows, its TCP counters, and (the paper's Fig. 6) its TCP
+//! windows over time from TCP_INFO: the stream's advertised windows and the
+//! cwnd of an echoed upstream conversation the client keeps at 1 MB/s.
+//! Repeats each point and reports medians. Writes
+//! `target/bench/migrate.json` and `docs/bench-migrate.md`.
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -48,10 +51,26 @@ fn timing(size_mib: u64, ms_per_mib: f64, seconds: f64) -> (f64, f64) {
     (at, seconds.max(at + total + 1.5))
 }
 
-/// The stream's client for one run: every gap listed, 100 ms windows.
-fn measuring_client(c: &Cluster, seconds: f64) -> Result<std::process::Child> {
-    Ok(c.stream_client()
+/// The stream app's echo port in these runs, and the rate the client
+/// sends to it (bytes/s).
+const ECHO_PORT: u16 = 5002;
+const ECHO_RATE: u64 = 1_000_000;
+
+/// The stream's client for one run: every gap listed, 100 ms windows,
+/// TCP_INFO every 10 ms, and (with `echo`) the upstream conversation.
+fn measuring_client(c: &Cluster, seconds: f64, echo: bool) -> Result<std::process::Child> {
+    let mut cmd = c.stream_client();
+    if echo {
+        cmd.args([
+            "--echo",
+            &format!("{}:{ECHO_PORT}", cluster::VIP),
+            "--echo-rate",
+            &ECHO_RATE.to_string(),
+        ]);
+    }
+    Ok(cmd
         .args(["--seconds", &seconds.to_string(), "--windows-ms", "100"])
+        .args(["--tcp-info-ms", "10"])
         .args(gaps::CLIENT_ARGS)
         .stdout(std::process::Stdio::piped())
         .spawn()?)
@@ -71,6 +90,63 @@ fn worst_window(windows: &[f64], steady: f64, range: std::ops::Range<f64>) -> f6
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Fig. 6: what the client's TCP_INFO samples say about a migration at
+/// `at` s lasting `total` s: the echo sender's cwnd (median before, the
+/// lowest from the migration to 1 s after it), the lowest window each side
+/// advertised on the stream then against before, the echo's retransmissions
+/// over the run, and the samples from 0.5 s before to 1.5 s after (for the
+/// plot).
+fn windows_around(cv: &Value, at: f64, total: f64) -> Value {
+    let samples: Vec<&Value> = cv["tcp_info"].as_array().map(|v| v.iter().collect()).unwrap_or_default();
+    let t = |v: &Value| v["t"].as_f64().unwrap_or(-1.0);
+    let during = |v: &&Value| t(v) >= at && t(v) <= at + total + 1.0;
+    let before = |v: &&Value| t(v) >= 0.5 && t(v) < at;
+    let series = |k: &str, pick: &dyn Fn(&&Value) -> bool| -> Vec<f64> {
+        samples.iter().filter(|v| pick(v)).filter_map(|v| v[k].as_f64()).collect()
+    };
+    let min = |v: Vec<f64>| v.into_iter().fold(f64::NAN, f64::min);
+    let retrans = |pick: &dyn Fn(&&Value) -> bool| {
+        let r = series("echo_retrans", pick);
+        r.last().copied().unwrap_or(0.0) - r.first().copied().unwrap_or(0.0)
+    };
+    json!({
+        "echo_cwnd_before": median(&mut series("echo_cwnd", &before)),
+        "echo_cwnd_min_at_migration": min(series("echo_cwnd", &during)),
+        "echo_retrans_at_migration": retrans(&during),
+        "rcv_wnd_before": median(&mut series("rcv_wnd", &before)),
+        "rcv_wnd_min_at_migration": min(series("rcv_wnd", &during)),
+        "snd_wnd_before": median(&mut series("snd_wnd", &before)),
+        "snd_wnd_min_at_migration": min(series("snd_wnd", &during)),
+        "samples": samples
+            .iter()
+            .filter(|v| t(v) >= at - 0.5 && t(v) <= at + total + 1.5)
+            .cloned()
+            .cloned()
+            .collect::<Vec<Value>>(),
+    })
+}
+
+/// Medians over `runs` of their [`windows_around`] measures; each
+/// window's lowest value at the migration as a fraction of before.
+fn tcp_summary(runs: &[Value]) -> Value {
+    let med = |f: &dyn Fn(&Value) -> Option<f64>| {
+        median(&mut runs.iter().filter_map(|r| f(&r["tcp"])).collect::<Vec<_>>())
+    };
+    let ratio = |min: &'static str, before: &'static str| {
+        move |t: &Value| {
+            let (m, b) = (t[min].as_f64()?, t[before].as_f64()?);
+            (b > 0.0).then(|| m / b)
+        }
+    };
+    json!({
+        "echo_cwnd_before": med(&|t| t["echo_cwnd_before"].as_f64()),
+        "echo_cwnd_min_at_migration": med(&|t| t["echo_cwnd_min_at_migration"].as_f64()),
+        "echo_retrans_at_migration": runs.iter().filter_map(|r| r["tcp"]["echo_retrans_at_migration"].as_f64()).sum::<f64>(),
+        "rcv_wnd_min_ratio": med(&ratio("rcv_wnd_min_at_migration", "rcv_wnd_before")),
+        "snd_wnd_min_ratio": med(&ratio("snd_wnd_min_at_migration", "snd_wnd_before")),
+    })
+}
+
 fn one_run(
     c: &mut Cluster,
     size: u64,
@@ -87,7 +163,8 @@ fn one_run(
     let memory = format!("{}M", size + 64);
     let ballast = format!("ballast={size}M");
     let rate_arg = format!("rate={rate}");
-    let mut args = vec![ballast.as_str()];
+    let echo_arg = format!("echo={ECHO_PORT}");
+    let mut args = vec![ballast.as_str(), echo_arg.as_str()];
     if rate != "full" {
         args.push(&rate_arg);
     }
@@ -115,7 +192,7 @@ fn one_run(
     )?;
     let (planned, client_seconds) = timing(size, 2.5, seconds);
     let before = c.client_tcp_counters()?;
-    let client = measuring_client(c, client_seconds)?;
+    let client = measuring_client(c, client_seconds, true)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
@@ -149,12 +226,14 @@ fn one_run(
         // same stream before it (leaving out its first 300 ms).
         "worst_window_at_migration": worst_window(&windows, steady, at - 0.2..at + total_s + 0.5),
         "worst_window_before": worst_window(&windows, steady, 0.3..at - 0.2),
-        "downtime_ms": rv["downtime_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
+        "downtime_ms": rv["downtime_ms"], "last_pages": rv["last_pages"], "downtime_phases_ms": rv["downtime_phases_ms"], "commit_to_running_ms": rv["destination"]["commit_to_running_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
         "captured": rv["destination"]["net"]["captured"],
         "client_bytes_per_second": cv["bytes_per_second"],
         "steady_window_bytes": steady,
         "windows": windows, "migration_at_s": at,
         "retransmits": d.retrans_segs, "dup_segments": d.dup_segs_received, "resets": d.estab_resets,
+        "echo_bytes_verified": cv["echo_bytes_verified"],
+        "tcp": windows_around(&cv, at, total_s),
         "error": cv["error"],
     }))
 }
@@ -171,9 +250,9 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let _ = std::fs::remove_file(&qa);
     let _ = std::fs::remove_file(&qb);
     let app_args = if rate == "full" {
-        format!("ballast={size}M")
+        format!("ballast={size}M echo={ECHO_PORT}")
     } else {
-        format!("ballast={size}M rate={rate}")
+        format!("ballast={size}M echo={ECHO_PORT} rate={rate}")
     };
     let qemu = |c: &Cluster, host: &str, qmp: &std::path::Path, incoming: Option<String>| {
         let mut cmd = c.qemu_service(
@@ -209,7 +288,7 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let _qmp_b = Qmp::connect(&qb)?;
     let (planned, client_seconds) = timing(size, 8.0, seconds);
     let before = c.client_tcp_counters()?;
-    let client = measuring_client(c, client_seconds)?;
+    let client = measuring_client(c, client_seconds, true)?;
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
@@ -231,7 +310,9 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
         "migration_gap_ms": g.gap_ms, "gap_at_ms": g.gap_at_ms, "own_gap_ms": g.own_gap_ms,
         "added_ms": g.added_ms(),
         "downtime_ms": st["downtime"], "total_ms": st["total-time"],
-        "retransmits": d.retrans_segs, "resets": d.estab_resets, "error": cv["error"],
+        "retransmits": d.retrans_segs, "resets": d.estab_resets,
+        "tcp": windows_around(&cv, at, st["total-time"].as_f64().unwrap_or(0.0) / 1e3),
+        "error": cv["error"],
     }))
 }
 
@@ -277,6 +358,9 @@ fn main() -> Result<()> {
                     "downtime_ms_median": med("downtime_ms"),
                     "total_ms_median": med("total_ms"),
                     "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
+                    "resets": runs.iter().filter_map(|r| r["resets"].as_u64()).sum::<u64>(),
+                    "errors": runs.iter().filter(|r| !r["error"].is_null()).count(),
+                    "tcp": tcp_summary(&runs),
                     "client_bytes_per_second_median": med("client_bytes_per_second"),
                     "worst_window_at_migration_median": med("worst_window_at_migration"),
                     "worst_window_before_median": med("worst_window_before"),
@@ -322,6 +406,9 @@ fn main() -> Result<()> {
                 "downtime_ms_median": med("downtime_ms"),
                 "total_ms_median": med("total_ms"),
                 "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
+                "resets": runs.iter().filter_map(|r| r["resets"].as_u64()).sum::<u64>(),
+                "errors": runs.iter().filter(|r| !r["error"].is_null()).count(),
+                "tcp": tcp_summary(&runs),
                 "detail": runs,
             });
             eprintln!(
@@ -369,11 +456,11 @@ fn quantile(v: &mut [f64], p: f64) -> f64 {
 fn report(results: &[Value], qemu_rows: &[Value]) -> String {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let mut md = String::from(
-        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (2 cores, KVM = PVM: the guest's instructions are emulated, see `pvm-emulation.md`, so the stream runs at a few MB/s whatever the rate asked, and its segments arrive in 16 KiB bursts several ms apart). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`, decimal MB).\n\nPer run: *gap* = the largest gap between arrivals at the client from 200 ms before the migration to 500 ms after it (the paper's migration delay); *own gap* = the same stream before the migration, cut into windows of that length: the median of their largest gaps (what the client sees with no migration); *added* = gap - own gap (what the migration costs the client); *downtime* = VMM-measured, source pause to destination running; *worst window* = the smallest 100 ms throughput window around the migration, and before it, against the run's median window. Medians of the runs unless marked.\n\n| image | load | capture | gap (median / max) | own gap | added (median / max) | VMM downtime | total | retransmits | worst window: at migration / before |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "# Live migration under streaming load\n\nMeasured by `just bench-migrate` on the namespace cluster of one machine (see the README for which: 2 cores, KVM = PVM). The guest runs natively (the runtime enters PVM native mode at boot, under Ferry and under QEMU alike; `cpu` in its `net: up` line). Image size = guest memory the stream app holds with every page touched (`stream ballast=SIZE`). Load: the stream at 120 MB/s (the paper's rate) or as fast as it goes, to a client that verifies every byte and keeps an echoed conversation upstream at 1 MB/s (every byte checked on return).\n\nPer run: *gap* = the largest gap between arrivals at the client from 200 ms before the migration to 500 ms after it (the paper's migration delay); *own gap* = the same stream before the migration, cut into windows of that length: the median of their largest gaps (what the client sees with no migration); *added* = gap - own gap (what the migration costs the client); *downtime* = VMM-measured, source pause to destination running; *worst window* = the smallest 100 ms throughput window around the migration, and before it, against the run's median window; *retrans / resets / errors* = the client's TCP retransmissions and resets (kernel counters) and runs whose stream or echo failed verification, summed over the runs. Medians of the runs unless marked.\n\n| image | load | capture | gap (median / max) | own gap | added (median / max) | VMM downtime | total | client MB/s | retrans / resets / errors | worst window: at migration / before |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         md.push_str(&format!(
-            "| {} MB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2} ms | {:.0} ms | {} | {:.2} / {:.2} |\n",
+            "| {} MB | {} | {} | {:.1} / {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.2} ms | {:.0} ms | {:.1} | {} / {} / {} | {:.2} / {:.2} |\n",
             r["size_mib"],
             r["rate"].as_str().unwrap_or(""),
             if r["capture"] == true { "on" } else { "off" },
@@ -384,7 +471,10 @@ fn report(results: &[Value], qemu_rows: &[Value]) -> String {
             f(&r["added_ms_max"]),
             f(&r["downtime_ms_median"]),
             f(&r["total_ms_median"]),
+            f(&r["client_bytes_per_second_median"]) / 1e6,
             r["retransmits"],
+            r["resets"],
+            r["errors"],
             f(&r["worst_window_at_migration_median"]),
             f(&r["worst_window_before_median"]),
         ));
@@ -422,11 +512,27 @@ fn report(results: &[Value], qemu_rows: &[Value]) -> String {
             quantile(&mut d, 0.99),
         ));
     }
+    // Fig. 6: the windows.
+    md.push_str("\nThe client's TCP windows around the migration (the paper's Fig. 6; TCP_INFO every 10 ms, from the migration's start to 1 s after its end): the upstream sender's cwnd in segments (median before / median of the runs' lowest), its retransmissions then, and the lowest window each side advertised on the stream as a fraction of before (client's `rcv_wnd` / service's `snd_wnd`). A migration that cost the client a timeout would show cwnd falling to 1 and retransmissions.\n\n| image | load | capture | echo cwnd: before / lowest | echo retransmissions | stream windows, lowest / before: client / service |\n|---|---|---|---|---|---|\n");
+    for r in results {
+        let t = &r["tcp"];
+        md.push_str(&format!(
+            "| {} MB | {} | {} | {:.0} / {:.0} | {} | {:.2} / {:.2} |\n",
+            r["size_mib"],
+            r["rate"].as_str().unwrap_or(""),
+            if r["capture"] == true { "on" } else { "off" },
+            f(&t["echo_cwnd_before"]),
+            f(&t["echo_cwnd_min_at_migration"]),
+            f(&t["echo_retrans_at_migration"]),
+            f(&t["rcv_wnd_min_ratio"]),
+            f(&t["snd_wnd_min_ratio"]),
+        ));
+    }
     if !qemu_rows.is_empty() {
-        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture:\n\n| image | gap (median) | own gap | added | QEMU-reported downtime | total | retransmits |\n|---|---|---|---|---|---|---|\n");
+        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture. QEMU does not save PVM's control MSR, so its guest runs native on the source and emulated after the move (instruction by instruction: the stream crawls from then on, which the gap below includes if it does not recover within the window):\n\n| image | gap (median) | own gap | added | QEMU-reported downtime | total | retrans / resets / errors | echo cwnd: before / lowest |\n|---|---|---|---|---|---|---|---|\n");
         for r in qemu_rows {
             md.push_str(&format!(
-                "| {} MB | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms | {} |\n",
+                "| {} MB | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms | {} / {} / {} | {:.0} / {:.0} |\n",
                 r["size_mib"],
                 f(&r["migration_gap_ms_median"]),
                 f(&r["own_gap_ms_median"]),
@@ -434,9 +540,13 @@ fn report(results: &[Value], qemu_rows: &[Value]) -> String {
                 f(&r["downtime_ms_median"]),
                 f(&r["total_ms_median"]),
                 r["retransmits"],
+                r["resets"],
+                r["errors"],
+                f(&r["tcp"]["echo_cwnd_before"]),
+                f(&r["tcp"]["echo_cwnd_min_at_migration"]),
             ));
         }
     }
-    md.push_str("\nPlots: `docs/bench-migrate-delay.png` (gap and downtime against size), `docs/bench-migrate-throughput.png` (client throughput over time around the migration, largest size).\n");
+    md.push_str("\nPlots: `docs/bench-migrate-delay.png` (gap and downtime against size), `docs/bench-migrate-throughput.png` (client throughput over time around the migration, largest size), `docs/bench-migrate-window.png` (the client's windows and cwnd over time around the migration, per size).\n");
     md
 }

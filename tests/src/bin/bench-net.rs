@@ -3,15 +3,16 @@
 //! done three ways: the unikernel on Ferry's VMM, a native Linux process
 //! in hostA's namespace (`stream-native`, `kv-native`, which share the
 //! apps' code), and the same unikernel image under QEMU/KVM with
-//! virtio-net-pci on the same tap. Prints a table with ratios to native
-//! and writes `target/bench/net.json`.
+//! virtio-net-pci on the same tap. Prints a table with ratios to native,
+//! and for Ferry the vCPU's exits and interrupts per MB streamed and per
+//! redis request (from `ferry status`), and writes `target/bench/net.json`.
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, VIP, VIP_CIDR};
+use ferry_tests::cluster::{self, Cluster, GATEWAY, SERVICE_MAC, VIP, VIP_CIDR, ferry_ctl};
 use ferry_tests::{image, json_u64, root};
 
 #[derive(Parser)]
@@ -46,13 +47,16 @@ impl Target {
 }
 
 /// Starts the server for `app` ("stream" or "kv") as `target` on hostA.
-fn start(c: &mut Cluster, target: Target, app: &str, log: &Path) -> Result<u32> {
+/// A Ferry VM gets a control socket at `api`.
+fn start(c: &mut Cluster, target: Target, app: &str, log: &Path, api: &Path) -> Result<u32> {
     let (ready, cmd) = match target {
         Target::Ferry => {
             let mut cmd = c.command("hostA", ferry_tests::ferry_bin());
             cmd.arg("run")
                 .arg(image(app))
-                .args(cluster::service_args("64M"));
+                .args(cluster::service_args("64M"))
+                .arg("--api")
+                .arg(api);
             ("listening", cmd)
         }
         Target::Native => {
@@ -90,7 +94,38 @@ fn host_owns_vip(c: &Cluster, on: bool) -> Result<()> {
     Ok(())
 }
 
-fn stream_rate(c: &Cluster, seconds: f64) -> Result<f64> {
+/// A Ferry VM's vCPU exits, interrupts injected into it, and interrupts
+/// its network card raised, so far.
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    exits: u64,
+    injections: u64,
+    card_interrupts: u64,
+}
+
+impl Counters {
+    fn read(api: &Path) -> Result<Counters> {
+        let text = ferry_ctl(&["status", "--api"], api)?;
+        let v: serde_json::Value = serde_json::from_str(&text).context("status is not JSON")?;
+        let get = |a: &str, b: &str| v[a][b].as_u64().with_context(|| format!("no {a}.{b} in {text}"));
+        Ok(Counters {
+            exits: get("kvm", "exits")?,
+            injections: get("kvm", "irq_injections")?,
+            card_interrupts: get("net", "interrupts")?,
+        })
+    }
+
+    fn since(self, before: Counters) -> Counters {
+        Counters {
+            exits: self.exits - before.exits,
+            injections: self.injections - before.injections,
+            card_interrupts: self.card_interrupts - before.card_interrupts,
+        }
+    }
+}
+
+/// The stream's rate (bytes per second) and the bytes it verified.
+fn stream_rate(c: &Cluster, seconds: f64) -> Result<(f64, u64)> {
     let out = c
         .stream_client()
         .args(["--seconds", &seconds.to_string()])
@@ -99,7 +134,10 @@ fn stream_rate(c: &Cluster, seconds: f64) -> Result<f64> {
     if !out.status.success() || !text.contains("\"error\":null") {
         bail!("stream-client: {text}");
     }
-    Ok(json_u64(&text, "bytes_per_second").context("no rate")? as f64)
+    Ok((
+        json_u64(&text, "bytes_per_second").context("no rate")? as f64,
+        json_u64(&text, "bytes_verified").context("no byte count")?,
+    ))
 }
 
 fn redis_rates(c: &Cluster, requests: u32, clients: u32) -> Result<(f64, f64)> {
@@ -137,9 +175,15 @@ fn redis_rates(c: &Cluster, requests: u32, clients: u32) -> Result<(f64, f64)> {
 
 struct Row {
     target: Target,
+    /// How the guest's code ran (its `net: up` line), or "linux process".
+    mode: String,
     stream: Option<f64>,
     set: Option<f64>,
     get: Option<f64>,
+    /// Ferry only: counters per MB streamed, and per redis request.
+    per_mb: Option<Counters>,
+    per_mb_bytes: u64,
+    per_request: Option<(Counters, u64)>,
 }
 
 fn main() -> Result<()> {
@@ -153,27 +197,51 @@ fn main() -> Result<()> {
         }
         let mut row = Row {
             target,
+            mode: if target == Target::Native {
+                "linux process".into()
+            } else {
+                "?".into()
+            },
             stream: None,
             set: None,
             get: None,
+            per_mb: None,
+            per_mb_bytes: 0,
+            per_request: None,
         };
         for app in ["stream", "kv"] {
             let log = logs.join(format!("{}-{app}.log", target.name()));
-            let pid = match start(&mut c, target, app, &log) {
+            let api = logs.join(format!("{}-{app}.sock", target.name()));
+            let pid = match start(&mut c, target, app, &log, &api) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("bench-net: {} {app}: {e:#}", target.name());
                     continue;
                 }
             };
+            if target != Target::Native {
+                row.mode = ferry_tests::guest_cpu_mode(&log).unwrap_or_else(|| "?".into());
+            }
+            let before = (target == Target::Ferry).then(|| Counters::read(&api)).transpose()?;
             let r = if app == "stream" {
-                stream_rate(&c, a.seconds).map(|r| row.stream = Some(r))
+                stream_rate(&c, a.seconds).map(|(r, bytes)| {
+                    row.stream = Some(r);
+                    row.per_mb_bytes = bytes;
+                })
             } else {
                 redis_rates(&c, a.requests, a.clients).map(|(s, g)| {
                     row.set = Some(s);
                     row.get = Some(g);
                 })
             };
+            if let Some(before) = before {
+                let used = Counters::read(&api)?.since(before);
+                if app == "stream" {
+                    row.per_mb = Some(used);
+                } else {
+                    row.per_request = Some((used, 2 * u64::from(a.requests)));
+                }
+            }
             if let Err(e) = r {
                 eprintln!("bench-net: {} {app}: {e:#}", target.name());
             }
@@ -194,13 +262,14 @@ fn main() -> Result<()> {
         v.map_or("failed".into(), |v| format!("{:.2} {unit}", v / div))
     };
     println!(
-        "\n| target | stream (guest -> client) | vs native | redis SET | vs native | redis GET | vs native |"
+        "\n| target | guest code | stream (guest -> client) | vs native | redis SET | vs native | redis GET | vs native |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.target.name(),
+            r.mode,
             fmt(r.stream, 1e6, "MB/s"),
             ratio(r.stream, native.and_then(|n| n.stream)),
             fmt(r.set, 1.0, "req/s"),
@@ -210,16 +279,49 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "\n{} s of streaming per run; redis-benchmark -n {} -c {} -t set,get. The unikernel's guest code is emulated instruction by instruction on this KVM (docs/pvm-emulation.md).",
+        "\n{} s of streaming per run; redis-benchmark -n {} -c {} -t set,get. Guest code: what the runtime reported at boot (on PVM it enters native mode under any VMM of this KVM; docs/pvm-emulation.md is the fallback).",
         a.seconds, a.requests, a.clients
     );
+    if let Some(r) = rows.iter().find(|r| r.target == Target::Ferry) {
+        println!("\n| Ferry vCPU | exits | interrupts injected | card interrupts |");
+        println!("|---|---|---|---|");
+        if let Some(u) = r.per_mb {
+            let mb = (r.per_mb_bytes as f64 / 1e6).max(1e-9);
+            println!(
+                "| per MB streamed ({:.0} MB) | {:.1} | {:.1} | {:.1} |",
+                mb,
+                u.exits as f64 / mb,
+                u.injections as f64 / mb,
+                u.card_interrupts as f64 / mb
+            );
+        }
+        if let Some((u, n)) = r.per_request {
+            let n = n.max(1) as f64;
+            println!(
+                "| per redis request ({n:.0}) | {:.2} | {:.2} | {:.2} |",
+                u.exits as f64 / n,
+                u.injections as f64 / n,
+                u.card_interrupts as f64 / n
+            );
+        }
+    }
     let json: Vec<String> = rows
         .iter()
         .map(|r| {
             let n = |v: Option<f64>| v.map_or("null".into(), |v| format!("{v:.1}"));
+            let per_mb = r.per_mb.map_or("null".into(), |u| {
+                let mb = (r.per_mb_bytes as f64 / 1e6).max(1e-9);
+                format!(
+                    "{{\"exits\":{:.2},\"injections\":{:.2},\"card_interrupts\":{:.2}}}",
+                    u.exits as f64 / mb,
+                    u.injections as f64 / mb,
+                    u.card_interrupts as f64 / mb
+                )
+            });
             format!(
-                "{{\"target\":\"{}\",\"stream_bytes_per_second\":{},\"redis_set_rps\":{},\"redis_get_rps\":{}}}",
+                "{{\"target\":\"{}\",\"guest_code\":{:?},\"stream_bytes_per_second\":{},\"redis_set_rps\":{},\"redis_get_rps\":{},\"per_mb\":{per_mb}}}",
                 r.target.name(),
+                r.mode,
                 n(r.stream),
                 n(r.set),
                 n(r.get)

@@ -29,7 +29,7 @@ enum Cmd {
     /// when run again); the destination keeps running it in the background.
     Migrate {
         /// Downtime budget in milliseconds.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 1)]
         downtime_ms: u64,
     },
     /// Run an app image as the service on a host, in the foreground

@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, default_value = "120M")]
     rate: String,
     /// Downtime budget per migration, ms.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 1)]
     downtime_ms: u64,
 }
 

@@ -2,7 +2,8 @@
 //! (`ferry_abi::stream`), and reports bytes verified, throughput and the
 //! gaps between arrivals (the paper's migration delay is the largest).
 //! Optionally keeps sending upstream at a rate, so that frames flow towards
-//! the service too.
+//! the service too, and samples the kernel's view of its connections
+//! (`TCP_INFO`: windows, cwnd, RTT) over time.
 //!
 //! Exit status: 0 if everything read was verified and the target reached,
 //! 1 on a verification failure or connection error, 2 on bad arguments.
@@ -50,6 +51,10 @@ struct Args {
     /// Bytes per second sent to --echo.
     #[arg(long, default_value_t = 20_000)]
     echo_rate: u64,
+    /// Sample TCP_INFO of the stream (and echo) connection every this many
+    /// milliseconds and report the samples (`tcp_info`); 0 = no.
+    #[arg(long, default_value_t = 0)]
+    tcp_info_ms: u64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -57,15 +62,11 @@ struct Args {
 
 /// The echo conversation: (bytes sent, bytes verified, error).
 fn echo_run(
-    addr: SocketAddr,
+    conn: TcpStream,
     rate: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (u64, u64, Option<String>) {
     use std::sync::atomic::Ordering::Relaxed;
-    let conn = match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
-        Ok(c) => c,
-        Err(e) => return (0, 0, Some(format!("echo: cannot connect to {addr}: {e}"))),
-    };
     conn.set_read_timeout(Some(Duration::from_millis(200))).ok();
     let mut w = conn.try_clone().expect("clone");
     let stop_w = stop.clone();
@@ -133,6 +134,55 @@ fn echo_run(
     (sent, got, error)
 }
 
+/// Samples the stream connection (and the echo one) every `every` until
+/// `stop`: one JSON object per sample, `t` in seconds since `start`. The
+/// stream's fields are what the client receives with (`rcv_wnd`: the window
+/// it advertises; `snd_wnd`: the service's); `echo_*` are the upstream
+/// sender's (its cwnd collapses if a migration costs it a timeout).
+fn sample_tcp_info(
+    stream: &TcpStream,
+    echo: Option<&TcpStream>,
+    start: Instant,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<String> {
+    use ferry_tests::tcpinfo;
+    let opt = |v: Option<u32>| v.map_or("null".to_string(), |v| v.to_string());
+    let mut out = Vec::new();
+    let mut next = Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && out.len() < 1_000_000 {
+        let t = start.elapsed().as_secs_f64();
+        if let Some(s) = tcpinfo::sample(stream) {
+            let mut line = format!(
+                "{{\"t\":{t:.3},\"rtt_us\":{},\"rcv_space\":{},\"rcv_wnd\":{},\"snd_wnd\":{},\"bytes\":{}",
+                s.rtt_us,
+                s.rcv_space,
+                opt(s.rcv_wnd),
+                opt(s.snd_wnd),
+                s.bytes_received
+            );
+            if let Some(e) = echo.and_then(tcpinfo::sample) {
+                line.push_str(&format!(
+                    ",\"echo_cwnd\":{},\"echo_ssthresh\":{},\"echo_rtt_us\":{},\"echo_unacked\":{},\"echo_retrans\":{},\"echo_snd_wnd\":{}",
+                    e.snd_cwnd,
+                    e.snd_ssthresh,
+                    e.rtt_us,
+                    e.unacked,
+                    e.total_retrans,
+                    opt(e.snd_wnd)
+                ));
+            }
+            line.push('}');
+            out.push(line);
+        }
+        next += every;
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    out
+}
+
 fn main() -> std::process::ExitCode {
     let a = Args::parse();
     let start = Instant::now();
@@ -168,10 +218,28 @@ fn main() -> std::process::ExitCode {
             sent
         })
     });
-    let echo = a.echo.map(|addr| {
+    let echo_conn = match a.echo.map(|addr| {
+        TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("echo: cannot connect to {addr}: {e}"))
+    }) {
+        Some(Err(e)) => {
+            eprintln!("stream-client: {e}");
+            return std::process::ExitCode::from(1);
+        }
+        Some(Ok(c)) => Some(c),
+        None => None,
+    };
+    let sampler = (a.tcp_info_ms > 0).then(|| {
+        let stream = conn.try_clone().expect("clone socket");
+        let echo = echo_conn.as_ref().map(|c| c.try_clone().expect("clone socket"));
+        let stop = stop.clone();
+        let every = Duration::from_millis(a.tcp_info_ms);
+        std::thread::spawn(move || sample_tcp_info(&stream, echo.as_ref(), start, every, &stop))
+    });
+    let echo = echo_conn.map(|conn| {
         let stop = stop.clone();
         let rate = a.echo_rate;
-        std::thread::spawn(move || echo_run(addr, rate, stop))
+        std::thread::spawn(move || echo_run(conn, rate, stop))
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut windows: Vec<u64> = Vec::new();
@@ -241,6 +309,7 @@ fn main() -> std::process::ExitCode {
     if error.is_none() {
         error = echo_error;
     }
+    let tcp_info = sampler.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
     let rate = verified as f64 / secs.max(1e-9);
     if a.json {
         let gaps_json: Vec<String> = gaps
@@ -248,9 +317,10 @@ fn main() -> std::process::ExitCode {
             .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
             .collect();
         println!(
-            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"error\":{}}}",
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"tcp_info\":[{}],\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
+            tcp_info.join(","),
             error
                 .as_ref()
                 .map_or("null".to_string(), |e| format!("{e:?}"))
