@@ -44,3 +44,26 @@ ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig("docs/bench-migrate-throughput.png", dpi=120)
 print("plots: docs/bench-migrate-delay.png docs/bench-migrate-throughput.png")
+
+# Fig. 6: the client's windows around the migration, one run per size
+# (120M, capture on): the upstream sender's cwnd and the stream's windows.
+fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+for r in rows:
+    if r["rate"] != "120M" or not r["capture"] or not r["detail"]:
+        continue
+    d = r["detail"][0]
+    s = d.get("tcp", {}).get("samples", [])
+    if not s:
+        continue
+    at = d["migration_at_s"]
+    t = [(x["t"] - at) * 1e3 for x in s]
+    ax1.plot(t, [x.get("echo_cwnd") for x in s], label=f"{r['size_mib']} MiB")
+    ax2.plot(t, [(x.get("snd_wnd") or 0) / 1024 for x in s], label=f"{r['size_mib']} MiB")
+ax1.set_ylabel("client cwnd, upstream (segments)")
+ax2.set_ylabel("service's advertised window (KiB)")
+ax2.set_xlabel("ms from the migration's start")
+ax1.set_title("The client's TCP windows around a migration, 120 MB/s (cf. TCPmig Fig. 6)")
+ax1.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig("docs/bench-migrate-window.png", dpi=120)
+print("plot: docs/bench-migrate-window.png")

@@ -59,7 +59,7 @@ fn main() -> Result<()> {
             "--echo",
             &format!("{VIP}:7"),
             "--echo-rate",
-            "20000",
+            "1000000",
         ])
         .args(gaps::CLIENT_ARGS)
         .stdout(std::fs::File::create(&client_out)?)
