@@ -101,7 +101,9 @@ fn ferry_runs_the_guest_natively_on_pvm() {
         return;
     }
     if !host_is_pvm() {
-        eprintln!("!!! SKIPPED ferry_runs_the_guest_natively_on_pvm: this host's KVM is not PVM !!!");
+        eprintln!(
+            "!!! SKIPPED ferry_runs_the_guest_natively_on_pvm: this host's KVM is not PVM !!!"
+        );
         return;
     }
     let stats = |extra: &[&str], spin: &str| {
@@ -123,13 +125,22 @@ fn ferry_runs_the_guest_natively_on_pvm() {
     // Boot before the switch and the exits emulate a few thousand
     // instructions; two million rounds of the loop emulated would be ~10^7.
     let emulated = field(&line, "insn_emulation").unwrap_or(0);
-    assert!(emulated < 20_000, "native guest emulated {emulated}: {line}");
+    assert!(
+        emulated < 20_000,
+        "native guest emulated {emulated}: {line}"
+    );
 
     let (stdout, line) = stats(&["--guest-arg", "pvm.native=0"], "spin=20000");
-    assert!(stdout.contains("on ferry (emulated (pvm.native=0))"), "{stdout}");
+    assert!(
+        stdout.contains("on ferry (emulated (pvm.native=0))"),
+        "{stdout}"
+    );
     assert!(line.contains("cpu_mode=pvm-emulated"), "{line}");
     let emulated = field(&line, "insn_emulation").unwrap_or(0);
-    assert!(emulated > 100_000, "emulated guest emulated only {emulated}: {line}");
+    assert!(
+        emulated > 100_000,
+        "emulated guest emulated only {emulated}: {line}"
+    );
 }
 
 #[test]

@@ -175,10 +175,9 @@ const UDP_RATE: u64 = 8000;
 fn udp_through_a_migration(test: &str, receive: &[&str]) -> Option<UdpRun> {
     let mut s = setup(test)?;
     let api = s.start("udpcount", &[]);
-    let sock = s
-        .c
-        .in_ns("client", || std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
-        .unwrap();
+    let sock =
+        s.c.in_ns("client", || std::net::UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
     let sender = std::thread::spawn(move || {
         let start = std::time::Instant::now();
         let total = UDP_RATE * 3;
@@ -202,14 +201,16 @@ fn udp_through_a_migration(test: &str, receive: &[&str]) -> Option<UdpRun> {
     let mut conn = s.connect(9001);
     let mut line = String::new();
     conn.read_to_string(&mut line).unwrap();
-    let get = |k: &str| ferry_tests::field(&line, k).unwrap_or_else(|| panic!("no {k} in {line:?}"));
+    let get =
+        |k: &str| ferry_tests::field(&line, k).unwrap_or_else(|| panic!("no {k} in {line:?}"));
     assert_eq!(get("beyond"), 0, "{line}");
     let status = ferry_ctl(&["status", "--api"], &moved).unwrap();
     let run = UdpRun {
         sent,
         distinct: get("distinct"),
         duplicates: get("duplicates"),
-        captured: json_u64(&status, "captured").unwrap_or_else(|| panic!("no captured count: {status}")),
+        captured: json_u64(&status, "captured")
+            .unwrap_or_else(|| panic!("no captured count: {status}")),
     };
     eprintln!(
         "{test}: sent {} datagrams, the guest saw {} distinct ({} lost, {} duplicates); the destination captured {} frames\n{report}",
@@ -241,7 +242,9 @@ fn capture_loses_no_datagram_sent_during_the_pause() {
 /// measure of what capture saves).
 #[test]
 fn without_capture_datagrams_of_the_pause_are_lost() {
-    let Some(run) = udp_through_a_migration("without_capture_datagrams_are_lost", &["--no-capture"]) else {
+    let Some(run) =
+        udp_through_a_migration("without_capture_datagrams_are_lost", &["--no-capture"])
+    else {
         return;
     };
     assert_eq!(run.captured, 0);

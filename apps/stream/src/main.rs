@@ -146,7 +146,8 @@ async fn serve(mut conn: TcpStream, rate: Option<u64>, limit: Option<u64>) {
     let start = net::now();
     let mut sent = 0u64;
     let quantum = rate.map_or(0, |r| {
-        (u128::from(r) * QUANTUM.as_nanos() / 1_000_000_000).clamp(u128::from(MIN_QUANTUM), u128::from(CHUNK)) as u64
+        (u128::from(r) * QUANTUM.as_nanos() / 1_000_000_000)
+            .clamp(u128::from(MIN_QUANTUM), u128::from(CHUNK)) as u64
     });
     let mut sink = [0u8; 2048];
     loop {

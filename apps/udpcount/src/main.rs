@@ -60,7 +60,10 @@ fn parse_port(env: &Env, key: &str, default: u16) -> Option<u16> {
 }
 
 fn main(env: &Env) -> i32 {
-    let (Some(port), Some(report)) = (parse_port(env, "port", 9000), parse_port(env, "report", 9001)) else {
+    let (Some(port), Some(report)) = (
+        parse_port(env, "port", 9000),
+        parse_port(env, "report", 9001),
+    ) else {
         println!("udpcount: port and report must be 1 to 65535");
         return 2;
     };
@@ -72,10 +75,11 @@ fn main(env: &Env) -> i32 {
             return 2;
         }
     };
-    let counts: &'static Shared = alloc::boxed::Box::leak(alloc::boxed::Box::new(Shared(RefCell::new(Counts {
-        seen: alloc::vec![0; (max / 64 + 1) as usize],
-        ..Counts::default()
-    }))));
+    let counts: &'static Shared =
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(Shared(RefCell::new(Counts {
+            seen: alloc::vec![0; (max / 64 + 1) as usize],
+            ..Counts::default()
+        }))));
     net::run(env, async move {
         // Room for a burst: frames captured during a migration arrive at once.
         let mut sock = UdpSocket::bind(port, 1024, 256)?;
@@ -88,7 +92,11 @@ fn main(env: &Env) -> i32 {
                     let c = counts.0.borrow();
                     alloc::format!(
                         "received={} distinct={} duplicates={} highest={} beyond={}\n",
-                        c.received, c.distinct, c.duplicates, c.highest, c.beyond
+                        c.received,
+                        c.distinct,
+                        c.duplicates,
+                        c.highest,
+                        c.beyond
                     )
                 };
                 let _ = conn.write_all(line.as_bytes()).await;

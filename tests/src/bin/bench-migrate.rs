@@ -97,12 +97,19 @@ fn worst_window(windows: &[f64], steady: f64, range: std::ops::Range<f64>) -> f6
 /// over the run, and the samples from 0.5 s before to 1.5 s after (for the
 /// plot).
 fn windows_around(cv: &Value, at: f64, total: f64) -> Value {
-    let samples: Vec<&Value> = cv["tcp_info"].as_array().map(|v| v.iter().collect()).unwrap_or_default();
+    let samples: Vec<&Value> = cv["tcp_info"]
+        .as_array()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
     let t = |v: &Value| v["t"].as_f64().unwrap_or(-1.0);
     let during = |v: &&Value| t(v) >= at && t(v) <= at + total + 1.0;
     let before = |v: &&Value| t(v) >= 0.5 && t(v) < at;
     let series = |k: &str, pick: &dyn Fn(&&Value) -> bool| -> Vec<f64> {
-        samples.iter().filter(|v| pick(v)).filter_map(|v| v[k].as_f64()).collect()
+        samples
+            .iter()
+            .filter(|v| pick(v))
+            .filter_map(|v| v[k].as_f64())
+            .collect()
     };
     let min = |v: Vec<f64>| v.into_iter().fold(f64::NAN, f64::min);
     let retrans = |pick: &dyn Fn(&&Value) -> bool| {

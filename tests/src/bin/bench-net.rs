@@ -107,7 +107,11 @@ impl Counters {
     fn read(api: &Path) -> Result<Counters> {
         let text = ferry_ctl(&["status", "--api"], api)?;
         let v: serde_json::Value = serde_json::from_str(&text).context("status is not JSON")?;
-        let get = |a: &str, b: &str| v[a][b].as_u64().with_context(|| format!("no {a}.{b} in {text}"));
+        let get = |a: &str, b: &str| {
+            v[a][b]
+                .as_u64()
+                .with_context(|| format!("no {a}.{b} in {text}"))
+        };
         Ok(Counters {
             exits: get("kvm", "exits")?,
             injections: get("kvm", "irq_injections")?,
@@ -222,7 +226,9 @@ fn main() -> Result<()> {
             if target != Target::Native {
                 row.mode = ferry_tests::guest_cpu_mode(&log).unwrap_or_else(|| "?".into());
             }
-            let before = (target == Target::Ferry).then(|| Counters::read(&api)).transpose()?;
+            let before = (target == Target::Ferry)
+                .then(|| Counters::read(&api))
+                .transpose()?;
             let r = if app == "stream" {
                 stream_rate(&c, a.seconds).map(|(r, bytes)| {
                     row.stream = Some(r);

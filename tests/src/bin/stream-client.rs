@@ -231,7 +231,9 @@ fn main() -> std::process::ExitCode {
     };
     let sampler = (a.tcp_info_ms > 0).then(|| {
         let stream = conn.try_clone().expect("clone socket");
-        let echo = echo_conn.as_ref().map(|c| c.try_clone().expect("clone socket"));
+        let echo = echo_conn
+            .as_ref()
+            .map(|c| c.try_clone().expect("clone socket"));
         let stop = stop.clone();
         let every = Duration::from_millis(a.tcp_info_ms);
         std::thread::spawn(move || sample_tcp_info(&stream, echo.as_ref(), start, every, &stop))
@@ -309,7 +311,9 @@ fn main() -> std::process::ExitCode {
     if error.is_none() {
         error = echo_error;
     }
-    let tcp_info = sampler.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+    let tcp_info = sampler
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
     let rate = verified as f64 / secs.max(1e-9);
     if a.json {
         let gaps_json: Vec<String> = gaps

@@ -606,12 +606,11 @@ impl VirtioNet {
         self.wake.write(1).ok();
         if capture {
             // Bounded: a worker that died must not stop the VMM.
-            let _ = self
-                .shared
-                .passed
-                .wait_timeout_while(guard, std::time::Duration::from_millis(200), |a| {
-                    a.capture_passes == start
-                });
+            let _ = self.shared.passed.wait_timeout_while(
+                guard,
+                std::time::Duration::from_millis(200),
+                |a| a.capture_passes == start,
+            );
         }
     }
 
@@ -670,7 +669,12 @@ impl VirtioNet {
 
     /// Whether frame digests are being recorded (a migration is under way).
     pub fn recording(&self) -> bool {
-        self.shared.active.lock().expect("net state lock").recorded.is_some()
+        self.shared
+            .active
+            .lock()
+            .expect("net state lock")
+            .recorded
+            .is_some()
     }
 
     /// Stops recording (a migration that failed).
