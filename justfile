@@ -123,8 +123,8 @@ bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
     target/release/bench-migrate --sizes {{SIZES}} --runs {{RUNS}}
     python3 -m venv target/venv >/dev/null && target/venv/bin/pip install -q matplotlib
     target/venv/bin/python tests/plot_migrate.py target/bench/migrate.json
-    cp target/bench/migrate.json docs/bench-migrate.json
-    cp target/bench/migrate-qemu.json docs/bench-migrate-qemu.json
+    python3 tests/strip_samples.py target/bench/migrate.json docs/bench-migrate.json
+    python3 tests/strip_samples.py target/bench/migrate-qemu.json docs/bench-migrate-qemu.json
 
 # Live-migrate the VM that `just run-app` started to the other host (and back when run again).
 live-migrate DOWNTIME_MS="1": build

@@ -8,8 +8,8 @@
 //! ```
 //!
 //! The router floods every frame for the service MAC to both hosts; each
-//! host bridges its uplink (learning off) and a tap for the VM, which owns the service IP
-//! [`VIP`] and MAC [`SERVICE_MAC`]. A host that does not run the VM drops
+//! host bridges its uplink (not learning) and a tap for the VM, which owns
+//! the service IP [`VIP`] and MAC [`SERVICE_MAC`]. A host that does not run the VM drops
 //! those frames: its kernel owns neither address, so it sends nothing
 //! back. A separate link joins the hosts for migration traffic. Addresses
 //! exist only inside these namespaces.
@@ -203,19 +203,7 @@ impl Cluster {
                 &rtr,
             ])?;
             ip(&["-n", &rtr, "link", "set", &port, "master", "br0"])?;
-            ip(&[
-                "-n",
-                &rtr,
-                "link",
-                "set",
-                &port,
-                "type",
-                "bridge_slave",
-                "learning",
-                "off",
-                "flood",
-                "on",
-            ])?;
+            flooding_port(&rtr, &port)?;
             ip(&["-n", &rtr, "link", "set", &port, "up"])?;
             ip(&[
                 "-n",
@@ -256,17 +244,7 @@ impl Cluster {
             // and a learned entry would make this bridge drop every frame
             // for the VM at its uplink, so a migration's destination would
             // capture nothing.
-            ip(&[
-                "-n",
-                &hn,
-                "link",
-                "set",
-                "e0",
-                "type",
-                "bridge_slave",
-                "learning",
-                "off",
-            ])?;
+            flooding_port(&hn, "e0")?;
             ip(&["-n", &hn, "link", "set", TAP, "master", "brv"])?;
             ip(&["-n", &hn, "link", "set", TAP, "up"])?;
             ip(&["-n", &hn, "link", "set", "brv", "up"])?;
@@ -581,6 +559,24 @@ fn end_child(child: &mut Child, grace: Duration) -> Option<std::process::ExitSta
     }
     child.kill().ok();
     child.wait().ok()
+}
+
+/// Makes bridge port `dev` in namespace `ns` learn no address and flood
+/// frames for unknown ones.
+fn flooding_port(ns: &str, dev: &str) -> Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "set",
+        dev,
+        "type",
+        "bridge_slave",
+        "learning",
+        "off",
+        "flood",
+        "on",
+    ])
 }
 
 /// Runs `ferry ARGS API` (a control command) and returns its JSON answer.

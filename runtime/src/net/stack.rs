@@ -31,6 +31,8 @@ pub enum NetError {
     Reset,
     /// The connection is closed for writing.
     Closed,
+    /// A datagram found no room in its socket's send buffer, or no route.
+    NotSent,
 }
 
 impl fmt::Display for NetError {
@@ -41,6 +43,7 @@ impl fmt::Display for NetError {
             NetError::Bind(p) => write!(f, "cannot listen on port {p}"),
             NetError::Reset => write!(f, "connection reset"),
             NetError::Closed => write!(f, "connection closed"),
+            NetError::NotSent => write!(f, "datagram not sent: send buffer full or no route"),
         }
     }
 }

@@ -51,13 +51,16 @@ impl UdpSocket {
         self.port
     }
 
-    /// The next datagram: its length (cut to `buf`) and its sender.
+    /// The next datagram: the bytes copied into `buf` (a longer datagram
+    /// is cut to fit) and its sender.
     pub async fn recv_from(&mut self, buf: &mut [u8]) -> (usize, IpEndpoint) {
         core::future::poll_fn(|_| {
             with(|st| {
                 let s = st.sockets.get_mut::<udp::Socket>(self.h);
-                match s.recv_slice(buf) {
-                    Ok((n, meta)) => {
+                match s.recv() {
+                    Ok((data, meta)) => {
+                        let n = data.len().min(buf.len());
+                        buf[..n].copy_from_slice(&data[..n]);
                         progress();
                         Poll::Ready((n, meta.endpoint))
                     }
@@ -68,11 +71,12 @@ impl UdpSocket {
         .await
     }
 
-    /// Queues `data` for `to`; `Err(Closed)` when the send buffer is full.
+    /// Queues `data` for `to`; `Err(NotSent)` when the send buffer is full
+    /// or `to` cannot be reached.
     pub fn send_to(&mut self, data: &[u8], to: IpEndpoint) -> Result<(), NetError> {
         with(|st| {
             let s = st.sockets.get_mut::<udp::Socket>(self.h);
-            s.send_slice(data, to).map_err(|_| NetError::Closed)?;
+            s.send_slice(data, to).map_err(|_| NetError::NotSent)?;
             progress();
             Ok(())
         })

@@ -121,9 +121,9 @@ impl Counters {
 
     fn since(self, before: Counters) -> Counters {
         Counters {
-            exits: self.exits - before.exits,
-            injections: self.injections - before.injections,
-            card_interrupts: self.card_interrupts - before.card_interrupts,
+            exits: self.exits.saturating_sub(before.exits),
+            injections: self.injections.saturating_sub(before.injections),
+            card_interrupts: self.card_interrupts.saturating_sub(before.card_interrupts),
         }
     }
 }
