@@ -626,16 +626,20 @@ pub fn assert_runs_native(api: &Path, window: Duration, max_emulated: u64, what:
 }
 
 /// A cluster of its own for one integration test (unique namespace names
-/// from `tag`, the process ID and a counter), or `None` after one loud
-/// line when the machine has no KVM or we are not root.
+/// from `tag`, the process ID and a counter), or `None` when the machine
+/// lacks KVM, root or iproute2 and skipping was asked for (see
+/// [`crate::needs`]; without `FERRY_ALLOW_SKIP=1` the test fails instead).
 pub fn for_test(test: &str, tag: &str) -> Option<Cluster> {
+    for_test_with(test, tag, &[])
+}
+
+/// [`for_test`] with more needs (programs the test runs).
+pub fn for_test_with(test: &str, tag: &str, more: &[crate::Need]) -> Option<Cluster> {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    if !crate::kvm_or_skip(test) {
-        return None;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("!!! SKIPPED {test}: network namespaces need root !!!");
+    use crate::Need;
+    let mut all = vec![Need::Kvm, Need::Root, Need::Program("ip")];
+    all.extend_from_slice(more);
+    if !crate::needs(test, &all) {
         return None;
     }
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -3,9 +3,12 @@
 //! measures them. Integration tests live in `tests/tests/` by capability
 //! (`boot.rs`, `faults.rs`); benchmarks in `src/bin/`.
 //!
-//! Tests that need `/dev/kvm` call [`kvm_or_skip`], which prints one loud
-//! line and skips when there is none, so a machine without KVM never passes
-//! such a test silently.
+//! Tests say what they need of the machine with [`needs`] (KVM, root, a
+//! program). A test whose needs are not met fails with the reason, unless
+//! the person running it set `FERRY_ALLOW_SKIP=1`: then it prints one
+//! `SKIPPED` line straight to the terminal (past the harness's output
+//! capture) and to `target/test-skips.log`, which `just test` shows at the
+//! end. A test that could not run never reports a silent `ok`.
 #![deny(missing_docs)]
 
 pub mod cluster;
@@ -64,21 +67,78 @@ pub fn expected_cpu_mode() -> &'static str {
     if host_is_pvm() { "native" } else { "not pvm" }
 }
 
-/// Whether `/dev/kvm` can be opened; if not, says so in one loud line.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!(
-                "!!! SKIPPED {test}: /dev/kvm is not usable here ({e}); this test needs KVM !!!"
-            );
-            false
+/// Something an integration test needs of the machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `/dev/kvm`, readable and writable.
+    Kvm,
+    /// Root (network namespaces, taps, nftables).
+    Root,
+    /// A KVM that is PVM (the software hypervisor of Ferry's machines).
+    Pvm,
+    /// A program on PATH.
+    Program(&'static str),
+}
+
+impl Need {
+    /// Why the need is not met here, or `None` if it is.
+    pub fn missing(self) -> Option<String> {
+        match self {
+            Need::Kvm => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .err()
+                .map(|e| format!("/dev/kvm is not usable here ({e})")),
+            // SAFETY: geteuid has no preconditions.
+            Need::Root => (unsafe { libc::geteuid() } != 0)
+                .then(|| "it needs root (network namespaces, taps)".to_string()),
+            Need::Pvm => (!host_is_pvm())
+                .then(|| "this host's KVM is not PVM (kvm_pvm is not loaded)".to_string()),
+            Need::Program(p) => (!have(p)).then(|| format!("{p} is not installed (`just setup`)")),
         }
     }
+}
+
+/// Whether skipping tests whose needs are not met was asked for
+/// (`FERRY_ALLOW_SKIP=1`).
+pub fn skipping_allowed() -> bool {
+    std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1")
+}
+
+/// Checks what `test` needs. All there: `true`. Something missing: the
+/// test fails here naming it, or, with `FERRY_ALLOW_SKIP=1`, one SKIPPED
+/// line goes to the terminal and to `target/test-skips.log`, and this
+/// returns `false` (the test then returns without asserting anything).
+pub fn needs(test: &str, needs: &[Need]) -> bool {
+    let missing: Vec<String> = needs.iter().filter_map(|n| n.missing()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if !skipping_allowed() {
+        panic!(
+            "{test} cannot run: {why}. It fails rather than pass untested; set FERRY_ALLOW_SKIP=1 to skip such tests instead"
+        );
+    }
+    let line = format!("SKIPPED {test}: {why}");
+    // Straight to the terminal: the test harness captures eprintln!.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "!!! {line} !!!");
+    let log = root().join("target/test-skips.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+    false
+}
+
+/// [`needs`] with just KVM.
+pub fn kvm_or_skip(test: &str) -> bool {
+    needs(test, &[Need::Kvm])
 }
 
 /// What a finished process did.

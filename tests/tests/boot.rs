@@ -97,13 +97,10 @@ fn ferry_guest_sleeps_in_hlt_and_time_advances() {
 /// counter below would catch a runtime that never switched).
 #[test]
 fn ferry_runs_the_guest_natively_on_pvm() {
-    if !kvm_or_skip("ferry_runs_the_guest_natively_on_pvm") {
-        return;
-    }
-    if !host_is_pvm() {
-        eprintln!(
-            "!!! SKIPPED ferry_runs_the_guest_natively_on_pvm: this host's KVM is not PVM !!!"
-        );
+    if !needs(
+        "ferry_runs_the_guest_natively_on_pvm",
+        &[Need::Kvm, Need::Pvm],
+    ) {
         return;
     }
     let stats = |extra: &[&str], spin: &str| {
@@ -145,10 +142,12 @@ fn ferry_runs_the_guest_natively_on_pvm() {
 
 #[test]
 fn uhyve_boots_the_same_image() {
-    if !kvm_or_skip("uhyve_boots_the_same_image") {
+    if !needs(
+        "uhyve_boots_the_same_image",
+        &[Need::Kvm, Need::Program("uhyve")],
+    ) {
         return;
     }
-    assert!(have("uhyve"), "uhyve is not installed: run `just setup`");
     let out = run(
         &mut uhyve_run(&image("hello"), &["alpha", "beta", "exit=7"]),
         LIMIT,
@@ -165,13 +164,12 @@ fn uhyve_boots_the_same_image() {
 
 #[test]
 fn qemu_boots_the_same_image() {
-    if !kvm_or_skip("qemu_boots_the_same_image") {
+    if !needs(
+        "qemu_boots_the_same_image",
+        &[Need::Kvm, Need::Program("qemu-system-x86_64")],
+    ) {
         return;
     }
-    assert!(
-        have("qemu-system-x86_64"),
-        "QEMU is not installed: run `just setup`"
-    );
     let out = run(
         &mut qemu_run(&image("hello"), &["alpha", "beta", "exit=7"]),
         LIMIT,
@@ -196,7 +194,14 @@ fn qemu_boots_the_same_image() {
 /// every platform alike.
 #[test]
 fn runtime_reports_panics_and_exceptions() {
-    if !kvm_or_skip("runtime_reports_panics_and_exceptions") {
+    if !needs(
+        "runtime_reports_panics_and_exceptions",
+        &[
+            Need::Kvm,
+            Need::Program("uhyve"),
+            Need::Program("qemu-system-x86_64"),
+        ],
+    ) {
         return;
     }
     let img = image("misbehave");

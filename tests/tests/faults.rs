@@ -126,15 +126,69 @@ fn rejects_bad_memory_sizes_and_cpu_counts() {
     assert_ferry_error(&out, "contains whitespace");
 }
 
+/// `ferry --help` lists the subcommands; each one's `--help` describes it
+/// and gives every option (and positional argument) a description of its
+/// own. (The unit test in `ferry.rs` checks the same on clap's model.)
 #[test]
 fn help_describes_every_option() {
-    let out = ferry(&["run", "--help"]);
-    assert_eq!(out.status, Some(0));
-    for want in ["--memory", "--cpus", "64M", "image", "exit status"] {
+    let top = ferry(&["--help"]);
+    assert_eq!(top.status, Some(0));
+    let subcommands: Vec<String> = top
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    for want in ["run", "migrate", "receive", "snapshot", "restore", "status"] {
         assert!(
-            out.stdout.to_lowercase().contains(&want.to_lowercase()),
-            "run --help lacks {want}: {}",
-            out.stdout
+            subcommands.iter().any(|c| c == want),
+            "ferry --help does not list {want}: {}",
+            top.stdout
+        );
+    }
+    for sub in &subcommands {
+        let out = ferry(&[sub, "--help"]);
+        assert_eq!(out.status, Some(0), "ferry {sub} --help: {}", out.stderr);
+        let text = &out.stdout;
+        let first = text.lines().next().unwrap_or("");
+        assert!(
+            first.split_whitespace().count() >= 3,
+            "ferry {sub} --help has no description: {text}"
+        );
+        // Options and arguments: `  -x, --name <V>` or `  <IMAGE>` lines,
+        // each followed by its description (clap's long help puts it on
+        // the next lines, indented further).
+        let lines: Vec<&str> = text.lines().collect();
+        let mut described = 0;
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            let is_item = l.len() - t.len() == 2
+                && (t.starts_with('-') || t.starts_with('<') || t.starts_with('['));
+            if !is_item || t.starts_with("-h, --help") || t.starts_with("-V, --version") {
+                continue;
+            }
+            let indent = l.len() - t.len();
+            let description: String = lines[i + 1..]
+                .iter()
+                .take_while(|n| {
+                    let nt = n.trim_start();
+                    !nt.is_empty() && n.len() - nt.len() > indent
+                })
+                .map(|n| n.trim())
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert!(
+                description.split_whitespace().count() >= 3,
+                "ferry {sub} --help: {t:?} has no description:\n{text}"
+            );
+            described += 1;
+        }
+        assert!(
+            described > 0 || !text.contains("Options:\n  -"),
+            "ferry {sub} --help: no options found:\n{text}"
         );
     }
 }

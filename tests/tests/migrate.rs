@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
-use ferry_tests::{image, json_u64};
+use ferry_tests::{Need, image, json_u64};
 
 struct Setup {
     c: Cluster,
@@ -15,7 +15,13 @@ struct Setup {
 }
 
 fn setup(test: &str) -> Option<Setup> {
-    let c = cluster::for_test(test, "fm")?;
+    setup_with(test, &[])
+}
+
+/// [`setup`] for a test that also runs `programs` (clients).
+fn setup_with(test: &str, programs: &[&'static str]) -> Option<Setup> {
+    let more: Vec<Need> = programs.iter().map(|p| Need::Program(p)).collect();
+    let c = cluster::for_test_with(test, "fm", &more)?;
     let dir = cluster::log_dir(test);
     for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let _ = std::fs::remove_file(e.path());
@@ -255,49 +261,89 @@ fn without_capture_datagrams_of_the_pause_are_lost() {
     );
 }
 
+/// redis-benchmark runs against kv before, during and after a migration
+/// (INCR on one counter, looping until stopped): the counter grows
+/// before the move and again after it, the benchmark never fails, and a
+/// key set before the move is still there.
 #[test]
 fn kv_keeps_its_data_under_redis_benchmark() {
-    let Some(mut s) = setup("kv_under_redis_benchmark") else {
+    let Some(mut s) = setup_with(
+        "kv_under_redis_benchmark",
+        &["redis-cli", "redis-benchmark"],
+    ) else {
         return;
     };
     let api = s.start("kv", &[]);
-    let set =
-        s.c.command("client", "redis-cli")
-            .args(["-h", VIP, "set", "survivor", "yes"])
-            .output()
-            .unwrap();
-    assert_eq!(String::from_utf8_lossy(&set.stdout).trim(), "OK");
-    let bench =
+    let cli = |s: &Setup, args: &[&str]| -> String {
+        let out =
+            s.c.command("client", "redis-cli")
+                .args(["-h", VIP])
+                .args(args)
+                .output()
+                .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&s, &["set", "survivor", "yes"]), "OK");
+    // redis-benchmark's INCR test increments the one key
+    // `counter:__rand_int__` (no -r); -l loops until it is stopped.
+    const COUNTER: &str = "counter:__rand_int__";
+    let count = |s: &Setup| cli(s, &["get", COUNTER]).parse::<u64>().unwrap_or(0);
+    let mut bench =
         s.c.command("client", "redis-benchmark")
-            .args(["-h", VIP, "-q", "-n", "400", "-c", "4", "-t", "set,get"])
+            .args(["-h", VIP, "-q", "-l", "-c", "4", "-t", "incr"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
-    let (_, report) = s.hop(&api, "hostB", 1);
-    let out = bench.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let t = std::time::Instant::now();
+    while count(&s) < 500 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "redis-benchmark made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = count(&s);
+    let (moved, report) = s.hop(&api, "hostB", 1);
     assert!(
-        out.status.success() && text.contains("GET:"),
-        "redis-benchmark: {text} {}",
+        bench.try_wait().unwrap().is_none(),
+        "redis-benchmark ended before the migration did"
+    );
+    let just_after = count(&s);
+    std::thread::sleep(Duration::from_millis(700));
+    let later = count(&s);
+    assert!(
+        bench.try_wait().unwrap().is_none(),
+        "redis-benchmark failed after the migration"
+    );
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(bench.id() as i32, libc::SIGINT) };
+    let out = bench.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let get =
-        s.c.command("client", "redis-cli")
-            .args(["-h", VIP, "get", "survivor"])
-            .output()
-            .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&get.stdout).trim(),
-        "yes",
-        "{report}"
+    assert!(
+        !said.to_lowercase().contains("error") && !said.contains("reset"),
+        "redis-benchmark: {said}"
+    );
+    eprintln!("counter: {before} before, {just_after} just after, {later} 0.7 s after the move");
+    assert!(
+        before < just_after && just_after < later,
+        "the counter did not grow across the move ({before}, {just_after}, {later}): {report}"
+    );
+    assert_eq!(cli(&s, &["get", "survivor"]), "yes", "{report}");
+    assert!(
+        ferry_ctl(&["status", "--api"], &moved)
+            .unwrap()
+            .contains("running")
     );
 }
 
 #[test]
 fn http_download_completes_across_a_migration() {
-    let Some(mut s) = setup("http_download_across_migration") else {
+    let Some(mut s) = setup_with("http_download_across_migration", &["curl"]) else {
         return;
     };
     let api = s.start("http", &[]);

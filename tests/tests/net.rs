@@ -6,11 +6,18 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use ferry_tests::cluster::{self, Cluster, VIP};
-use ferry_tests::image;
+use ferry_tests::{Need, image};
 
-/// A cluster of our own (unique namespace names), or None without KVM/root.
+/// A cluster of our own (unique namespace names), or None when the machine
+/// lacks what the test needs and skipping was asked for.
 fn cluster(test: &str) -> Option<Cluster> {
     cluster::for_test(test, "ft")
+}
+
+/// [`cluster`] for a test that also runs `programs` (clients).
+fn cluster_with(test: &str, programs: &[&'static str]) -> Option<Cluster> {
+    let more: Vec<Need> = programs.iter().map(|p| Need::Program(p)).collect();
+    cluster::for_test_with(test, "ft", &more)
 }
 
 fn start(c: &mut Cluster, app: &str, args: &[&str], test: &str) {
@@ -108,7 +115,10 @@ fn redis(c: &Cluster, args: &[&str]) -> String {
 
 #[test]
 fn kv_speaks_redis_to_redis_cli() {
-    let Some(mut c) = cluster("kv_speaks_redis_to_redis_cli") else {
+    let Some(mut c) = cluster_with(
+        "kv_speaks_redis_to_redis_cli",
+        &["redis-cli", "redis-benchmark"],
+    ) else {
         return;
     };
     start(&mut c, "kv", &[], "kv_redis_cli");
@@ -157,7 +167,7 @@ fn curl(c: &Cluster, url: &str, out_file: &std::path::Path) -> String {
 
 #[test]
 fn http_serves_curl_small_and_large_bodies() {
-    let Some(mut c) = cluster("http_serves_curl_small_and_large_bodies") else {
+    let Some(mut c) = cluster_with("http_serves_curl_small_and_large_bodies", &["curl"]) else {
         return;
     };
     start(&mut c, "http", &[], "http_curl");

@@ -10,7 +10,16 @@ use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
 use ferry_tests::{image, json_u64, kvm_or_skip};
 
 fn cluster(test: &str) -> Option<(Cluster, PathBuf)> {
-    let c = cluster::for_test(test, "fs")?;
+    cluster_with(test, &[])
+}
+
+/// [`cluster`] for a test that also runs `programs` (clients).
+fn cluster_with(test: &str, programs: &[&'static str]) -> Option<(Cluster, PathBuf)> {
+    let more: Vec<ferry_tests::Need> = programs
+        .iter()
+        .map(|p| ferry_tests::Need::Program(p))
+        .collect();
+    let c = cluster::for_test_with(test, "fs", &more)?;
     let dir = cluster::log_dir(test);
     for f in ["a.sock", "b.sock", "vm.snap"] {
         let _ = std::fs::remove_file(dir.join(f));
@@ -137,7 +146,8 @@ fn resp(conn: &mut TcpStream, args: &[&str]) -> String {
 
 #[test]
 fn kv_data_and_connection_survive_a_move() {
-    let Some((mut c, dir)) = cluster("kv_data_and_connection_survive_a_move") else {
+    let Some((mut c, dir)) = cluster_with("kv_data_and_connection_survive_a_move", &["redis-cli"])
+    else {
         return;
     };
     let api = start(&mut c, &dir, "kv", &[]);

@@ -419,3 +419,36 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand says what it does, and every option and argument
+    /// of every subcommand has a description of its own.
+    #[test]
+    fn every_subcommand_and_option_is_described() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            let name = sub.get_name();
+            assert!(
+                sub.get_about().is_some_and(|a| a.to_string().len() > 10),
+                "ferry {name} has no description"
+            );
+            for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+                let help = arg
+                    .get_long_help()
+                    .or(arg.get_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    help.split_whitespace().count() >= 3,
+                    "ferry {name}: {} has no description",
+                    arg.get_id()
+                );
+            }
+        }
+    }
+}
