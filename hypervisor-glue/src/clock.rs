@@ -61,36 +61,6 @@ impl GuestClock {
         }
     }
 
-    /// Stops the clock: guest time and wall-clock time now.
-    pub fn save(&self) -> ClockState {
-        ClockState {
-            guest_ns: self.now_ns(),
-            realtime_ns: unix_now_ns(),
-            generation: self.page.generation,
-            unix_ns_at_zero: self.page.unix_ns_at_zero,
-        }
-    }
-
-    /// Restarts a stopped clock on this host: guest time goes on from where
-    /// it stopped plus the wall-clock time since (never backwards), against
-    /// this host's TSC and rate.
-    pub fn resume(state: &ClockState, tsc_khz: u32) -> Self {
-        let elapsed = unix_now_ns().saturating_sub(state.realtime_ns);
-        let page = ClockPage::new(
-            host_tsc(),
-            state.guest_ns.saturating_add(elapsed),
-            u64::from(tsc_khz),
-            state.unix_ns_at_zero,
-        );
-        GuestClock {
-            tsc_khz: u64::from(tsc_khz),
-            page: ClockPage {
-                generation: (state.generation & !1).wrapping_add(2),
-                ..page
-            },
-        }
-    }
-
     /// Guest time now, in ns.
     pub fn now_ns(&self) -> u64 {
         self.page.ns_at(host_tsc())
@@ -120,9 +90,47 @@ impl GuestClock {
     }
 }
 
+impl crate::devices::Persist for GuestClock {
+    type State = ClockState;
+    /// The TSC rate of this host, in kHz.
+    type Args<'a> = u32;
+    type Error = std::convert::Infallible;
+
+    /// Stops the clock: guest time and wall-clock time now.
+    fn save(&self) -> ClockState {
+        ClockState {
+            guest_ns: self.now_ns(),
+            realtime_ns: unix_now_ns(),
+            generation: self.page.generation,
+            unix_ns_at_zero: self.page.unix_ns_at_zero,
+        }
+    }
+
+    /// Restarts a stopped clock on this host: guest time goes on from where
+    /// it stopped plus the wall-clock time since (never backwards), against
+    /// this host's TSC and rate.
+    fn restore(tsc_khz: u32, state: &ClockState) -> Result<Self, Self::Error> {
+        let elapsed = unix_now_ns().saturating_sub(state.realtime_ns);
+        let page = ClockPage::new(
+            host_tsc(),
+            state.guest_ns.saturating_add(elapsed),
+            u64::from(tsc_khz),
+            state.unix_ns_at_zero,
+        );
+        Ok(GuestClock {
+            tsc_khz: u64::from(tsc_khz),
+            page: ClockPage {
+                generation: (state.generation & !1).wrapping_add(2),
+                ..page
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::Persist;
 
     #[test]
     fn published_page_is_even_and_readable() {
@@ -143,7 +151,7 @@ mod tests {
         // Pretend it stopped 50 ms ago at guest time 1 s.
         saved.guest_ns = 1_000_000_000;
         saved.realtime_ns -= 50_000_000;
-        let resumed = GuestClock::resume(&saved, 3_000_000);
+        let resumed = GuestClock::restore(3_000_000, &saved).unwrap();
         let now = resumed.now_ns();
         assert!(
             (1_050_000_000..1_050_000_000 + 1_000_000_000).contains(&now),
@@ -155,6 +163,6 @@ mod tests {
         );
         // A wall clock that went backwards never takes guest time back.
         saved.realtime_ns += 10_000_000_000;
-        assert!(GuestClock::resume(&saved, 2_000_000).now_ns() >= saved.guest_ns);
+        assert!(GuestClock::restore(2_000_000, &saved).unwrap().now_ns() >= saved.guest_ns);
     }
 }

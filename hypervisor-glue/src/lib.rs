@@ -7,14 +7,18 @@
 //! - [`clock`]: the clock page through which guest time survives pauses and moves;
 //! - [`net`]: a VM's network settings, validated;
 //! - [`devices`]: what the guest reaches by I/O (the console, PCI, virtio-net on a tap);
-//! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear guest faults;
+//! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear
+//!   guest faults, and the [`vcpu::Kick`] that gets it out of KVM_RUN;
+//!   [`stop`]: SIGINT/SIGTERM/SIGHUP;
+//! - [`control`]: typed commands to the vCPU thread and its answers;
 //! - [`vm`]: all of it, created from a [`vm::VmConfig`] (or brought in from
-//!   a snapshot or a migration) and run to the end;
+//!   a snapshot or a migration) and run to the end, its lifecycle a state
+//!   machine ([`vm::lifecycle`]);
 //! - [`snapshot`]: the VM's saved state and the snapshot file format;
-//! - [`control`]: the control socket (status, pause, resume, snapshot,
-//!   migrate, stop) and [`stop`]: SIGINT/SIGTERM and vCPU kicks;
-//! - [`migration`]: live migration, source and destination, its bulk copying
-//!   kept behind running vCPUs by [`sched`].
+//! - [`api`]: the control socket (JSON at the edge, typed inside);
+//! - [`migration`]: live migration over an authenticated, encrypted
+//!   channel, source and destination, its bulk copying kept behind running
+//!   vCPUs by [`sched`]; [`trace`] times phases.
 //!
 //! The `ferry` binary (`src/bin/ferry.rs`) is the command line on top.
 //!
@@ -22,13 +26,14 @@
 //! use ferry::{devices::console::Console, vm::{Vm, VmConfig}};
 //! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![], guest_args: vec![], net: None };
 //! let mut vm = Vm::create(&config, Console::new(Box::new(std::io::stdout()))).unwrap();
-//! let end = vm.run(None).unwrap();
+//! let end = vm.run(&ferry::control::Mailbox::new()).unwrap();
 //! # let _ = end;
 //! ```
 //!
 //! Linux/KVM on x86_64 only.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod clock;
 pub mod control;
@@ -41,5 +46,6 @@ pub mod sched;
 pub mod size;
 pub mod snapshot;
 pub mod stop;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;

@@ -5,6 +5,8 @@
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+use crate::snapshot::NetConfigState;
+
 /// The network card of a VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetSettings {
@@ -33,6 +35,32 @@ impl NetSettings {
             }
         }
         Ok(())
+    }
+
+    /// The settings as a saved state carries them (without the tap, which
+    /// is this host's).
+    pub fn saved(&self) -> NetConfigState {
+        NetConfigState {
+            mac: self.mac.0,
+            ip: self.ip.addr.octets(),
+            prefix: self.ip.prefix,
+            gateway: self.gateway.map(|g| g.octets()),
+        }
+    }
+
+    /// Settings from a saved state (a snapshot's or a migration's, so
+    /// checked as any outside input) on this host's `tap`.
+    pub fn from_saved(tap: &str, s: &NetConfigState) -> Result<NetSettings, String> {
+        let mac: Mac = Mac(s.mac).to_string().parse()?;
+        let ip: Ipv4Cidr = format!("{}/{}", Ipv4Addr::from(s.ip), s.prefix).parse()?;
+        let n = NetSettings {
+            tap: tap.to_string(),
+            mac,
+            ip,
+            gateway: s.gateway.map(Ipv4Addr::from),
+        };
+        n.validate()?;
+        Ok(n)
     }
 
     /// The runtime's command-line words for these settings.

@@ -67,6 +67,36 @@ pub struct Cluster {
     prefix: String,
     keep: bool,
     procs: Vec<Child>,
+    key: PathBuf,
+}
+
+/// Where the migration key of cluster `prefix` lives.
+fn key_path(prefix: &str) -> PathBuf {
+    crate::root()
+        .join("target/cluster-keys")
+        .join(format!("{prefix}.key"))
+}
+
+/// Makes the cluster's migration key (`ferry keygen`) unless it exists.
+fn ensure_key(prefix: &str) -> Result<PathBuf> {
+    let key = key_path(prefix);
+    if key.exists() {
+        return Ok(key);
+    }
+    let dir = key.parent().expect("a directory");
+    std::fs::create_dir_all(dir)?;
+    let out = Command::new(crate::ferry_bin())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .context("running ferry keygen")?;
+    if !out.status.success() {
+        bail!(
+            "ferry keygen: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(key)
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
@@ -112,10 +142,12 @@ impl Cluster {
             bail!("cluster prefix {prefix:?} must be 1-12 letters, digits or '-'");
         }
         remove(prefix);
+        let _ = std::fs::remove_file(key_path(prefix));
         let c = Cluster {
             prefix: prefix.to_string(),
             keep: false,
             procs: Vec::new(),
+            key: ensure_key(prefix)?,
         };
         c.build()
             .with_context(|| format!("building the cluster {prefix}-*"))?;
@@ -276,7 +308,13 @@ impl Cluster {
             prefix: prefix.to_string(),
             keep: true,
             procs: Vec::new(),
+            key: ensure_key(prefix)?,
         })
+    }
+
+    /// The cluster's migration key file (every host holds it).
+    pub fn key(&self) -> &Path {
+        &self.key
     }
 
     /// A command that runs `program` inside node `node`'s namespace.
@@ -407,7 +445,7 @@ impl Cluster {
         let pid = self.spawn(cmd, log)?;
         let t = Instant::now();
         loop {
-            if api.exists() && ferry_ctl(&["status", "--api"], api).is_ok() {
+            if api.exists() && ferry_ctl(&["status", "--json", "--api"], api).is_ok() {
                 return Ok(pid);
             }
             // SAFETY: signal 0 only checks that the process exists.
@@ -424,9 +462,10 @@ impl Cluster {
         }
     }
 
-    /// Starts `ferry receive` on `host`, listening on its migration-link
-    /// address and port `port`, with control socket `api`, and extra
-    /// options; returns its PID once it listens.
+    /// Starts `ferry receive --once` on `host`, listening on its
+    /// migration-link address and port `port` with the cluster's key, with
+    /// control socket `api` for the VM it receives, and extra options;
+    /// returns its PID once it listens.
     pub fn start_receiver(
         &mut self,
         host: &str,
@@ -435,10 +474,18 @@ impl Cluster {
         extra: &[&str],
         log: &Path,
     ) -> Result<u32> {
-        let i = HOSTS
-            .iter()
-            .position(|h| *h == host)
-            .context("no such host")?;
+        let mut cmd = self.receiver_command(host, port, extra);
+        cmd.arg("--once").arg("--api").arg(api);
+        let pid = self.spawn(cmd, log)?;
+        wait_for_line(log, "waiting for VMs", Duration::from_secs(10), pid)?;
+        Ok(pid)
+    }
+
+    /// `ferry receive` on `host`'s migration-link address and `port`, with
+    /// the host's tap, its name and the cluster's key (unless `extra` says
+    /// `--insecure` or `--key`); add the rest.
+    pub fn receiver_command(&self, host: &str, port: u16, extra: &[&str]) -> Command {
+        let i = HOSTS.iter().position(|h| *h == host).expect("a host");
         let mut cmd = self.command(host, crate::ferry_bin());
         cmd.arg("receive")
             .args([
@@ -446,17 +493,19 @@ impl Cluster {
                 &format!("{}:{port}", MIGRATION_IPS[i]),
                 "--tap",
                 TAP,
-                "--api",
+                "--name",
+                host,
             ])
-            .arg(api)
             .args(extra);
-        let pid = self.spawn(cmd, log)?;
-        wait_for_line(log, "waiting for a VM", Duration::from_secs(10), pid)?;
-        Ok(pid)
+        if !extra.iter().any(|a| *a == "--insecure" || *a == "--key") {
+            cmd.arg("--key").arg(&self.key);
+        }
+        cmd
     }
 
-    /// `ferry migrate --json` from the VM behind `api` to `host`:`port`;
-    /// the JSON report, or the error line.
+    /// `ferry migrate --json` from the VM behind `api` to `host`:`port`
+    /// with the cluster's key (unless `extra` gives credentials); the JSON
+    /// report, or the error line.
     pub fn migrate(
         &self,
         api: &Path,
@@ -465,18 +514,20 @@ impl Cluster {
         extra: &[&str],
     ) -> std::result::Result<String, String> {
         let i = HOSTS.iter().position(|h| *h == host).expect("host");
-        let out = Command::new(crate::ferry_bin())
-            .args([
-                "migrate",
-                "--json",
-                "--to",
-                &format!("{}:{port}", MIGRATION_IPS[i]),
-                "--api",
-            ])
-            .arg(api)
-            .args(extra)
-            .output()
-            .map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(crate::ferry_bin());
+        cmd.args([
+            "migrate",
+            "--json",
+            "--to",
+            &format!("{}:{port}", MIGRATION_IPS[i]),
+            "--api",
+        ])
+        .arg(api)
+        .args(extra);
+        if !extra.iter().any(|a| *a == "--insecure" || *a == "--key") {
+            cmd.arg("--key").arg(&self.key);
+        }
+        let out = cmd.output().map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -537,9 +588,14 @@ impl Cluster {
         TcpCounters::parse(&read("/proc/net/snmp")?, &read("/proc/net/netstat")?)
     }
 
+    /// Ends what this cluster started, then whatever else runs in its
+    /// namespaces (the VM processes receivers start are not our children).
     fn end_processes(&mut self) {
         for mut c in self.procs.drain(..) {
             end_child(&mut c, Duration::from_secs(3));
+        }
+        if !self.keep {
+            end_namespace_processes(&self.prefix);
         }
     }
 }
@@ -601,7 +657,7 @@ pub fn ferry_ctl(args: &[&str], api: &Path) -> Result<String> {
 /// that the status says `hardware`. Returns the emulated count.
 pub fn assert_runs_native(api: &Path, window: Duration, max_emulated: u64, what: &str) -> u64 {
     let status = |api: &Path| -> serde_json::Value {
-        let text = ferry_ctl(&["status", "--api"], api).expect("ferry status");
+        let text = ferry_ctl(&["status", "--json", "--api"], api).expect("ferry status");
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
     };
     let first = status(api);
@@ -645,6 +701,47 @@ pub fn for_test_with(test: &str, tag: &str, more: &[crate::Need]) -> Option<Clus
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let prefix = format!("{tag}{}{n}", std::process::id() % 100_000);
     Some(Cluster::up(&prefix).expect("building the cluster"))
+}
+
+/// PIDs of the processes in network namespace `ns`.
+pub fn namespace_pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Ends (SIGTERM, then SIGKILL) every process in the namespaces of the
+/// cluster `prefix`.
+pub fn end_namespace_processes(prefix: &str) {
+    let all = || {
+        ["client", "router", "hostA", "hostB"]
+            .iter()
+            .flat_map(|n| namespace_pids(&format!("{prefix}-{n}")))
+            .collect::<Vec<_>>()
+    };
+    let pids = all();
+    if pids.is_empty() {
+        return;
+    }
+    for pid in &pids {
+        // SAFETY: kill(2) on a PID the kernel just listed in our namespace.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) && !all().is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in all() {
+        // SAFETY: as above; whatever did not end on SIGTERM.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
 }
 
 /// Removes every namespace of the cluster `prefix` (best effort).

@@ -118,9 +118,10 @@ fn rejects_bad_memory_sizes_and_cpu_counts() {
         "multiple of 4 KiB",
     );
     assert_ferry_error(&ferry(&["run", "--cpus", "4", img]), "runs exactly 1");
-    // clap rejects unparsable sizes itself, with status 2 and a usage hint.
+    // clap rejects unparsable sizes itself, with a usage hint, and the
+    // documented status of Ferry's own errors.
     let out = ferry(&["run", "--memory", "lots", img]);
-    assert_eq!(out.status, Some(2), "{}", out.stderr);
+    assert_eq!(out.status, Some(125), "{}", out.stderr);
     assert!(out.stderr.contains("not a size"), "{}", out.stderr);
     let out = ferry(&["run", img, "--", "has space"]);
     assert_ferry_error(&out, "contains whitespace");

@@ -121,7 +121,7 @@ fn echo_ping_pongs_ten_times_with_an_open_connection() {
     let mut fresh = s.connect(7);
     round_trip(&mut fresh, b"fresh");
     assert!(
-        ferry_ctl(&["status", "--api"], &api)
+        ferry_ctl(&["status", "--json", "--api"], &api)
             .unwrap()
             .contains("running")
     );
@@ -210,7 +210,7 @@ fn udp_through_a_migration(test: &str, receive: &[&str]) -> Option<UdpRun> {
     let get =
         |k: &str| ferry_tests::field(&line, k).unwrap_or_else(|| panic!("no {k} in {line:?}"));
     assert_eq!(get("beyond"), 0, "{line}");
-    let status = ferry_ctl(&["status", "--api"], &moved).unwrap();
+    let status = ferry_ctl(&["status", "--json", "--api"], &moved).unwrap();
     let run = UdpRun {
         sent,
         distinct: get("distinct"),
@@ -335,7 +335,7 @@ fn kv_keeps_its_data_under_redis_benchmark() {
     );
     assert_eq!(cli(&s, &["get", "survivor"]), "yes", "{report}");
     assert!(
-        ferry_ctl(&["status", "--api"], &moved)
+        ferry_ctl(&["status", "--json", "--api"], &moved)
             .unwrap()
             .contains("running")
     );
@@ -375,7 +375,7 @@ fn http_download_completes_across_a_migration() {
 
 /// After a failed migration, the source VM still serves on hostA.
 fn source_still_serves(s: &Setup, api: &Path, conn: &mut TcpStream, what: &str) {
-    let status = ferry_ctl(&["status", "--api"], api)
+    let status = ferry_ctl(&["status", "--json", "--api"], api)
         .unwrap_or_else(|e| panic!("{what}: the source VM is gone: {e}"));
     assert!(status.contains("\"state\":\"running\""), "{what}: {status}");
     round_trip(conn, format!("still here after {what};").as_bytes());
@@ -383,129 +383,151 @@ fn source_still_serves(s: &Setup, api: &Path, conn: &mut TcpStream, what: &str) 
     round_trip(&mut fresh, b"new connection");
 }
 
+/// Every way a destination can turn a migration away before it starts,
+/// with the reason named to the source; the source goes on serving each
+/// time, and one receiver goes on listening through all of its refusals
+/// and then takes the VM.
 #[test]
-fn failed_migrations_leave_the_source_serving() {
-    let Some(mut s) = setup("failed_migrations_leave_the_source_serving") else {
+fn refused_migrations_leave_the_source_serving() {
+    let Some(mut s) = setup("refused_migrations_leave_the_source_serving") else {
         return;
     };
     let api = s.start("echo", &[]);
     let mut conn = s.connect(7);
     round_trip(&mut conn, b"before");
-    let key_a = s.dir.join("a.key");
-    let key_b = s.dir.join("b.key");
-    std::fs::write(&key_a, [1u8; 32]).unwrap();
-    std::fs::write(&key_b, [2u8; 32]).unwrap();
+    let other_key = s.dir.join("other.key");
+    let _ = std::fs::remove_file(&other_key);
+    let out = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["keygen", "--out"])
+        .arg(&other_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let other = other_key.to_str().unwrap();
 
     // Nobody listening.
     let err = s.c.migrate(&api, "hostB", 7100, &[]).unwrap_err();
     assert!(err.contains("cannot connect"), "{err}");
     source_still_serves(&s, &api, &mut conn, "no destination");
 
-    // Wrong key, and a key on one side only.
+    // One receiver (not --once) for the rest: it keeps listening.
     let b1 = s.api("b1");
-    s.c.start_receiver(
-        "hostB",
-        7101,
-        &b1,
-        &["--key", key_b.to_str().unwrap()],
-        &s.dir.join("r1.log"),
-    )
-    .unwrap();
+    let mut cmd =
+        s.c.receiver_command("hostB", 7101, &["--api", b1.to_str().unwrap()]);
+    cmd.args(["--max-memory", "4G"]);
+    let log = s.dir.join("r1.log");
+    let pid = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid).unwrap();
     let err =
-        s.c.migrate(&api, "hostB", 7101, &["--key", key_a.to_str().unwrap()])
+        s.c.migrate(&api, "hostB", 7101, &["--key", other])
             .unwrap_err();
     assert!(err.contains("authentication failed"), "{err}");
     source_still_serves(&s, &api, &mut conn, "a wrong key");
-    let err = s.c.migrate(&api, "hostB", 7101, &[]).unwrap_err();
-    assert!(err.contains("authentication failed"), "{err}");
+    let err =
+        s.c.migrate(&api, "hostB", 7101, &["--insecure"])
+            .unwrap_err();
+    assert!(err.contains("requires a key"), "{err}");
+    assert!(err.contains("WARNING: --insecure"), "{err}");
     source_still_serves(&s, &api, &mut conn, "no key");
 
-    // A destination that cannot set the VM up (no tap given).
-    let b2 = s.api("b2");
-    let mut cmd = s.c.command("hostB", ferry_tests::ferry_bin());
-    cmd.args(["receive", "--listen", "10.77.2.2:7102", "--api"])
-        .arg(&b2);
+    // A key file others may read is refused before anything is sent.
+    let loose = s.dir.join("loose.key");
+    std::fs::copy(s.c.key(), &loose).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err =
+        s.c.migrate(&api, "hostB", 7101, &["--key", loose.to_str().unwrap()])
+            .unwrap_err();
+    assert!(err.contains("chmod 600"), "{err}");
+
+    // Receivers that refuse this VM: too small, expecting another one.
+    let small = s.api("small");
+    let mut cmd =
+        s.c.receiver_command("hostB", 7102, &["--api", small.to_str().unwrap()]);
+    cmd.args(["--max-memory", "32M", "--expect", &"0".repeat(32)]);
     let log = s.dir.join("r2.log");
-    let pid = s.c.spawn(cmd, &log).unwrap();
-    cluster::wait_for_line(&log, "waiting for a VM", Duration::from_secs(10), pid).unwrap();
+    let pid2 = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid2).unwrap();
     let err = s.c.migrate(&api, "hostB", 7102, &[]).unwrap_err();
+    assert!(err.contains("expects VM 000000"), "{err}");
+    s.c.stop(pid2, Duration::from_secs(2));
+    let mut cmd =
+        s.c.receiver_command("hostB", 7102, &["--api", small.to_str().unwrap()]);
+    cmd.args(["--max-memory", "32M"]);
+    let pid2 = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid2).unwrap();
+    let err = s.c.migrate(&api, "hostB", 7102, &[]).unwrap_err();
+    assert!(
+        err.contains("needs 64 MiB") && err.contains("at most 32 MiB"),
+        "{err}"
+    );
+    source_still_serves(&s, &api, &mut conn, "a destination too small");
+    s.c.stop(pid2, Duration::from_secs(2));
+
+    // A destination that cannot set the VM up (no tap given).
+    let b3 = s.api("b3");
+    let mut cmd = s.c.command("hostB", ferry_tests::ferry_bin());
+    cmd.args(["receive", "--listen", "10.77.2.2:7103", "--key"])
+        .arg(s.c.key())
+        .arg("--api")
+        .arg(&b3);
+    let log = s.dir.join("r3.log");
+    let pid3 = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid3).unwrap();
+    let err = s.c.migrate(&api, "hostB", 7103, &[]).unwrap_err();
     assert!(err.contains("give --tap"), "{err}");
     source_still_serves(&s, &api, &mut conn, "a destination without a tap");
 
     // A destination without memory for the VM (address space limit).
-    let b3 = s.api("b3");
+    let b4 = s.api("b4");
     let mut cmd = s.c.command("hostB", "prlimit");
     cmd.args(["--as=60000000", "--"])
         .arg(ferry_tests::ferry_bin());
     cmd.args([
         "receive",
         "--listen",
-        "10.77.2.2:7103",
+        "10.77.2.2:7104",
         "--tap",
         "tap0",
-        "--api",
+        "--key",
     ])
-    .arg(&b3);
-    let log = s.dir.join("r3.log");
-    let pid = s.c.spawn(cmd, &log).unwrap();
-    cluster::wait_for_line(&log, "waiting for a VM", Duration::from_secs(10), pid).unwrap();
-    let err = s.c.migrate(&api, "hostB", 7103, &[]).unwrap_err();
+    .arg(s.c.key())
+    .arg("--api")
+    .arg(&b4);
+    let log = s.dir.join("r4.log");
+    let pid4 = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid4).unwrap();
+    let err = s.c.migrate(&api, "hostB", 7104, &[]).unwrap_err();
     assert!(err.contains("memory"), "{err}");
     source_still_serves(&s, &api, &mut conn, "a destination out of memory");
 
     // A fake destination: another protocol version.
-    let fake = |reply: &'static (dyn Fn(&mut TcpStream) + Sync)| {
-        let l =
-            s.c.in_ns("hostB", || {
-                std::net::TcpListener::bind("10.77.2.2:7104").unwrap()
-            })
-            .unwrap();
-        std::thread::spawn(move || {
-            let (mut c, _) = l.accept().unwrap();
-            reply(&mut c);
+    let l =
+        s.c.in_ns("hostB", || {
+            std::net::TcpListener::bind("10.77.2.2:7105").unwrap()
         })
-    };
-    let t = fake(&|c: &mut TcpStream| {
-        let mut hello = [0u8; 48];
-        let _ = c.read_exact(&mut hello);
-        let mut msg = vec![];
-        msg.extend_from_slice(&2u32.to_le_bytes()); // Challenge
-        msg.extend_from_slice(&68u64.to_le_bytes());
-        msg.extend_from_slice(&99u32.to_le_bytes()); // version 99
-        msg.extend_from_slice(&[0u8; 64]);
-        let _ = c.write_all(&msg);
+        .unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut theirs = [0u8; 8];
+        let _ = c.read_exact(&mut theirs);
+        let mut p = *b"FRYM\0\0\x01\0";
+        p[4..6].copy_from_slice(&99u16.to_le_bytes());
+        let _ = c.write_all(&p);
     });
-    let err = s.c.migrate(&api, "hostB", 7104, &[]).unwrap_err();
+    let err = s.c.migrate(&api, "hostB", 7105, &[]).unwrap_err();
     assert!(err.contains("version 99"), "{err}");
-    t.join().unwrap();
+    fake.join().unwrap();
     source_still_serves(&s, &api, &mut conn, "another protocol version");
 
-    // The destination dies in the middle: it accepts, authenticates with
-    // the right (empty) key, then its process is killed while memory flows.
-    let b5 = s.api("b5");
-    let pid =
-        s.c.start_receiver("hostB", 7105, &b5, &[], &s.dir.join("r5.log"))
-            .unwrap();
-    let killer = std::thread::spawn(move || {
-        let log = cluster::log_dir("failed_migrations_leave_the_source_serving").join("r5.log");
-        for _ in 0..500 {
-            if std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("receiving a VM")
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // SAFETY: kill(2) on the receiver's PID.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let r = s.c.migrate(&api, "hostB", 7105, &[]);
-    killer.join().unwrap();
-    // The kill may land before or after the (small) memory copy finished;
-    // either way the migration cannot have committed...
-    if let Ok(report) = &r {
-        panic!("a migration to a killed destination reported success: {report}");
-    }
-    source_still_serves(&s, &api, &mut conn, "the destination being killed");
+    // The first receiver turned away two peers and goes on listening: it
+    // takes the VM now.
+    let report = s.c.migrate(&api, "hostB", 7101, &[]).unwrap();
+    assert!(report.contains("\"ok\":true"), "{report}");
+    round_trip(&mut conn, b"moved after all");
+    let status = ferry_ctl(&["status", "--json", "--api"], &b1).unwrap();
+    assert!(status.contains("\"generation\":1"), "{status}");
+    let text = std::fs::read_to_string(s.dir.join("r1.log")).unwrap();
+    assert_eq!(text.matches("turned away").count(), 2, "{text}");
+    let _ = pid;
 }

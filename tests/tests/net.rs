@@ -274,7 +274,7 @@ fn tso_cuts_segments_at_the_clients_mss() {
     )
     .expect("starting stream");
     stream_verified(&c, 16 << 20);
-    let status = cluster::ferry_ctl(&["status", "--api"], &api).expect("ferry status");
+    let status = cluster::ferry_ctl(&["status", "--json", "--api"], &api).expect("ferry status");
     let gso = ferry_tests::json_u64(&status, "tx_gso_frames").unwrap_or(0);
     let frames = ferry_tests::json_u64(&status, "tx_frames").unwrap_or(0);
     // 16 MiB at a 1240-byte MSS is ~13,500 segments; with TSO the guest

@@ -51,6 +51,7 @@ fn move_to_b(c: &mut Cluster, dir: &Path, api: &Path) -> PathBuf {
     let out = ferry_ctl(
         &[
             "snapshot",
+            "--json",
             "--out",
             snap.to_str().unwrap(),
             "--then",
@@ -102,7 +103,7 @@ fn echo_conversation_moves_to_the_other_host_and_time_runs_on() {
         round_trip(&mut conn, format!("before {i};").as_bytes());
     }
     let t0 = json_u64(
-        &ferry_ctl(&["status", "--api"], &api).unwrap(),
+        &ferry_ctl(&["status", "--json", "--api"], &api).unwrap(),
         "guest_time_ns",
     )
     .unwrap();
@@ -113,7 +114,7 @@ fn echo_conversation_moves_to_the_other_host_and_time_runs_on() {
         round_trip(&mut conn, format!("after {i};").as_bytes());
     }
     let t1 = json_u64(
-        &ferry_ctl(&["status", "--api"], &b).unwrap(),
+        &ferry_ctl(&["status", "--json", "--api"], &b).unwrap(),
         "guest_time_ns",
     )
     .unwrap();
@@ -174,7 +175,7 @@ fn kv_data_and_connection_survive_a_move() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "value19");
-    let status = ferry_ctl(&["status", "--api"], &b).unwrap();
+    let status = ferry_ctl(&["status", "--json", "--api"], &b).unwrap();
     assert!(status.contains("\"state\":\"running\""), "{status}");
 }
 
@@ -225,6 +226,7 @@ fn snapshots_of_a_paused_vm_are_identical() {
         let out = ferry_ctl(
             &[
                 "snapshot",
+                "--json",
                 "--then",
                 "pause",
                 "--out",
@@ -242,7 +244,7 @@ fn snapshots_of_a_paused_vm_are_identical() {
     );
     ferry_ctl(&["resume", "--api"], &api).unwrap();
     assert!(
-        ferry_ctl(&["status", "--api"], &api)
+        ferry_ctl(&["status", "--json", "--api"], &api)
             .unwrap()
             .contains("running")
     );
@@ -275,6 +277,7 @@ fn bad_snapshot_files_are_refused_clearly() {
     ferry_ctl(
         &[
             "snapshot",
+            "--json",
             "--then",
             "stop",
             "--out",

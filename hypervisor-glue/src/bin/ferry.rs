@@ -1,14 +1,18 @@
-//! `ferry`: run Ferry unikernel images on KVM.
-use std::path::PathBuf;
+//! `ferry`: run Ferry unikernel images on KVM, and move them between hosts.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ferry::control::{self, After, Control, Request};
+use ferry::api::{self, Api, MigrateRequest, Request};
+use ferry::control::{After, Mailbox};
 use ferry::devices::console::Console;
+use ferry::migration::key::{self, Credentials, Psk};
+use ferry::migration::receiver::{self, Receiver, Settings};
+use ferry::migration::wire::VmId;
 use ferry::net::NetSettings;
-use ferry::vm::{End, Vm, VmConfig};
-use std::sync::Arc;
+use ferry::vm::{Vm, VmConfig};
+use serde_json::Value;
 
 /// Exit status for Ferry's own failures (bad options, bad image, guest
 /// misbehaviour, KVM errors), as `docker run` uses it.
@@ -28,6 +32,36 @@ struct Cli {
     command: Command,
 }
 
+/// The credentials of a migration: a key file, or --insecure.
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+struct CredArgs {
+    /// The pre-shared key file (64 hex digits, mode 0600; `ferry keygen`
+    /// makes one). Both hosts must hold the same key.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// No key: the channel is neither authenticated nor encrypted (for
+    /// measuring what the crypto costs). Both sides must say so.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl CredArgs {
+    fn credentials(&self, what: &str) -> anyhow::Result<Credentials> {
+        match (&self.key, self.insecure) {
+            (Some(k), false) => Ok(Credentials::Key(Psk::from_file(k)?)),
+            (None, true) => {
+                eprintln!(
+                    "ferry: WARNING: --insecure: {what} is neither authenticated nor encrypted; \
+                     anyone on the network can read guest memory from it, alter it, or push a VM"
+                );
+                Ok(Credentials::Insecure)
+            }
+            _ => anyhow::bail!("give --key FILE or --insecure"),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot an image and run it until the guest exits.
@@ -45,8 +79,8 @@ enum Command {
         cpus: u32,
         #[command(flatten)]
         net: NetArgs,
-        /// Answer control requests (status, pause, resume, snapshot, stop) on
-        /// this Unix socket; see `ferry status --help`.
+        /// Answer control requests (status, pause, resume, snapshot,
+        /// migrate, stop) on this Unix socket (mode 0600); see `ferry status --help`.
         #[arg(long)]
         api: Option<PathBuf>,
         /// A setting for the guest runtime, KEY=VALUE (repeatable):
@@ -63,11 +97,12 @@ enum Command {
     /// Guest time goes on from the snapshot by the real time that passed.
     /// With a network card, the card's tap is opened first and frames for
     /// the VM are captured while it is being restored, then delivered in
-    /// order (each distinct frame once); the VM then announces its MAC.
+    /// order (each distinct frame once); the VM then announces its MAC. The
+    /// restored VM keeps its identity, at the next generation.
     Restore {
         /// The snapshot file (from `ferry snapshot`).
         file: PathBuf,
-        /// The tap for the VM's network card on this host.
+        /// The tap for the VM's network card on this host (in this network namespace).
         #[arg(long)]
         tap: Option<String>,
         /// Answer control requests on this Unix socket.
@@ -79,23 +114,33 @@ enum Command {
         #[arg(long)]
         no_verify_memory: bool,
     },
-    /// Show a running VM's state (running or paused, guest time, network counters).
+    /// Show a running VM's state: running, paused or being moved (and
+    /// where), its identity and generation, uptime, network and counters.
     Status {
         /// The VM's control socket (its `--api`).
         #[arg(long)]
         api: PathBuf,
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Pause a running VM: the vCPU and its devices stop, and so does guest time.
     Pause {
         /// The VM's control socket.
         #[arg(long)]
         api: PathBuf,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Resume a paused VM; guest time goes on by the real time that passed.
     Resume {
         /// The VM's control socket.
         #[arg(long)]
         api: PathBuf,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a snapshot of a running or paused VM.
     ///
@@ -111,60 +156,118 @@ enum Command {
         /// What the VM does afterwards.
         #[arg(long, value_enum, default_value = "resume")]
         then: Then,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Live-migrate a running VM to another host's `ferry receive`.
     ///
     /// Memory is copied while the VM runs (pre-copy with dirty logging),
     /// until what is left fits the downtime budget; then the destination
     /// starts capturing the VM's frames, the VM pauses, the last pages and
-    /// its state go over, and on commit it runs there. Any failure before
-    /// commit leaves it running here. Prints progress, then a report.
+    /// its state go over, and on commit it runs there. The channel is
+    /// authenticated with the pre-shared key and every message is
+    /// encrypted. Any failure before commit leaves the VM running here; if
+    /// the commit's answer is lost, the VM stays paused here until the
+    /// destination says where it runs (see `ferry resolve`).
     Migrate {
         /// The VM's control socket.
         #[arg(long)]
         api: PathBuf,
-        /// The destination's listening address, e.g. 10.77.2.2:7000.
+        /// The destination's listening address, e.g. 10.77.2.2:7000 (reached from this network namespace).
         #[arg(long)]
         to: String,
-        /// File holding the pre-shared key (16 to 4096 bytes); the
-        /// destination must hold the same one. Without it, neither may.
-        #[arg(long)]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        creds: CredArgs,
         /// Downtime budget in milliseconds: pre-copy goes on until the
         /// remaining dirty memory can be sent in this time (at the rate
-        /// pre-copy measured). The pause costs about 1 ms more: the
-        /// vCPU's state, the destination loading it, the commit.
+        /// pre-copy measured).
         #[arg(long, default_value_t = 1)]
         downtime_ms: u64,
-        /// Print the report as JSON only.
+        /// How far past the budget the pause may run before the migration
+        /// gives up and the VM resumes here, in milliseconds.
+        #[arg(long, default_value_t = api::DEFAULT_MARGIN_MS)]
+        margin_ms: u64,
+        /// Print the report as JSON only (and no progress).
         #[arg(long)]
         json: bool,
     },
-    /// Wait for a VM to migrate here, then run it (as `ferry run` would).
+    /// Receive migrating VMs on this host and run each in a process of its own.
+    ///
+    /// Listens until stopped; each arriving VM runs in its own process, in
+    /// a session of its own (no terminal owns it), and goes on when the
+    /// receiver ends. Admission refuses (and says why) a VM larger than
+    /// --max-memory, another than --expect, or one that runs here already.
     Receive {
         /// Address to listen on, e.g. 10.77.2.2:7000.
         #[arg(long)]
         listen: String,
-        /// The tap for the VM's network card on this host.
+        #[command(flatten)]
+        creds: CredArgs,
+        /// The tap for arriving VMs' network cards on this host.
         #[arg(long)]
         tap: Option<String>,
-        /// File holding the pre-shared key (as on the source).
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Answer control requests on this Unix socket once the VM runs.
+        /// The control socket of an arriving VM (bound before it is ready).
         #[arg(long)]
         api: Option<PathBuf>,
+        /// This host's name in messages to sources (default: the listen address).
+        #[arg(long)]
+        name: Option<String>,
+        /// Admit VMs of at most this much memory, e.g. 8G (default: what this
+        /// host has available, or its cgroup allows, less 256 MiB).
+        #[arg(long, value_parser = parse_size)]
+        max_memory: Option<u64>,
+        /// Admit only the VM with this identity (32 hex digits, from `ferry status`).
+        #[arg(long, value_name = "VM-ID")]
+        expect: Option<VmId>,
+        /// Take one VM and end with it (with its exit status); Ctrl-C stops it.
+        #[arg(long)]
+        once: bool,
         /// Do not capture frames while the VM moves (for measurements of
         /// what capture saves).
         #[arg(long)]
         no_capture: bool,
+    },
+    /// Settle a migration whose end is in doubt (Commit sent, no answer).
+    ///
+    /// Asks the destination what became of the move and acts on it: the
+    /// VM ends here if it runs there, resumes here if the destination
+    /// aborted. With --resume-here, resumes this copy also when the VM died
+    /// there, and (with --destination-down) when the destination cannot
+    /// answer; never when it runs there.
+    Resolve {
+        /// The control socket of the VM whose move is in doubt.
+        #[arg(long)]
+        api: PathBuf,
+        /// Resume the VM here if that cannot make a second copy.
+        #[arg(long)]
+        resume_here: bool,
+        /// The destination host is down (you checked): lets --resume-here
+        /// act when it cannot be asked.
+        #[arg(long, requires = "resume_here")]
+        destination_down: bool,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new pre-shared key for migrations (mode 0600; never overwrites).
+    Keygen {
+        /// Where to write it; copy it to every host that migrates with this one.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Stop a VM (its process exits; nothing is saved).
     Stop {
         /// The VM's control socket.
         #[arg(long)]
         api: PathBuf,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
+    /// (internal) the process of a VM arriving by migration.
+    #[command(name = "__session", hide = true)]
+    Session,
 }
 
 /// What a VM does after its snapshot.
@@ -234,8 +337,19 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    ferry::vm::trace_start();
-    let cli = Cli::parse();
+    ferry::trace::start();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(FERRY_ERROR);
+        }
+    };
     match run(cli) {
         Ok(status) => ExitCode::from(status as u8),
         Err(e) => {
@@ -245,89 +359,226 @@ fn main() -> ExitCode {
     }
 }
 
-fn request(api: &std::path::Path, req: Request) -> anyhow::Result<i32> {
-    let answer = control::call(api, &req).map_err(anyhow::Error::msg)?;
+/// Sends `req` and fails with the VM's error if it refused.
+fn ask(api: &Path, req: &Request) -> anyhow::Result<Value> {
+    let answer = api::call(api, req).map_err(anyhow::Error::msg)?;
     if answer["ok"] != true {
         anyhow::bail!("{}", answer["error"].as_str().unwrap_or("the VM refused"));
     }
-    println!("{answer}");
-    Ok(0)
+    Ok(answer)
+}
+
+fn print_json(v: &Value) {
+    println!("{v}");
+}
+
+/// `ferry status` in words.
+fn print_status(v: &Value) {
+    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    println!("state:      {}", s("detail"));
+    println!(
+        "VM:         {} generation {} (pid {})",
+        s("id"),
+        n("generation"),
+        n("pid")
+    );
+    println!(
+        "image:      {}, {} MiB of memory",
+        s("image"),
+        n("memory") >> 20
+    );
+    println!(
+        "uptime:     {:.1} s here; guest time {:.3} s",
+        v["uptime_s"].as_f64().unwrap_or(0.0),
+        n("guest_time_ns") as f64 / 1e9
+    );
+    println!(
+        "vCPU:       {} ({} exits, {} emulated instructions, {} halts, {} interrupts injected)",
+        s("cpu_mode"),
+        v["kvm"]["exits"],
+        v["kvm"]["insn_emulation"],
+        v["kvm"]["halt_exits"],
+        v["kvm"]["irq_injections"]
+    );
+    match v["net"].as_object() {
+        Some(net) => {
+            let g = |k: &str| net.get(k).cloned().unwrap_or(Value::Null);
+            println!(
+                "network:    {} {} on tap {}{}",
+                g("ip").as_str().unwrap_or("?"),
+                g("mac").as_str().unwrap_or("?"),
+                g("tap").as_str().unwrap_or("?"),
+                g("gateway")
+                    .as_str()
+                    .map(|gw| format!(", gateway {gw}"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "            frames in {} / out {} ({} TSO super-frames), {} dropped, {} interrupts",
+                g("rx_frames"),
+                g("tx_frames"),
+                g("tx_gso_frames"),
+                g("dropped"),
+                g("interrupts")
+            );
+            println!(
+                "            captured on arrival {} ({} dropped as ones the source had read)",
+                g("captured"),
+                g("duplicates")
+            );
+        }
+        None => println!("network:    none"),
+    }
+    if n("console_lost_bytes") > 0 {
+        println!(
+            "console:    {} bytes of guest output lost (the output was closed)",
+            n("console_lost_bytes")
+        );
+    }
 }
 
 /// Runs a created or restored VM to its end: the guest's exit status, or 0
-/// when a control request stopped it, or 128+signal.
+/// when a control request stopped it (or it moved away), or 128+signal.
 fn drive(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<i32> {
-    let control = Arc::new(Control::default());
-    if let Some(api) = &api {
-        control::serve(api, control.clone())
-            .with_context(|| format!("cannot serve the control socket {}", api.display()))?;
-    }
-    let r = vm.run(api.as_ref().map(|_| &*control));
-    control.close();
-    if let Some(api) = &api {
-        let _ = std::fs::remove_file(api);
-    }
-    match r {
-        Ok(End::Exited(status)) => Ok(status),
-        Ok(End::Stopped) => Ok(0),
-        Err(ferry::vm::Error::Signalled(sig)) => {
-            eprintln!("ferry: stopped by signal {sig}; the guest was ended");
-            Ok(128 + sig)
+    let mailbox = Mailbox::new();
+    let handle = match &api {
+        Some(path) => Some(
+            Api::bind(path)
+                .and_then(|a| {
+                    a.serve(
+                        mailbox.clone(),
+                        ferry::migration::source::Source::new(mailbox.clone()),
+                    )
+                })
+                .with_context(|| format!("cannot serve the control socket {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let end = vm.run(&mailbox);
+    drop(handle);
+    match end {
+        Err(e) if !matches!(e, ferry::vm::Error::Signalled(_)) => {
+            Err(anyhow::Error::new(e).context("the VM stopped"))
         }
-        Err(e) => Err(anyhow::Error::new(e).context("the VM stopped")),
+        end => Ok(ferry::migration::dest::exit_status(end)),
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
+    let simple = |api: &Path, req: Request, json: bool, done: &str| -> anyhow::Result<i32> {
+        let v = ask(api, &req)?;
+        if json {
+            print_json(&v);
+        } else {
+            println!("{done}");
+        }
+        Ok(0)
+    };
     match cli.command {
-        Command::Status { api } => request(&api, Request::Status),
-        Command::Pause { api } => request(&api, Request::Pause),
-        Command::Resume { api } => request(&api, Request::Resume),
-        Command::Stop { api } => request(&api, Request::Stop),
-        Command::Snapshot { api, out, then } => {
+        Command::Status { api, json } => {
+            let v = ask(&api, &Request::Status)?;
+            if json {
+                print_json(&v);
+            } else {
+                print_status(&v);
+            }
+            Ok(0)
+        }
+        Command::Pause { api, json } => simple(&api, Request::Pause, json, "paused"),
+        Command::Resume { api, json } => simple(&api, Request::Resume, json, "running"),
+        Command::Stop { api, json } => simple(&api, Request::Stop, json, "stopped"),
+        Command::Snapshot {
+            api,
+            out,
+            then,
+            json,
+        } => {
             let out = std::path::absolute(&out).context("the snapshot path")?;
             let then = match then {
                 Then::Resume => After::Resume,
                 Then::Pause => After::Pause,
                 Then::Stop => After::Stop,
             };
-            request(&api, Request::Snapshot { path: out, then })
+            let v = ask(
+                &api,
+                &Request::Snapshot {
+                    path: out.clone(),
+                    then,
+                },
+            )?;
+            if json {
+                print_json(&v);
+            } else {
+                println!(
+                    "wrote {} ({:.1} MiB); the guest stood still {:.2} ms (writing {:.2} ms); it is now {}",
+                    out.display(),
+                    v["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    v["paused_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+                    v["write_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+                    match then {
+                        After::Resume => "running",
+                        After::Pause => "paused",
+                        After::Stop => "stopped",
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Command::Keygen { out } => {
+            key::generate(&out)?;
+            eprintln!(
+                "ferry: wrote a new key to {} (mode 0600); copy it to the other hosts and pass it with --key",
+                out.display()
+            );
+            Ok(0)
+        }
+        Command::Resolve {
+            api,
+            resume_here,
+            destination_down,
+            json,
+        } => {
+            let v = ask(
+                &api,
+                &Request::Resolve {
+                    resume_here,
+                    destination_down,
+                },
+            )?;
+            if json {
+                print_json(&v);
+            } else {
+                println!("{}", v["detail"].as_str().unwrap_or("settled"));
+            }
+            Ok(0)
         }
         Command::Migrate {
             api,
             to,
-            key,
+            creds,
             downtime_ms,
+            margin_ms,
             json,
         } => {
-            let key = match key {
-                Some(k) => Some(std::path::absolute(&k).context("the key path")?),
-                None => None,
-            };
-            let req = Request::Migrate {
+            let creds = creds.credentials("the migration channel")?;
+            let req = Request::Migrate(MigrateRequest {
                 to: to.clone(),
-                key,
+                key: match &creds {
+                    Credentials::Key(k) => Some(k.to_hex()),
+                    Credentials::Insecure => None,
+                },
+                insecure: creds == Credentials::Insecure,
                 downtime_ms,
-            };
-            let mut progress = |p: &serde_json::Value| {
+                margin_ms,
+            });
+            let mut progress = |p: &Value| {
                 if !json {
-                    eprint!(
-                        "\rferry: migrate: {:<9} round {:>3}  {:>10.1} MiB sent {}",
-                        p["phase"].as_str().unwrap_or(""),
-                        p["round"].as_u64().unwrap_or(0),
-                        p["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
-                        p["dirty_pages"]
-                            .as_u64()
-                            .map(|d| format!("({d} pages dirty)"))
-                            .unwrap_or_default()
-                    );
+                    eprintln!("ferry: migrate: {}", progress_line(p));
                 }
             };
-            let answer = control::call_with_progress(&api, &req, &mut progress)
-                .map_err(anyhow::Error::msg)?;
-            if !json {
-                eprintln!();
-            }
+            let answer =
+                api::call_with_progress(&api, &req, &mut progress).map_err(anyhow::Error::msg)?;
             if answer["ok"] != true {
                 anyhow::bail!(
                     "{}",
@@ -335,12 +586,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
             if json {
-                println!("{answer}");
+                print_json(&answer);
             } else {
                 println!(
-                    "ferry: migrated to {to}: {} pre-copy rounds, {:.1} MiB sent, downtime {:.2} ms (VMM-measured: pause to the destination running), total {:.1} ms",
+                    "ferry: migrated to {} ({}) at generation {}: {} pre-copy rounds, {:.1} MiB sent{}, downtime {:.2} ms (VMM: pause to running there), total {:.1} ms",
+                    to,
+                    answer["destination"]["host"].as_str().unwrap_or("?"),
+                    answer["destination"]["generation"],
                     answer["rounds"],
                     answer["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    if answer["sealed"] == true {
+                        ", encrypted"
+                    } else {
+                        " IN PLAIN TEXT"
+                    },
                     answer["downtime_ms"].as_f64().unwrap_or(0.0),
                     answer["total_ms"].as_f64().unwrap_or(0.0),
                 );
@@ -349,40 +608,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Receive {
             listen,
+            creds,
             tap,
-            key,
             api,
+            name,
+            max_memory,
+            expect,
+            once,
             no_capture,
         } => {
-            ferry::stop::install().context("cannot install signal handling")?;
-            let key = match key {
-                Some(k) => ferry::migration::Key::from_file(&k).map_err(anyhow::Error::msg)?,
-                None => ferry::migration::Key::none(),
-            };
+            let creds = creds.credentials("the migration channel")?;
             let listener = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("ferry: receive: waiting for a VM on {listen}");
-            let arrived = ferry::migration::dest::receive(
-                &listener,
-                tap.as_deref(),
-                &key,
-                !no_capture,
-                || Console::new(Box::new(std::io::stdout())),
-                &|m| eprintln!("ferry: receive: {m}"),
-            )
-            .context("the migration failed")?;
-            let mut vm = arrived.vm;
-            let conn = arrived.conn;
-            let committed_at = arrived.committed_at;
-            vm.on_running(Box::new(move |vm| {
-                let to_running = committed_at.elapsed().as_secs_f64() * 1e3;
-                ferry::migration::dest::confirm(
-                    &conn,
-                    &serde_json::json!({"net": vm.net_counters(), "commit_to_running_ms": to_running}),
-                );
-            }));
-            drive(vm, api)
+            let r = Receiver::new(Settings {
+                name: name.unwrap_or_else(|| listen.clone()),
+                listen,
+                creds,
+                tap,
+                api,
+                max_memory,
+                expect,
+                once,
+                capture: !no_capture,
+            });
+            receiver::install_signals(once, r.clone()).context("cannot install signal handling")?;
+            Ok(r.serve(listener)?)
         }
+        Command::Session => ferry::migration::dest::run_session().map_err(anyhow::Error::new),
         Command::Restore {
             file,
             tap,
@@ -393,6 +645,19 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let console = Console::new(Box::new(std::io::stdout()));
             let vm = Vm::restore(&file, tap.as_deref(), console, !no_verify_memory)
                 .context("cannot restore the VM")?;
+            let id = vm.identity();
+            eprintln!(
+                "ferry: restored VM {} (generation {}) from {}{}{}",
+                id.vm(),
+                id.generation,
+                file.display(),
+                tap.as_deref()
+                    .map(|t| format!(" on tap {t}"))
+                    .unwrap_or_default(),
+                api.as_deref()
+                    .map(|a| format!("; control socket {}", a.display()))
+                    .unwrap_or_default()
+            );
             drive(vm, api)
         }
         Command::Run {
@@ -420,6 +685,40 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// One line of migration progress (plain: logs get whole lines).
+fn progress_line(p: &Value) -> String {
+    let mib = |v: &Value| v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+    match p["phase"].as_str().unwrap_or("") {
+        "connected" => format!(
+            "connected to {} ({})",
+            p["destination"].as_str().unwrap_or("?"),
+            if p["sealed"] == true {
+                "authenticated, encrypted"
+            } else {
+                "INSECURE"
+            }
+        ),
+        "precopy" => {
+            let done = p["pages_done"].as_u64().unwrap_or(0);
+            let of = p["pages"].as_u64().unwrap_or(0).max(1);
+            format!(
+                "round {:>2}: {:>5.1}% of {} pages, {:.1} MiB sent, {:.0} MiB/s, ETA {:.1} s",
+                p["round"],
+                done as f64 * 100.0 / of as f64,
+                of,
+                mib(&p["sent_bytes"]),
+                p["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                p["eta_s"].as_f64().unwrap_or(0.0)
+            )
+        }
+        "in-doubt" => format!(
+            "the commit's answer is missing ({}); asking the destination",
+            p["why"].as_str().unwrap_or("?")
+        ),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,7 +730,7 @@ mod tests {
     fn every_subcommand_and_option_is_described() {
         let cli = Cli::command();
         cli.clone().debug_assert();
-        for sub in cli.get_subcommands() {
+        for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
             let name = sub.get_name();
             assert!(
                 sub.get_about().is_some_and(|a| a.to_string().len() > 10),

@@ -28,9 +28,6 @@ pub enum Error {
     /// The buffer is longer than allowed.
     #[error("console write of {0} bytes; at most {SERIAL_WRITE_MAX} per call")]
     TooLong(u64),
-    /// Writing to the host output failed.
-    #[error("console output: {0}")]
-    Output(String),
 }
 
 /// Saved console state (the console keeps none that the guest can see).
@@ -46,6 +43,7 @@ pub struct ConsoleState {
 pub struct Console {
     out: Box<dyn Write + Send>,
     bytes_written: u64,
+    lost: u64,
 }
 
 impl std::fmt::Debug for Console {
@@ -62,6 +60,7 @@ impl Console {
         Console {
             out,
             bytes_written: 0,
+            lost: 0,
         }
     }
 
@@ -84,33 +83,50 @@ impl Console {
         self.emit(&[byte])
     }
 
+    /// Writes guest output. An output that fails (a terminal that was
+    /// closed, a full disk) loses the bytes, which are counted: it never
+    /// ends the VM.
     fn emit(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.out
+        if self
+            .out
             .write_all(bytes)
             .and_then(|()| self.out.flush())
-            .map_err(|e| Error::Output(e.to_string()))?;
+            .is_err()
+        {
+            self.lost += bytes.len() as u64;
+        }
         self.bytes_written += bytes.len() as u64;
         Ok(())
     }
 
-    /// The console's saved state.
-    pub fn save(&self) -> ConsoleState {
+    /// Guest output bytes that the host output did not take.
+    pub fn lost_bytes(&self) -> u64 {
+        self.lost
+    }
+
+    /// Takes the console's output back (to give it to a restored console).
+    pub fn into_output(self) -> Box<dyn Write + Send> {
+        self.out
+    }
+}
+
+impl super::Persist for Console {
+    type State = ConsoleState;
+    type Args<'a> = Box<dyn Write + Send>;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> ConsoleState {
         ConsoleState {
             bytes_written: self.bytes_written,
         }
     }
 
-    /// A console from saved state, writing to `out`.
-    pub fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Self {
-        Console {
+    fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Result<Self, Self::Error> {
+        Ok(Console {
             out,
             bytes_written: state.bytes_written,
-        }
-    }
-
-    /// Takes a fresh console's output and the saved counters.
-    pub fn restore_into(fresh: Console, state: &ConsoleState) -> Self {
-        Console::restore(fresh.out, state)
+            lost: 0,
+        })
     }
 }
 
@@ -119,6 +135,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
+    use crate::devices::Persist;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -174,5 +191,26 @@ mod tests {
         params(&mem, 0x1000, u64::MAX, u64::MAX);
         assert!(c.write_buffer(&mem, 0x1000).is_err());
         assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    /// An output that fails (a closed terminal) loses the guest's bytes,
+    /// counted, and never ends the VM.
+    #[test]
+    fn a_broken_output_loses_bytes_but_not_the_vm() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Console::new(Box::new(Broken));
+        c.write_byte(b'x').unwrap();
+        c.write_byte(b'y').unwrap();
+        assert_eq!(c.lost_bytes(), 2);
+        let restored = Console::restore(Box::new(Sink::default()), &c.save()).unwrap();
+        assert_eq!(restored.save().bytes_written, 2);
     }
 }

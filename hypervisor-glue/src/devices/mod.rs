@@ -1,8 +1,9 @@
 //! Devices the guest reaches through I/O exits.
 //!
 //! Each device keeps its live resources (output streams, fds) apart from its
-//! saved state: `save()` returns a plain state struct and `restore()` builds
-//! the device from one plus live resources; no device has a default no-op.
+//! saved state, through one pattern, [`Persist`]: `save()` returns a plain
+//! state struct and `restore()` builds the device from one plus the live
+//! resources it needs; there is no default, so no device can forget it.
 //!
 //! [`IoBus`] routes the exits the vCPU loop does not handle itself (the
 //! hypercalls) to the device that owns the port or address.
@@ -14,6 +15,21 @@ pub mod virtio;
 use console::Console;
 use pci::{PciBus, PciFunction};
 use virtio::net::VirtioNet;
+
+/// How every device (and the guest clock) is saved and restored.
+pub trait Persist: Sized {
+    /// The saved state: plain data, never the live device.
+    type State;
+    /// The live resources restoring needs besides the state (an output
+    /// stream, an open tap, guest memory).
+    type Args<'a>;
+    /// Why a state does not restore.
+    type Error;
+    /// The device's state now (its VM paused).
+    fn save(&self) -> Self::State;
+    /// The device, from `state` and the live resources in `args`.
+    fn restore(args: Self::Args<'_>, state: &Self::State) -> Result<Self, Self::Error>;
+}
 
 /// PCI slot of the virtio-net function (bus 0, function 0).
 pub const NET_SLOT: u8 = 1;

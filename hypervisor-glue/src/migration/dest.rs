@@ -1,238 +1,711 @@
-//! The destination side: `ferry receive`. Listens, authenticates the
-//! source, builds the VM as memory, state and devices arrive, captures
-//! frames for it from the moment the source asks, and hands back a VM
-//! ready to run (plus the connection, to confirm once it runs).
+//! The destination side, in the arriving VM's own process: the receiver
+//! ([`super::receiver`]) admitted the session and started this process
+//! with the connection (fd 3) and a socket pair to itself (fd 4), over
+//! which it hands over the channel's keys and the source's Open, and later
+//! asks resolve questions.
+//!
+//! ```text
+//!  ADMITTED -> RECEIVING -> CAPTURING -> READY --Commit / resolve--> COMMITTED -> RUNNING
+//!         any failure, EOF, a bad record, commit_wait --> ABORTED (discard, exit)
+//! ```
+//!
+//! Every step that can fail on this host (memory, the KVM VM, the tap, the
+//! control socket, loading the state) happens before Ready. READY is left
+//! once, under the [`Phase`] lock: to COMMITTED when Commit is read or a
+//! resolve query carries it, to ABORTED when the connection breaks or
+//! `commit_wait` passes. The receiver hears "committed" before the VM runs
+//! its first instruction, so that if this process dies the receiver knows
+//! the VM may have run.
 
-use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use super::{Error, Key, Msg, PROTOCOL_VERSION, decode_pages, expect, nonce, recv, same, send};
+use super::Error;
+use super::channel::{Channel, SessionKeys};
+use super::failpoint::{self, Action};
+use super::wire::{Committed, Message, Open, Outcome, Reader, WireError, Writer};
+use crate::api::Api;
+use crate::control::{Mailbox, Status};
 use crate::devices::console::Console;
 use crate::memory;
-use crate::snapshot::ConfigState;
-use crate::vm::{Incoming, Vm};
+use crate::snapshot::Identity;
+use crate::vm::{End, Incoming, Vm};
 
-/// A VM that arrived, ready to run, and the connection to confirm on.
-pub struct Arrived {
-    /// The VM (paused; `Vm::run` resumes it).
-    pub vm: Vm,
-    /// The source's connection: send Committed on it once the VM runs.
-    pub conn: TcpStream,
-    /// When the source's Commit arrived (the rest of the downtime is
-    /// this side's, from here to the VM running).
-    pub committed_at: std::time::Instant,
+/// The fd of the connection to the source in the VM's process.
+pub const STREAM_FD: i32 = 3;
+/// The fd of the socket pair to the receiver.
+pub const IPC_FD: i32 = 4;
+
+/// What the receiver hands to the VM's process.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The channel's keys and counters.
+    pub keys: SessionKeys,
+    /// The source's Open.
+    pub open: Open,
+    /// The tap for the card.
+    pub tap: Option<String>,
+    /// The control socket to bind.
+    pub api: Option<PathBuf>,
+    /// Capture frames while the VM moves.
+    pub capture: bool,
+    /// This receiver's name (for messages).
+    pub host: String,
 }
 
-impl std::fmt::Debug for Arrived {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Arrived").field("vm", &self.vm).finish()
+/// Where a session stands, as the VM's process tells its receiver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Set up; receiving memory.
+    Admitted,
+    /// State loaded; waiting for Commit.
+    Ready,
+    /// Committed: the VM is about to run (or runs).
+    Committed,
+    /// The VM runs.
+    Running,
+    /// The session ended without a commit.
+    Aborted(String),
+}
+
+/// IPC message tags (receiver <-> VM process).
+const TAG_HANDOFF: u8 = 1;
+const TAG_RESOLVE: u8 = 2;
+const TAG_STEP: u8 = 3;
+const TAG_ANSWER: u8 = 4;
+
+impl Handoff {
+    /// Encodes the handoff message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut w = Writer(&mut out);
+        w.u8(TAG_HANDOFF);
+        for k in [&self.keys.send, &self.keys.recv] {
+            w.option(k.as_ref(), |w, (key, n)| {
+                w.raw(key);
+                w.u64(*n);
+            });
+        }
+        let mut open = Vec::new();
+        Message::Open(self.open.clone()).encode(&mut open);
+        w.bytes(&open);
+        w.option(self.tap.as_ref(), |w, t| w.string(t));
+        w.option(self.api.as_ref(), |w, a| w.string(&a.display().to_string()));
+        w.u8(self.capture as u8);
+        w.string(&self.host);
+        out
+    }
+
+    /// Decodes a handoff message.
+    pub fn decode(b: &[u8]) -> Result<Handoff, WireError> {
+        let mut r = Reader::new(b);
+        if r.u8("tag")? != TAG_HANDOFF {
+            return Err(WireError::Invalid("not a handoff".into()));
+        }
+        let key = |r: &mut Reader| {
+            r.option("key", |r| {
+                let k: [u8; 32] = r.take(32, "key")?.try_into().expect("32");
+                Ok((k, r.u64("counter")?))
+            })
+        };
+        let send = key(&mut r)?;
+        let recv = key(&mut r)?;
+        let open = match Message::decode(r.bytes("open", 64 << 10)?)? {
+            Message::Open(o) => o,
+            _ => return Err(WireError::Invalid("the handoff carries no Open".into())),
+        };
+        let h = Handoff {
+            keys: SessionKeys { send, recv },
+            open,
+            tap: r.option("tap", |r| r.string("tap"))?,
+            api: r.option("api", |r| r.string("api").map(PathBuf::from))?,
+            capture: r.u8("capture")? != 0,
+            host: r.string("host")?,
+        };
+        r.finish()?;
+        Ok(h)
     }
 }
 
-fn fail<T>(w: &mut impl Write, e: Error) -> Result<T, Error> {
-    let _ = send(w, Msg::Error, e.to_string().as_bytes());
-    let _ = w.flush();
-    Err(e)
+/// The receiver's resolve question.
+pub fn encode_resolve() -> Vec<u8> {
+    vec![TAG_RESOLVE]
 }
 
-/// Accepts connections on `listener` until one migrates a VM here; peers
-/// that fail authentication are turned away and the wait goes on.
-/// `status` gets one line per event.
-pub fn receive(
-    listener: &TcpListener,
-    tap: Option<&str>,
-    key: &Key,
-    capture: bool,
-    console: impl Fn() -> Console,
-    status: &dyn Fn(&str),
-) -> Result<Arrived, Error> {
-    loop {
-        let (conn, peer) = listener.accept()?;
-        conn.set_nodelay(true).ok();
-        conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
-        match authenticate(&conn, key) {
-            Ok(()) => status(&format!("authenticated {peer}")),
-            Err(e) => {
-                status(&format!("turned away {peer}: {e}"));
-                continue;
+/// A step report, encoded.
+pub fn encode_step(s: &Step) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut w = Writer(&mut out);
+    w.u8(TAG_STEP);
+    let (code, reason) = match s {
+        Step::Admitted => (1, ""),
+        Step::Ready => (2, ""),
+        Step::Committed => (3, ""),
+        Step::Running => (4, ""),
+        Step::Aborted(r) => (5, r.as_str()),
+    };
+    w.u8(code);
+    w.string(reason);
+    out
+}
+
+/// What the VM process says to its receiver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// A step.
+    Step(Step),
+    /// The answer to a resolve question.
+    Answer(Outcome),
+}
+
+/// Decodes a report from the VM process.
+pub fn decode_report(b: &[u8]) -> Result<Report, WireError> {
+    let mut r = Reader::new(b);
+    let rep = match r.u8("tag")? {
+        TAG_STEP => {
+            let code = r.u8("step")?;
+            let reason = r.string("reason")?;
+            Report::Step(match code {
+                1 => Step::Admitted,
+                2 => Step::Ready,
+                3 => Step::Committed,
+                4 => Step::Running,
+                5 => Step::Aborted(reason),
+                value => {
+                    return Err(WireError::Unknown {
+                        what: "step",
+                        value,
+                    });
+                }
+            })
+        }
+        TAG_ANSWER => match Message::decode(r.take(b.len() - 1, "answer")?)? {
+            Message::Outcome(o) => Report::Answer(o),
+            _ => return Err(WireError::Invalid("an answer without an outcome".into())),
+        },
+        value => {
+            return Err(WireError::Unknown {
+                what: "report",
+                value,
+            });
+        }
+    };
+    r.finish()?;
+    Ok(rep)
+}
+
+fn encode_answer(o: &Outcome) -> Vec<u8> {
+    let mut out = vec![TAG_ANSWER];
+    Message::Outcome(o.clone()).encode(&mut out);
+    out
+}
+
+/// The session's phase, shared by the thread that reads the connection,
+/// the one that answers the receiver, and the main thread.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PhaseState {
+    Receiving,
+    Ready,
+    Committed,
+    Aborted(String),
+}
+
+/// [`PhaseState`] under its lock: each transition is one call, and
+/// READY is left exactly once.
+#[derive(Debug)]
+struct Phase {
+    state: Mutex<PhaseState>,
+    cv: Condvar,
+}
+
+impl Phase {
+    fn new() -> Phase {
+        Phase {
+            state: Mutex::new(PhaseState::Receiving),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn set(&self, f: impl FnOnce(&PhaseState) -> Option<PhaseState>) -> PhaseState {
+        let mut s = self.state.lock().expect("phase");
+        if let Some(next) = f(&s) {
+            *s = next;
+            self.cv.notify_all();
+        }
+        s.clone()
+    }
+
+    /// RECEIVING -> READY; false if it was aborted meanwhile.
+    fn ready(&self) -> bool {
+        self.set(|s| (*s == PhaseState::Receiving).then_some(PhaseState::Ready))
+            == PhaseState::Ready
+    }
+
+    /// READY -> COMMITTED.
+    fn commit(&self) -> PhaseState {
+        self.set(|s| (*s == PhaseState::Ready).then_some(PhaseState::Committed))
+    }
+
+    /// RECEIVING or READY -> ABORTED.
+    fn abort(&self, why: &str) -> PhaseState {
+        self.set(|s| {
+            matches!(s, PhaseState::Receiving | PhaseState::Ready)
+                .then(|| PhaseState::Aborted(why.to_string()))
+        })
+    }
+
+    /// A resolve question: a session that is READY commits (the question
+    /// carries the source's Commit); one still receiving is aborted (the
+    /// source cannot have committed it).
+    fn resolve(&self) -> PhaseState {
+        self.set(|s| match s {
+            PhaseState::Ready => Some(PhaseState::Committed),
+            PhaseState::Receiving => Some(PhaseState::Aborted(
+                "a resolve question came before the state was loaded".into(),
+            )),
+            _ => None,
+        })
+    }
+
+    /// Waits until the phase leaves READY, or `until`.
+    fn wait(&self, until: Instant) -> PhaseState {
+        let mut s = self.state.lock().expect("phase");
+        while *s == PhaseState::Ready {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
             }
+            s = self.cv.wait_timeout(s, left).expect("phase").0;
         }
-        return take_vm(conn, tap, capture, console(), status);
+        s.clone()
     }
 }
 
-fn authenticate(conn: &TcpStream, key: &Key) -> Result<(), Error> {
-    let mut r = BufReader::new(conn.try_clone()?);
-    let mut w = BufWriter::new(conn.try_clone()?);
-    let hello = expect(&mut r, Msg::Hello)?;
-    if hello.len() != 36 {
-        return fail(&mut w, Error::Protocol("Hello of the wrong size".into()));
+/// The VM process's link to its receiver.
+struct Ipc(UnixDatagram);
+
+impl Ipc {
+    fn step(&self, s: &Step) {
+        // The receiver may be gone (restarted): the VM goes on regardless.
+        let _ = self.0.send(&encode_step(s));
     }
-    let version = u32::from_le_bytes(hello[..4].try_into().expect("4"));
-    if version != PROTOCOL_VERSION {
-        return fail(&mut w, Error::Version(version));
-    }
-    let ns = &hello[4..36];
-    let nd = nonce();
-    let mut ch = PROTOCOL_VERSION.to_le_bytes().to_vec();
-    ch.extend_from_slice(&nd);
-    ch.extend_from_slice(&key.proof(b"dst", ns, &nd));
-    send(&mut w, Msg::Challenge, &ch)?;
-    w.flush()?;
-    let proof = expect(&mut r, Msg::Auth)?;
-    if !same(&proof, &key.proof(b"src", &nd, ns)) {
-        return fail(&mut w, Error::Auth);
-    }
-    send(&mut w, Msg::AuthOk, b"")?;
-    w.flush()?;
-    Ok(())
 }
 
-fn take_vm(
-    conn: TcpStream,
-    tap: Option<&str>,
-    capture: bool,
-    console: Console,
-    status: &dyn Fn(&str),
-) -> Result<Arrived, Error> {
-    let mut r = BufReader::with_capacity(1 << 20, conn.try_clone()?);
-    let mut w = BufWriter::new(conn.try_clone()?);
-    let config = expect(&mut r, Msg::Config)?;
-    let config: ConfigState = match parse_config(&config) {
-        Ok(c) => c,
-        Err(e) => return fail(&mut w, e),
+/// Runs a session handed over by the receiver (fds [`STREAM_FD`] and
+/// [`IPC_FD`]) and, if it commits, the VM, to its end. Returns the
+/// process's exit status.
+pub fn run_session() -> Result<i32, Error> {
+    crate::stop::install().map_err(|e| Error::Local(format!("signal handling: {e}")))?;
+    // SAFETY: the receiver started this process with these two fds open
+    // for it and nothing else owns them.
+    let (stream, ipc) = unsafe {
+        (
+            TcpStream::from_raw_fd(STREAM_FD),
+            UnixDatagram::from_raw_fd(IPC_FD),
+        )
     };
-    let mem = match memory::create(config.memory) {
-        Ok(m) => m,
-        Err(e) => {
-            return fail(
-                &mut w,
-                Error::Local(format!("cannot give the VM its memory here: {e}")),
-            );
+    let mut buf = vec![0u8; 128 << 10];
+    let n = ipc
+        .recv(&mut buf)
+        .map_err(|e| Error::Local(format!("reading the handoff: {e}")))?;
+    let h = Handoff::decode(&buf[..n]).map_err(|e| Error::Local(format!("handoff: {e}")))?;
+    let ipc = Arc::new(Ipc(ipc));
+    let stream2 = stream
+        .try_clone()
+        .map_err(|e| Error::Local(format!("the connection: {e}")))?;
+    let mut ch = Channel::from_parts(stream, &h.keys)
+        .map_err(|e| Error::Local(format!("the connection: {e}")))?;
+    let phase = Arc::new(Phase::new());
+    let say = |m: &str| eprintln!("ferry: receive: {m}");
+
+    // The receiver's questions, answered from the phase.
+    {
+        let (phase, ipc) = (phase.clone(), ipc.clone());
+        let generation = h.open.generation;
+        let stream = stream2.try_clone().ok();
+        std::thread::Builder::new()
+            .name("ferry-session-ipc".into())
+            .spawn(move || {
+                let mut b = [0u8; 64];
+                while let Ok(n) = ipc.0.recv(&mut b) {
+                    if n == 0 || b[0] != TAG_RESOLVE {
+                        break;
+                    }
+                    let answer = match phase.resolve() {
+                        PhaseState::Committed => Outcome::Running { generation },
+                        PhaseState::Aborted(reason) => {
+                            // Wake a reader blocked on the connection.
+                            if let Some(s) = &stream {
+                                let _ = s.shutdown(std::net::Shutdown::Both);
+                            }
+                            Outcome::Aborted { reason }
+                        }
+                        other => Outcome::Aborted {
+                            reason: format!("internal: {other:?}"),
+                        },
+                    };
+                    let _ = ipc.0.send(&encode_answer(&answer));
+                }
+            })
+            .map_err(|e| Error::Local(format!("a thread: {e}")))?;
+    }
+
+    let open = h.open.clone();
+    let mailbox = Mailbox::new();
+    let base = Status {
+        state: "arriving".into(),
+        id: open.vm.to_string(),
+        generation: open.generation,
+        image: open.config.image.clone(),
+        memory: open.config.memory,
+        pid: std::process::id(),
+        ..Status::default()
+    };
+    let arriving = |detail: String| Status {
+        detail,
+        ..base.clone()
+    };
+    mailbox.set_arriving(Some(arriving(format!(
+        "arriving from {}: receiving memory",
+        open.source
+    ))));
+    let setup = (|| -> Result<(Incoming, Option<crate::api::ApiHandle>), String> {
+        let mem = memory::create(open.config.memory)
+            .map_err(|e| format!("cannot give the VM its memory here: {e}"))?;
+        let identity = Identity {
+            id: open.vm.0,
+            generation: open.generation,
+        };
+        let incoming = Incoming::new(&open.config, identity, mem, h.tap.as_deref())
+            .map_err(|e| format!("cannot set the VM up here: {e}"))?;
+        let api = match &h.api {
+            Some(p) => Some(
+                Api::bind(p)
+                    .and_then(|a| {
+                        a.serve(mailbox.clone(), super::source::Source::new(mailbox.clone()))
+                    })
+                    .map_err(|e| format!("cannot serve the control socket {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok((incoming, api))
+    })();
+    let (incoming, api) = match setup {
+        Ok(x) => x,
+        Err(reason) => {
+            ipc.step(&Step::Aborted(reason.clone()));
+            let _ = ch.send(&Message::Refused {
+                reason: reason.clone(),
+            });
+            say(&format!("refused the VM from {}: {reason}", ch.peer()));
+            return Ok(1);
         }
     };
-    let mut incoming = match Incoming::new(&config, mem, tap) {
-        Ok(i) => i,
-        Err(e) => {
-            return fail(
-                &mut w,
-                Error::Local(format!("cannot set the VM up here: {e}")),
-            );
-        }
-    };
-    send(&mut w, Msg::Ready, b"")?;
-    w.flush()?;
-    status(&format!(
-        "receiving a VM with {} MiB of memory",
-        config.memory >> 20
+    ipc.step(&Step::Admitted);
+    ch.send(&Message::Admitted {
+        host: h.host.clone(),
+    })?;
+    failpoint::hit("dst-admitted");
+    say(&format!(
+        "receiving VM {} (generation {}, {} MiB) from {} ({})",
+        open.vm,
+        open.generation,
+        open.config.memory >> 20,
+        open.source,
+        ch.peer()
     ));
-    let mut pages = 0u64;
+    let console = Console::new(Box::new(std::io::stdout()));
+    let received = receive(
+        &mut ch,
+        incoming,
+        &h,
+        &phase,
+        &|d| mailbox.set_arriving(Some(arriving(d))),
+        console,
+    );
+    let mut vm = match received {
+        Ok(vm) => vm,
+        Err(e) => {
+            let why = e.to_string();
+            phase.abort(&why);
+            ipc.step(&Step::Aborted(why.clone()));
+            let _ = ch.send(&Message::Abort {
+                reason: why.clone(),
+            });
+            say(&format!(
+                "the session from {} failed: {why}; the VM is discarded",
+                open.source
+            ));
+            drop(api);
+            return Ok(1);
+        }
+    };
+    mailbox.set_arriving(Some(arriving(format!(
+        "arrived from {}: loaded, waiting for its Commit",
+        open.source
+    ))));
+
+    // READY: the source's Commit, a resolve question, or the deadline.
+    if !phase.ready() {
+        say("the session was aborted before Ready");
+        return Ok(1);
+    }
+    ipc.step(&Step::Ready);
+    ch.send(&Message::Ready)?;
+    failpoint::hit("dst-ready");
+    let until = Instant::now() + Duration::from_millis(u64::from(open.commit_wait_ms));
+    ch.set_deadline(Some(until));
+    let reader = {
+        let phase = phase.clone();
+        let session = open.session;
+        let generation = open.generation;
+        std::thread::Builder::new()
+            .name("ferry-session-commit".into())
+            .spawn(move || {
+                match ch.recv() {
+                    Ok(Message::Commit {
+                        session: s,
+                        generation: g,
+                    }) if s == session && g == generation => {
+                        phase.commit();
+                    }
+                    Ok(m) => {
+                        phase.abort(&format!("the source sent {} instead of Commit", m.name()));
+                    }
+                    Err(e) => {
+                        phase.abort(&format!("no Commit: {e}"));
+                    }
+                }
+                ch
+            })
+            .map_err(|e| Error::Local(format!("a thread: {e}")))?
+    };
+    let decided = match phase.wait(until) {
+        PhaseState::Ready => phase.abort(&format!("no Commit within {} ms", open.commit_wait_ms)),
+        s => s,
+    };
+    let committed_at = Instant::now();
+    if let PhaseState::Aborted(why) = decided {
+        ipc.step(&Step::Aborted(why.clone()));
+        let _ = stream2.shutdown(std::net::Shutdown::Both);
+        say(&format!("aborted: {why}; the VM is discarded"));
+        return Ok(1);
+    }
+    // COMMITTED: the receiver hears it before the first instruction runs.
+    ipc.step(&Step::Committed);
+    failpoint::hit("dst-committed");
+    if !h.capture {
+        // What queued in the tap meanwhile is not the VM's.
+        vm.discard_waiting_frames();
+    }
+    // The connection, to confirm on. A resolve question may have committed
+    // the VM while the reader still waited: ending the connection's read
+    // side wakes it (the write side stays, for Committed).
+    let _ = stream2.shutdown(std::net::Shutdown::Read);
+    let ch = reader.join().ok();
+    let generation = open.generation;
+    let ipc2 = ipc.clone();
+    vm.on_running(Box::new(move |vm| {
+        ipc2.step(&Step::Running);
+        let commit_to_running_us = committed_at.elapsed().as_micros() as u64;
+        let Some(mut ch) = ch else { return };
+        if failpoint::hit("dst-running") == Some(Action::Cut) {
+            ch.shutdown();
+            return;
+        }
+        let net = vm.net_status();
+        let _ = ch.send(&Message::Committed(Committed {
+            generation,
+            commit_to_running_us,
+            captured: net.as_ref().map_or(0, |n| n.captured),
+            duplicates: net.as_ref().map_or(0, |n| n.duplicates),
+        }));
+    }));
+    say(&format!(
+        "VM {} runs here at generation {generation}",
+        open.vm
+    ));
+    let _ = std::io::stderr().flush();
+    let end = vm.run(&mailbox);
+    drop(api);
+    Ok(exit_status(end))
+}
+
+/// The process's exit status for how the VM ended (as `ferry run`).
+pub fn exit_status(end: Result<End, crate::vm::Error>) -> i32 {
+    match end {
+        Ok(End::Exited(status)) => status,
+        Ok(End::Stopped) => 0,
+        Ok(End::Moved { to, generation }) => {
+            eprintln!("ferry: the VM moved to {to} (generation {generation}); it runs there now");
+            0
+        }
+        Err(crate::vm::Error::Signalled(sig)) => {
+            eprintln!("ferry: stopped by signal {sig}; the guest was ended");
+            128 + sig
+        }
+        Err(e) => {
+            eprintln!("ferry: error: the VM stopped: {e}");
+            125
+        }
+    }
+}
+
+/// Receives memory, capture and the state, and loads the VM (paused).
+/// `status` gets what `ferry status` should say on the way.
+fn receive(
+    ch: &mut Channel,
+    mut incoming: Incoming,
+    h: &Handoff,
+    phase: &Phase,
+    status: &dyn Fn(String),
+    console: Console,
+) -> Result<Vm, Error> {
     // Pre-copy rounds arrive while the VM still runs on the source (maybe
     // on this machine's other core): receive them in the background.
     let mut background = Some(crate::sched::Background::enter());
     let mut urgent = None;
+    let mut first_pages = true;
     loop {
-        let (t, p) = recv(&mut r)?;
-        match t {
-            Msg::Pages => {
-                let list = match decode_pages(&p) {
-                    Ok(l) => l,
-                    Err(e) => return fail(&mut w, e),
-                };
-                for (gpa, data) in list {
-                    if let Err(e) = memory::write(incoming.memory(), gpa, data) {
-                        return fail(
-                            &mut w,
-                            Error::Protocol(format!("page outside guest memory: {e}")),
-                        );
-                    }
+        if let PhaseState::Aborted(why) = phase.state.lock().expect("phase").clone() {
+            return Err(Error::Local(why));
+        }
+        match ch.recv()? {
+            Message::Pages(pages) => {
+                for (gpa, data) in pages.iter() {
+                    memory::write(incoming.memory(), gpa, data)
+                        .map_err(|e| Error::Protocol(format!("page outside guest memory: {e}")))?;
                 }
-                pages += 1;
+                if first_pages {
+                    first_pages = false;
+                    failpoint::hit("dst-precopy");
+                }
             }
-            Msg::StartCapture => {
+            Message::StartCapture => {
                 // The source stops the VM next: the rest is downtime.
                 drop(background.take());
-                // Until this returns (the VM then runs on this thread at
-                // its normal priority).
                 urgent = Some(crate::sched::Urgent::enter());
-                if capture {
+                if h.capture {
                     incoming.start_capture();
                 }
-                send(&mut w, Msg::CaptureOn, b"")?;
-                w.flush()?;
+                ch.send(&Message::CaptureOn)?;
+                failpoint::hit("dst-capture-on");
+                status(format!(
+                    "arriving from {}: capturing, the VM pauses there",
+                    h.open.source
+                ));
             }
-            Msg::State => {
-                let state = match crate::snapshot::decode_state("migration stream", &p) {
-                    Ok(s) => s,
-                    Err(e) => return fail(&mut w, Error::Protocol(e.to_string())),
-                };
-                let vm = match incoming.finish(&state, console) {
-                    Ok(vm) => vm,
-                    Err(e) => {
-                        return fail(
-                            &mut w,
-                            Error::Local(format!("cannot load the VM's state: {e}")),
-                        );
-                    }
-                };
-                send(&mut w, Msg::StateOk, b"")?;
-                w.flush()?;
-                // Nothing runs until the source commits; if it goes away
-                // instead, the VM is discarded here.
-                expect(&mut r, Msg::Commit)?;
-                let committed_at = std::time::Instant::now();
+            Message::State(bytes) => {
+                failpoint::hit("dst-state");
+                let state = crate::snapshot::decode_state("the migration stream", bytes)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                let vm = incoming
+                    .finish(&state, console)
+                    .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
                 drop(urgent.take());
-                let mut vm = vm;
-                if !capture {
-                    // What queued in the tap meanwhile is not the VM's.
-                    vm.discard_waiting_frames();
-                }
-                status(&format!("committed after {pages} page messages"));
-                return Ok(Arrived {
-                    vm,
-                    conn,
-                    committed_at,
-                });
+                return Ok(vm);
             }
-            other => return fail(&mut w, Error::Protocol(format!("unexpected {other:?}"))),
+            Message::Abort { reason } => return Err(Error::Peer(reason)),
+            m => {
+                return Err(Error::Protocol(format!(
+                    "unexpected {} while receiving the VM",
+                    m.name()
+                )));
+            }
         }
     }
 }
 
-fn parse_config(p: &[u8]) -> Result<ConfigState, Error> {
-    let v: serde_json::Value =
-        serde_json::from_slice(p).map_err(|e| Error::Protocol(format!("Config: {e}")))?;
-    let bad = |m: &str| Error::Protocol(format!("Config: {m}"));
-    let memory = v["memory"].as_u64().ok_or_else(|| bad("no memory size"))?;
-    let cpus = v["cpus"].as_u64().ok_or_else(|| bad("no vCPU count"))? as u32;
-    let image = v["image"]
-        .as_str()
-        .unwrap_or("")
-        .chars()
-        .take(4096)
-        .collect();
-    let net = match &v["net"] {
-        serde_json::Value::Null => None,
-        n => {
-            let s = |i: usize| n[i].as_str().map(str::to_string);
-            Some((
-                s(0).ok_or_else(|| bad("net MAC"))?,
-                s(1).ok_or_else(|| bad("net IP"))?,
-                s(2),
-            ))
-        }
-    };
-    Ok(ConfigState {
-        memory,
-        cpus,
-        image,
-        net,
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::ConfigState;
 
-/// Confirms to the source that the VM runs here.
-pub fn confirm(conn: &TcpStream, info: &serde_json::Value) {
-    let mut w = conn;
-    let _ = send(&mut w, Msg::Committed, info.to_string().as_bytes());
+    #[test]
+    fn handoffs_and_reports_round_trip() {
+        let h = Handoff {
+            keys: SessionKeys {
+                send: Some(([1; 32], 3)),
+                recv: None,
+            },
+            open: Open {
+                session: super::super::wire::SessionId([2; 16]),
+                vm: super::super::wire::VmId([3; 16]),
+                generation: 7,
+                config: ConfigState {
+                    memory: 64 << 20,
+                    cpus: 1,
+                    image: "x".into(),
+                    net: None,
+                },
+                commit_wait_ms: 2500,
+                source: "a".into(),
+            },
+            tap: Some("tap0".into()),
+            api: Some("/run/x.sock".into()),
+            capture: true,
+            host: "hostB".into(),
+        };
+        let back = Handoff::decode(&h.encode()).unwrap();
+        assert_eq!(back.keys, h.keys);
+        assert_eq!(back.open, h.open);
+        assert_eq!((back.tap, back.api, back.capture), (h.tap, h.api, true));
+        for s in [
+            Step::Admitted,
+            Step::Ready,
+            Step::Committed,
+            Step::Running,
+            Step::Aborted("x".into()),
+        ] {
+            assert_eq!(decode_report(&encode_step(&s)).unwrap(), Report::Step(s));
+        }
+        let o = Outcome::Died {
+            reason: "killed".into(),
+        };
+        assert_eq!(
+            decode_report(&encode_answer(&o)).unwrap(),
+            Report::Answer(o)
+        );
+    }
+
+    /// READY is left once: whichever of Commit, a resolve question, an
+    /// abort comes first decides, and the others change nothing.
+    #[test]
+    fn ready_is_left_exactly_once() {
+        let p = Phase::new();
+        assert_eq!(p.commit(), PhaseState::Receiving, "no commit before Ready");
+        assert!(p.ready());
+        assert_eq!(p.commit(), PhaseState::Committed);
+        assert_eq!(p.abort("late"), PhaseState::Committed);
+        assert_eq!(p.resolve(), PhaseState::Committed);
+
+        let p = Phase::new();
+        assert!(p.ready());
+        assert!(matches!(p.abort("cut"), PhaseState::Aborted(_)));
+        assert!(matches!(p.commit(), PhaseState::Aborted(_)));
+        assert!(matches!(p.resolve(), PhaseState::Aborted(_)));
+
+        let p = Phase::new();
+        assert!(p.ready());
+        assert_eq!(
+            p.resolve(),
+            PhaseState::Committed,
+            "a resolve carries the Commit"
+        );
+
+        let p = Phase::new();
+        assert!(matches!(p.resolve(), PhaseState::Aborted(_)));
+        assert!(!p.ready(), "aborted sessions never become Ready");
+
+        let p = Phase::new();
+        assert!(p.ready());
+        let t = Instant::now();
+        assert_eq!(p.wait(t + Duration::from_millis(50)), PhaseState::Ready);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+    }
 }

@@ -1,85 +1,105 @@
-//! The source side: runs on the control API thread while the vCPU runs,
-//! and asks the vCPU thread (through [`crate::control::Control`]) to pause,
-//! save its state, resume or end.
+//! The source side: runs in the VM's process, on the control socket's
+//! thread, while the vCPU runs; every step that changes the VM goes to the
+//! vCPU thread as a typed command ([`crate::control`]), where the VM's
+//! lifecycle accepts or refuses it.
+//!
+//! Before Commit is sent, any failure (connection, refusal, a bad record,
+//! the stop-and-copy's deadline) aborts: the VM runs on here. After it, the
+//! VM stays paused until the destination's answer says where it runs; if
+//! the answer does not come, the move is in doubt and the source asks the
+//! receiver over new connections ([`Source::resolve`], and a thread that
+//! keeps asking) until it knows.
 
-use std::io::{BufReader, BufWriter, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use serde_json::{Value, json};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::{
-    Error, Key, Msg, PAGE, PAGES_PER_MESSAGE, PROTOCOL_VERSION, encode_pages, expect, nonce, same,
-    send,
-};
-use crate::kvm::Machine;
-use crate::memory::GuestRam;
-use crate::snapshot::{ConfigState, VmState};
+use super::channel::Channel;
+use super::failpoint::{self, Action};
+use super::key::Credentials;
+use super::wire::{Message, Open, Outcome, PAGE, Resolve, SessionId};
+use super::{Error, expect};
+use crate::api::{MigrateRequest, Migrator};
+use crate::control::{Command, Mailbox, Reply, SourceContext};
+use crate::vm::lifecycle::Event;
 
 /// KVM_MEM_LOG_DIRTY_PAGES.
 const LOG_DIRTY: u32 = 1;
 /// Most pre-copy rounds before stopping anyway.
 const MAX_ROUNDS: u32 = 30;
-
-/// What the source needs of the running VM, shared with the API thread.
-#[derive(Clone, Debug)]
-pub struct Context {
-    /// The KVM VM (for the dirty log).
-    pub machine: Arc<Machine>,
-    /// Guest memory.
-    pub mem: GuestRam,
-    /// Its configuration.
-    pub config: ConfigState,
-}
-
-/// What the vCPU thread does for a migration.
-pub trait VmControl {
-    /// Stops the vCPU and devices.
-    fn pause(&self) -> Result<(), String>;
-    /// Runs them again (a failed migration).
-    fn resume(&self) -> Result<(), String>;
-    /// The paused VM's state.
-    fn save(&self) -> Result<VmState, String>;
-    /// Ends the VM here (it runs on the destination now).
-    fn finish(&self);
-    /// Starts or stops recording the frames the card reads (the capture
-    /// overlap the destination drops).
-    fn record(&self, on: bool);
-}
+/// How long the destination waits for Commit once it is Ready, beyond
+/// the stop-and-copy's deadline.
+const COMMIT_WAIT_SLACK: Duration = Duration::from_secs(2);
+/// How long the source waits for Committed after sending Commit.
+const CONFIRM_WAIT: Duration = Duration::from_secs(2);
+/// How long `ferry migrate` keeps asking about a move in doubt before it
+/// returns (the VM process keeps asking).
+const RESOLVE_WAIT: Duration = Duration::from_secs(10);
+/// Between two resolve queries.
+const RESOLVE_EVERY: Duration = Duration::from_millis(500);
+/// How often progress is reported during a round.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Parameters of a migration.
 #[derive(Clone, Debug)]
 pub struct Params {
     /// The destination's `ferry receive --listen` address.
     pub to: String,
-    /// The pre-shared key.
-    pub key: Key,
-    /// How long the VM may be stopped.
+    /// The credentials.
+    pub creds: Credentials,
+    /// How long the VM may be stopped, by plan.
     pub downtime: Duration,
+    /// How far past `downtime` the stop-and-copy may go before the source
+    /// gives up and resumes.
+    pub margin: Duration,
 }
 
-fn slots(mem: &GuestRam) -> Vec<kvm_userspace_memory_region> {
-    mem.iter()
-        .enumerate()
-        .map(|(slot, r)| kvm_userspace_memory_region {
+/// A move whose end is in doubt: what asking about it takes.
+#[derive(Clone, Debug)]
+struct Doubt {
+    to: String,
+    creds: Credentials,
+    query: Resolve,
+    ctx: SourceContext,
+}
+
+/// The migrations of one VM. One per VM process; it is the control
+/// socket's [`Migrator`].
+#[derive(Debug)]
+pub struct Source {
+    mailbox: Arc<Mailbox>,
+    doubt: Mutex<Option<Doubt>>,
+}
+
+/// How a move settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Settled {
+    /// It runs at the destination; this copy ends.
+    Gone(u64),
+    /// The destination aborted the session; the VM runs on here.
+    Resumed(String),
+    /// It died at the destination; it runs nowhere (an operator may resume
+    /// this copy).
+    Lost(String),
+    /// Nobody knows yet.
+    Open(String),
+}
+
+fn set_dirty_logging(ctx: &SourceContext, on: bool) -> Result<(), Error> {
+    for (slot, r) in ctx.mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if on { LOG_DIRTY } else { 0 },
             guest_phys_addr: r.start_addr().0,
             memory_size: r.len(),
             userspace_addr: r.as_ptr() as u64,
-        })
-        .collect()
-}
-
-fn set_dirty_logging(ctx: &Context, on: bool) -> Result<(), Error> {
-    for mut r in slots(&ctx.mem) {
-        r.flags = if on { LOG_DIRTY } else { 0 };
+        };
         // SAFETY: the same live mapping of `mem` that is registered already;
         // only the flags change. `mem` outlives the VM (the Vm owns both).
-        unsafe { ctx.machine.vm.set_user_memory_region(r) }.map_err(|e| {
+        unsafe { ctx.machine.vm.set_user_memory_region(region) }.map_err(|e| {
             Error::Local(format!("KVM_SET_USER_MEMORY_REGION (dirty logging): {e}"))
         })?;
     }
@@ -88,7 +108,7 @@ fn set_dirty_logging(ctx: &Context, on: bool) -> Result<(), Error> {
 
 /// Pages dirtied since the last call, by KVM (the vCPU) or by the VMM
 /// (device writes): guest-physical addresses, ascending.
-fn collect_dirty(ctx: &Context) -> Result<Vec<u64>, Error> {
+fn collect_dirty(ctx: &SourceContext) -> Result<Vec<u64>, Error> {
     let mut out = Vec::new();
     for (slot, r) in ctx.mem.iter().enumerate() {
         let kvm = ctx
@@ -98,269 +118,608 @@ fn collect_dirty(ctx: &Context) -> Result<Vec<u64>, Error> {
             .map_err(|e| Error::Local(format!("KVM_GET_DIRTY_LOG: {e}")))?;
         let bitmap: &vm_memory::bitmap::AtomicBitmap = std::ops::Deref::deref(r).bitmap();
         let vmm = bitmap.get_and_reset();
-        let pages = r.len() as usize / PAGE;
-        for i in 0..pages {
-            let (w, b) = (i / 64, i % 64);
-            let k = kvm.get(w).is_some_and(|x| x >> b & 1 == 1);
-            let v = vmm.get(w).is_some_and(|x| x >> b & 1 == 1);
-            if k || v {
-                out.push(r.start_addr().0 + (i * PAGE) as u64);
+        for (w, (&k, &v)) in kvm
+            .iter()
+            .zip(vmm.iter().chain(std::iter::repeat(&0)))
+            .enumerate()
+        {
+            let mut bits = k | v;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let page = w * 64 + b;
+                if page < r.len() as usize / PAGE {
+                    out.push(r.start_addr().0 + (page * PAGE) as u64);
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// Sends pages (read from guest memory now); returns bytes sent. With
-/// `skip_zero`, pages of zeros are left out (the destination's memory
-/// starts zeroed).
+fn all_pages(mem: &crate::memory::GuestRam) -> impl Iterator<Item = u64> + '_ {
+    mem.iter().flat_map(|r| {
+        let start = r.start_addr().0;
+        (0..r.len() / PAGE as u64).map(move |i| start + i * PAGE as u64)
+    })
+}
+
+/// Sends pages read from guest memory now, in batches; with `skip_zero`,
+/// pages of zeros stay behind (the destination's memory starts zeroed).
+/// `tick` sees the pages done so far. Returns the bytes of pages sent.
 fn send_pages(
-    w: &mut impl Write,
-    mem: &GuestRam,
-    gpas: impl Iterator<Item = u64>,
+    ch: &mut Channel,
+    ctx: &SourceContext,
+    gpas: &mut dyn Iterator<Item = u64>,
     skip_zero: bool,
+    tick: &mut dyn FnMut(u64),
 ) -> Result<u64, Error> {
-    let mut bytes = 0u64;
-    let mut batch: Vec<(u64, [u8; PAGE])> = Vec::with_capacity(PAGES_PER_MESSAGE);
-    let flush = |batch: &mut Vec<(u64, [u8; PAGE])>, w: &mut dyn Write| -> Result<u64, Error> {
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        let refs: Vec<(u64, &[u8])> = batch.iter().map(|(g, d)| (*g, &d[..])).collect();
-        let enc = encode_pages(&refs);
-        send(&mut &mut *w, Msg::Pages, &enc)?;
-        batch.clear();
-        Ok(enc.len() as u64)
-    };
-    for gpa in gpas {
-        let mut page = [0u8; PAGE];
-        mem.read_slice(&mut page, GuestAddress(gpa))
-            .map_err(|e| Error::Local(format!("reading guest page {gpa:#x}: {e}")))?;
-        if skip_zero && page.iter().all(|&b| b == 0) {
-            continue;
-        }
-        batch.push((gpa, page));
-        if batch.len() == PAGES_PER_MESSAGE {
-            bytes += flush(&mut batch, w)?;
-        }
+    let mut sent = 0u64;
+    let mut done = 0u64;
+    let mut gpas = gpas.peekable();
+    while gpas.peek().is_some() {
+        sent += ch.send_pages(|w| -> Result<(), Error> {
+            while !w.full() {
+                let Some(gpa) = gpas.next() else { break };
+                done += 1;
+                w.push(gpa, |page| {
+                    ctx.mem
+                        .read_slice(page, GuestAddress(gpa))
+                        .map_err(|e| Error::Local(format!("reading guest page {gpa:#x}: {e}")))?;
+                    Ok::<bool, Error>(!(skip_zero && page.iter().all(|&b| b == 0)))
+                })?;
+            }
+            Ok(())
+        })? as u64;
+        tick(done);
     }
-    bytes += flush(&mut batch, w)?;
-    Ok(bytes)
+    Ok(sent)
 }
 
-fn all_pages(mem: &GuestRam) -> Vec<u64> {
-    mem.iter()
-        .flat_map(|r| {
-            let start = r.start_addr().0;
-            (0..r.len() / PAGE as u64).map(move |i| start + i * PAGE as u64)
+/// What a committed migration did, for the report.
+#[derive(Debug, Default)]
+struct Stats {
+    rounds: Vec<Value>,
+    bytes: u64,
+    last_pages: usize,
+    phases: serde_json::Map<String, Value>,
+}
+
+impl Source {
+    /// The migrations of the VM behind `mailbox`.
+    pub fn new(mailbox: Arc<Mailbox>) -> Arc<Source> {
+        Arc::new(Source {
+            mailbox,
+            doubt: Mutex::new(None),
         })
-        .collect()
-}
-
-fn connect(to: &str) -> Result<TcpStream, Error> {
-    let addrs: Vec<SocketAddr> = to
-        .to_socket_addrs()
-        .map_err(|e| Error::Local(format!("{to}: {e}")))?
-        .collect();
-    let addr = addrs
-        .first()
-        .ok_or_else(|| Error::Local(format!("{to}: no address")))?;
-    let s = TcpStream::connect_timeout(addr, Duration::from_secs(5))
-        .map_err(|e| Error::Local(format!("cannot connect to the destination {to}: {e}")))?;
-    s.set_nodelay(true).ok();
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    s.set_write_timeout(Some(Duration::from_secs(60))).ok();
-    Ok(s)
-}
-
-/// Moves the VM to `params.to`. On any failure before Commit, the VM runs
-/// on here. `progress` gets a JSON object after every step.
-pub fn migrate(
-    ctx: &Context,
-    vm: &dyn VmControl,
-    params: &Params,
-    progress: &mut dyn FnMut(Value),
-) -> Result<Value, Error> {
-    let t0 = Instant::now();
-    let stream = connect(&params.to)?;
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
-
-    // Hello and mutual authentication.
-    let ns = nonce();
-    let mut hello = PROTOCOL_VERSION.to_le_bytes().to_vec();
-    hello.extend_from_slice(&ns);
-    send(&mut w, Msg::Hello, &hello)?;
-    w.flush()?;
-    let ch = expect(&mut r, Msg::Challenge)?;
-    if ch.len() != 68 {
-        return Err(Error::Protocol("Challenge of the wrong size".into()));
     }
-    let version = u32::from_le_bytes(ch[..4].try_into().expect("4"));
-    if version != PROTOCOL_VERSION {
-        return Err(Error::Version(version));
-    }
-    let nd = &ch[4..36];
-    if !same(&ch[36..68], &params.key.proof(b"dst", &ns, nd)) {
-        return Err(Error::Auth);
-    }
-    send(&mut w, Msg::Auth, &params.key.proof(b"src", nd, &ns))?;
-    w.flush()?;
-    expect(&mut r, Msg::AuthOk)?;
 
-    let config = serde_json::to_vec(&json!({
-        "memory": ctx.config.memory, "cpus": ctx.config.cpus, "image": ctx.config.image,
-        "net": ctx.config.net,
-    }))
-    .expect("config serializes");
-    send(&mut w, Msg::Config, &config)?;
-    w.flush()?;
-    expect(&mut r, Msg::Ready)?;
-    progress(json!({"phase": "connected", "ms": t0.elapsed().as_millis() as u64}));
-
-    // Pre-copy.
-    set_dirty_logging(ctx, true)?;
-    let result = precopy_and_commit(ctx, vm, params, &mut r, &mut w, progress, t0);
-    if result.is_err() {
-        let _ = set_dirty_logging(ctx, false);
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn precopy_and_commit(
-    ctx: &Context,
-    vm: &dyn VmControl,
-    params: &Params,
-    r: &mut impl std::io::Read,
-    w: &mut BufWriter<TcpStream>,
-    progress: &mut dyn FnMut(Value),
-    t0: Instant,
-) -> Result<Value, Error> {
-    let _ = collect_dirty(ctx)?; // start from a clean log
-    // While the VM runs, copying yields the CPU to it.
-    let background = crate::sched::Background::enter();
-    let total_pages = all_pages(&ctx.mem).len() as u64;
-    let mut bytes = 0u64;
-    let mut rounds = Vec::new();
-    let t = Instant::now();
-    let b = send_pages(w, &ctx.mem, all_pages(&ctx.mem).into_iter(), true)?;
-    w.flush()?;
-    bytes += b;
-    let mut bandwidth = b as f64 / t.elapsed().as_secs_f64().max(1e-6);
-    rounds.push(json!({"round": 0, "bytes": b, "ms": t.elapsed().as_secs_f64() * 1e3}));
-    progress(json!({"phase": "precopy", "round": 0, "bytes": bytes, "pages_total": total_pages}));
-    let mut pending;
-    let mut last = u64::MAX;
-    let mut stalls = 0;
-    loop {
-        pending = collect_dirty(ctx)?;
-        let dirty_bytes = pending.len() as u64 * PAGE as u64;
-        let budget = bandwidth * params.downtime.as_secs_f64();
-        let round = rounds.len() as u32;
-        if (dirty_bytes as f64) <= budget || round >= MAX_ROUNDS || stalls >= 3 {
-            break;
+    fn call(&self, cmd: Command) -> Result<Reply, Error> {
+        match self.mailbox.call(cmd) {
+            Some(Reply::Refused(e)) => Err(Error::Vm(e)),
+            Some(r) => Ok(r),
+            None => Err(Error::Vm("the VM has ended".into())),
         }
-        stalls = if pending.len() as u64 >= last {
-            stalls + 1
-        } else {
-            0
+    }
+
+    fn event(&self, e: Event) -> Result<(), Error> {
+        self.call(Command::Lifecycle(e)).map(|_| ())
+    }
+
+    /// Moves the VM to `p.to`. `progress` gets a JSON object now and then.
+    /// The report on success; on failure, the error says where the VM runs.
+    pub fn run(
+        self: &Arc<Self>,
+        p: &Params,
+        progress: &mut dyn FnMut(Value),
+    ) -> Result<Value, String> {
+        let t0 = Instant::now();
+        let session = SessionId::random();
+        let ctx = match self.call(Command::Lifecycle(Event::Begin {
+            to: p.to.clone(),
+            session,
+        })) {
+            Ok(Reply::Migration(c)) => *c,
+            Ok(_) => return Err("internal: Begin answered without a context".into()),
+            Err(e) => return Err(format!("no migration: {e}")),
         };
-        last = pending.len() as u64;
-        let t = Instant::now();
-        let b = send_pages(w, &ctx.mem, pending.iter().copied(), false)?;
-        w.flush()?;
-        bytes += b;
-        bandwidth = (b as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(1.0);
-        rounds.push(json!({"round": round, "pages": pending.len(), "bytes": b, "ms": t.elapsed().as_secs_f64() * 1e3}));
-        progress(
-            json!({"phase": "precopy", "round": round, "bytes": bytes, "dirty_pages": pending.len()}),
-        );
+        let mut stats = Stats::default();
+        let mut ch = None;
+        match self.attempt(&ctx, session, p, progress, &mut stats, &mut ch, t0) {
+            Ok(Step::Committed(dest)) => {
+                let report = report(
+                    &stats,
+                    t0,
+                    &p.to,
+                    dest,
+                    ch.as_ref().is_some_and(Channel::sealed),
+                );
+                // The report goes out before the VM ends here.
+                let _ = self.event(Event::RunningThere);
+                Ok(report)
+            }
+            Ok(Step::Doubt(why)) => {
+                let generation = ctx.identity.generation + 1;
+                let _ = self.event(Event::NoAnswer { why: why.clone() });
+                let doubt = Doubt {
+                    to: p.to.clone(),
+                    creds: p.creds.clone(),
+                    query: Resolve {
+                        session,
+                        vm: ctx.identity.vm(),
+                        generation,
+                    },
+                    ctx,
+                };
+                *self.doubt.lock().expect("doubt") = Some(doubt);
+                progress(json!({"phase": "in-doubt", "why": why}));
+                let t = Instant::now();
+                let mut settled = Settled::Open(why);
+                while t.elapsed() < RESOLVE_WAIT {
+                    std::thread::sleep(RESOLVE_EVERY);
+                    settled = self.ask_and_settle();
+                    if !matches!(settled, Settled::Open(_)) {
+                        break;
+                    }
+                }
+                match settled {
+                    Settled::Gone(g) => {
+                        let mut r = report(&stats, t0, &p.to, None, true);
+                        r["destination"]["generation"] = json!(g);
+                        r["confirmed_by"] = json!("resolve query (Committed was lost)");
+                        Ok(r)
+                    }
+                    Settled::Resumed(why) => Err(format!(
+                        "the move to {} was aborted at the destination ({why}); the VM runs on here",
+                        p.to
+                    )),
+                    Settled::Lost(why) => Err(format!(
+                        "the VM committed to {} and died there ({why}); it runs nowhere. `ferry resolve --resume-here` resumes the paused copy here",
+                        p.to
+                    )),
+                    Settled::Open(why) => {
+                        self.keep_asking();
+                        Err(format!(
+                            "the move to {} is in doubt ({why}): Commit was sent and no answer came. The VM stays paused here and keeps asking {}; `ferry status` shows what it learns, `ferry resolve` acts",
+                            p.to, p.to
+                        ))
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(c) = ch.as_mut() {
+                    let _ = c.send(&Message::Abort {
+                        reason: e.to_string(),
+                    });
+                    c.shutdown();
+                }
+                let _ = set_dirty_logging(&ctx, false);
+                match self.event(Event::Abort) {
+                    Ok(()) => Err(format!("migration failed, the VM runs on here: {e}")),
+                    Err(a) => Err(format!(
+                        "migration failed ({e}), and the VM did not resume: {a}"
+                    )),
+                }
+            }
+        }
     }
 
-    // Capture at the destination, then stop and copy (at full priority:
-    // the VM waits for it). Frames read here from now on are recorded, so
-    // the destination can drop its copies.
-    drop(background);
-    let _urgent = crate::sched::Urgent::enter();
-    vm.record(true);
-    let capture_on = send(w, Msg::StartCapture, b"")
-        .and_then(|()| w.flush().map_err(Error::from))
-        .and_then(|()| expect(r, Msg::CaptureOn).map(|_| ()));
-    if let Err(e) = capture_on {
-        vm.record(false);
-        return Err(e);
-    }
-    let t_pause = Instant::now();
-    vm.pause().map_err(Error::Local)?;
-    // Where the downtime goes, in ms from the pause.
-    let mut phases = serde_json::Map::new();
-    let mut mark = |name: &str| {
-        phases.insert(name.into(), json!(t_pause.elapsed().as_secs_f64() * 1e3));
-    };
-    mark("paused");
-    let stop_and_copy = (|| -> Result<(u64, usize), Error> {
-        let mut last_pages = pending;
-        last_pages.extend(collect_dirty(ctx)?);
-        last_pages.sort_unstable();
-        last_pages.dedup();
-        let n = last_pages.len();
-        mark("dirty_collected");
-        let b = send_pages(w, &ctx.mem, last_pages.into_iter(), false)?;
-        mark("pages_sent");
-        let state = vm.save().map_err(Error::Local)?;
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &self,
+        ctx: &SourceContext,
+        session: SessionId,
+        p: &Params,
+        progress: &mut dyn FnMut(Value),
+        stats: &mut Stats,
+        slot: &mut Option<Channel>,
+        t0: Instant,
+    ) -> Result<Step, Error> {
+        let deadline_budget = p.downtime + p.margin;
+        let generation = ctx.identity.generation + 1;
+        let ch = slot.insert(Channel::connect(&p.to, &p.creds)?);
+        failpoint::hit("src-connected");
+        ch.send(&Message::Open(Open {
+            session,
+            vm: ctx.identity.vm(),
+            generation,
+            config: ctx.config.clone(),
+            commit_wait_ms: (deadline_budget + COMMIT_WAIT_SLACK).as_millis() as u32,
+            source: super::host_name(),
+        }))?;
+        ch.authenticated();
+        let host = match ch.recv()? {
+            Message::Admitted { host } => host,
+            Message::Refused { reason } | Message::Abort { reason } => {
+                return Err(Error::Refused(reason));
+            }
+            m => {
+                return Err(Error::Protocol(format!(
+                    "expected Admitted, got {}",
+                    m.name()
+                )));
+            }
+        };
+        progress(
+            json!({"phase": "connected", "destination": host, "sealed": ch.sealed(), "ms": ms(t0.elapsed())}),
+        );
+        failpoint::hit("src-admitted");
+
+        // Pre-copy, in the background: the running VM keeps its core.
+        set_dirty_logging(ctx, true)?;
+        let _ = collect_dirty(ctx)?; // start from a clean log
+        let background = crate::sched::Background::enter();
+        let total_pages = all_pages(&ctx.mem).count() as u64;
+        let memory_bytes = total_pages * PAGE as u64;
+        let t = Instant::now();
+        let mut last_tick = Instant::now();
+        let mut tick = |round: u32, done: u64, of: u64, sent: u64, started: Instant| {
+            if last_tick.elapsed() >= PROGRESS_EVERY || done == of {
+                last_tick = Instant::now();
+                let secs = started.elapsed().as_secs_f64().max(1e-6);
+                let rate = done as f64 * PAGE as f64 / secs;
+                let eta = (of - done) as f64 * PAGE as f64 / rate.max(1.0);
+                progress(
+                    json!({"phase": "precopy", "round": round, "pages_done": done, "pages": of,
+                    "sent_bytes": sent, "memory_bytes": memory_bytes, "rate_bytes_per_s": rate as u64, "eta_s": eta}),
+                );
+            }
+        };
+        let b = send_pages(ch, ctx, &mut all_pages(&ctx.mem), true, &mut |d| {
+            tick(0, d, total_pages, stats.bytes, t)
+        })?;
+        stats.bytes += b;
+        let mut bandwidth =
+            (total_pages * PAGE as u64) as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        stats
+            .rounds
+            .push(json!({"round": 0, "bytes": b, "ms": ms(t.elapsed())}));
+        failpoint::hit("src-precopy");
+        let mut pending;
+        let mut last = u64::MAX;
+        let mut stalls = 0;
+        loop {
+            pending = collect_dirty(ctx)?;
+            let dirty_bytes = pending.len() as u64 * PAGE as u64;
+            let budget = bandwidth * p.downtime.as_secs_f64();
+            let round = stats.rounds.len() as u32;
+            if (dirty_bytes as f64) <= budget || round >= MAX_ROUNDS || stalls >= 3 {
+                break;
+            }
+            stalls = if pending.len() as u64 >= last {
+                stalls + 1
+            } else {
+                0
+            };
+            last = pending.len() as u64;
+            let t = Instant::now();
+            let n = pending.len() as u64;
+            let sent_before = stats.bytes;
+            let b = send_pages(ch, ctx, &mut pending.iter().copied(), false, &mut |d| {
+                tick(round, d, n, sent_before, t)
+            })?;
+            stats.bytes += b;
+            bandwidth = (b as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(1.0);
+            stats
+                .rounds
+                .push(json!({"round": round, "pages": n, "bytes": b, "ms": ms(t.elapsed())}));
+        }
+
+        // Capture at the destination, then stop and copy at full priority
+        // (the VM waits for it), within the deadline. Frames the card reads
+        // from now on are recorded, so the destination can drop its copies.
+        drop(background);
+        let _urgent = crate::sched::Urgent::enter();
+        self.call(Command::Record(true))?;
+        ch.send(&Message::StartCapture)?;
+        expect(ch, "CaptureOn")?;
+        failpoint::hit("src-capture-on");
+        let paused_at = Instant::now();
+        self.event(Event::Stop)?;
+        let deadline = paused_at + deadline_budget;
+        ch.set_deadline(Some(deadline));
+        let mut mark = |name: &str, since: &mut Instant| {
+            stats.phases.insert(name.into(), json!(ms(since.elapsed())));
+            *since = Instant::now();
+        };
+        let mut since = paused_at;
+        mark("pause", &mut since);
+        failpoint::hit("src-paused");
+        pending.extend(collect_dirty(ctx)?);
+        pending.sort_unstable();
+        pending.dedup();
+        stats.last_pages = pending.len();
+        mark("dirty_log", &mut since);
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_| {})?;
+        mark("last_pages", &mut since);
+        let state = match self.call(Command::Save)? {
+            Reply::State(s) => s,
+            _ => {
+                return Err(Error::Local(
+                    "internal: Save answered without a state".into(),
+                ));
+            }
+        };
         let enc = crate::snapshot::encode_state(&state).map_err(|e| Error::Local(e.to_string()))?;
-        mark("state_saved");
-        send(w, Msg::State, &enc)?;
-        w.flush()?;
-        mark("state_sent");
-        expect(r, Msg::StateOk)?;
-        mark("state_loaded_there");
-        Ok((b + enc.len() as u64, n))
-    })();
-    let (b, last_n) = match stop_and_copy {
-        Ok(x) => x,
-        Err(e) => {
-            // Not committed: the VM runs on here.
-            let _ = set_dirty_logging(ctx, false);
-            vm.record(false);
-            vm.resume().map_err(Error::Local)?;
-            return Err(e);
+        mark("state_save", &mut since);
+        if failpoint::hit("src-mid-state") == Some(Action::Cut) {
+            ch.send_cut(&Message::State(&enc));
+            return Err(Error::Local(
+                "failpoint: the connection was cut in the middle of the state".into(),
+            ));
         }
-    };
-    bytes += b;
-    // The point of no return: after Commit the VM never runs here again.
-    let commit = send(w, Msg::Commit, b"").and_then(|()| w.flush().map_err(Error::from));
-    if let Err(e) = commit {
-        // The destination cannot have resumed without the Commit message.
-        let _ = set_dirty_logging(ctx, false);
-        vm.record(false);
-        vm.resume().map_err(Error::Local)?;
-        return Err(e);
+        ch.send(&Message::State(&enc))?;
+        stats.bytes += enc.len() as u64;
+        mark("state_send", &mut since);
+        expect(ch, "Ready")?;
+        mark("destination_load", &mut since);
+        if Instant::now() > deadline {
+            return Err(Error::Deadline(deadline_budget.as_millis() as u64));
+        }
+
+        // The point of no return: from here the VM resumes here only if the
+        // destination says the session was aborted.
+        self.event(Event::CommitSent { generation })?;
+        if failpoint::hit("src-before-commit") == Some(Action::Cut) {
+            ch.shutdown();
+            return Ok(Step::Doubt("failpoint: Commit lost".into()));
+        }
+        if let Err(e) = ch.send(&Message::Commit {
+            session,
+            generation,
+        }) {
+            return Ok(Step::Doubt(format!("sending Commit failed: {e}")));
+        }
+        failpoint::hit("src-after-commit");
+        ch.set_deadline(Some(Instant::now() + CONFIRM_WAIT));
+        match ch.recv() {
+            Ok(Message::Committed(c)) if c.generation == generation => {
+                mark("commit_to_running", &mut since);
+                stats
+                    .phases
+                    .insert("downtime".into(), json!(ms(paused_at.elapsed())));
+                Ok(Step::Committed(Some((host, c))))
+            }
+            Ok(m) => Ok(Step::Doubt(format!("answered {} to Commit", m.name()))),
+            Err(e) => Ok(Step::Doubt(format!("no Committed: {e}"))),
+        }
     }
-    let committed = expect(r, Msg::Committed);
-    let downtime = t_pause.elapsed();
-    mark("running_there");
-    vm.finish();
-    let dest: Value = match committed {
-        Ok(p) => serde_json::from_slice(&p).unwrap_or(Value::Null),
-        Err(e) => {
-            // Committed may be lost with the destination already running;
-            // the VM must not run here in any case.
-            return Err(Error::Local(format!(
-                "committed, but the destination did not confirm ({e}); the VM is no longer running here"
-            )));
+
+    /// One resolve query, and what it settles.
+    fn ask_and_settle(&self) -> Settled {
+        let Some(d) = self.doubt.lock().expect("doubt").clone() else {
+            return Settled::Open("no migration in doubt".into());
+        };
+        match ask(&d) {
+            Ok(outcome) => self.settle(&d, outcome),
+            Err(e) => {
+                let why = format!("{} does not answer: {e}", d.to);
+                let _ = self.event(Event::NoAnswer { why: why.clone() });
+                Settled::Open(why)
+            }
         }
-    };
-    Ok(json!({
+    }
+
+    /// Applies the destination's answer to the VM here.
+    fn settle(&self, d: &Doubt, outcome: Outcome) -> Settled {
+        let settled = match &outcome {
+            Outcome::Running { generation } if *generation == d.query.generation => {
+                let _ = self.event(Event::RunningThere);
+                Settled::Gone(*generation)
+            }
+            Outcome::Running { generation } => {
+                let why = format!(
+                    "{} runs the VM at generation {generation}, not {}",
+                    d.to, d.query.generation
+                );
+                let _ = self.event(Event::NoAnswer { why: why.clone() });
+                return Settled::Open(why);
+            }
+            Outcome::Aborted { reason } => {
+                let _ = set_dirty_logging(&d.ctx, false);
+                match self.event(Event::AbortedThere) {
+                    Ok(()) => Settled::Resumed(reason.clone()),
+                    Err(e) => Settled::Open(e.to_string()),
+                }
+            }
+            Outcome::Died { reason } => {
+                let _ = self.event(Event::DiedThere {
+                    reason: reason.clone(),
+                });
+                return Settled::Lost(reason.clone());
+            }
+            Outcome::Unknown => {
+                let why = format!(
+                    "{} has no record of the session (its receiver restarted?)",
+                    d.to
+                );
+                let _ = self.event(Event::NoAnswer { why: why.clone() });
+                return Settled::Open(why);
+            }
+        };
+        *self.doubt.lock().expect("doubt") = None;
+        settled
+    }
+
+    /// Asks about the move in doubt every half second, on a thread, until
+    /// it settles (the VM process then ends here, or runs on).
+    fn keep_asking(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("ferry-resolve".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(RESOLVE_EVERY);
+                    if me.doubt.lock().expect("doubt").is_none() || me.mailbox.closed() {
+                        return;
+                    }
+                    match me.ask_and_settle() {
+                        Settled::Open(_) => {}
+                        Settled::Lost(_) => {
+                            // Nothing more to learn; an operator decides.
+                            return;
+                        }
+                        _ => return,
+                    }
+                }
+            });
+    }
+
+    /// `ferry resolve`: asks about the move in doubt now and acts on the
+    /// answer; with `resume_here`, resumes this copy when that cannot make
+    /// two (the destination aborted, or the VM died there), or when the
+    /// destination cannot answer and `destination_down` confirms it is
+    /// down.
+    pub fn resolve(&self, resume_here: bool, destination_down: bool) -> Value {
+        let Some(d) = self.doubt.lock().expect("doubt").clone() else {
+            return crate::api::error("no migration of this VM is in doubt");
+        };
+        let answer = ask(&d);
+        let said = match &answer {
+            Ok(o) => o.to_string(),
+            Err(e) => format!("no answer: {e}"),
+        };
+        let settled = match answer {
+            Ok(o) => self.settle(&d, o),
+            Err(e) => {
+                let why = format!("{} does not answer: {e}", d.to);
+                let _ = self.event(Event::NoAnswer { why: why.clone() });
+                Settled::Open(why)
+            }
+        };
+        let resume = |this: &Self, note: &str| -> Value {
+            let _ = set_dirty_logging(&d.ctx, false);
+            match this.event(Event::ResumeHere) {
+                Ok(()) => {
+                    *this.doubt.lock().expect("doubt") = None;
+                    json!({"ok": true, "outcome": "resumed-here", "detail": note, "destination_said": said})
+                }
+                Err(e) => crate::api::error(e),
+            }
+        };
+        match settled {
+            Settled::Gone(g) => {
+                if resume_here {
+                    crate::api::error(format!(
+                        "not resumed: the VM runs at {} (generation {g}); resuming here would make two copies. This copy ends",
+                        d.to
+                    ))
+                } else {
+                    json!({"ok": true, "outcome": "gone", "detail": format!("the VM runs at {} at generation {g}; this copy ends", d.to)})
+                }
+            }
+            Settled::Resumed(why) => {
+                json!({"ok": true, "outcome": "resumed", "detail": format!("{} aborted the move ({why}); the VM runs on here", d.to)})
+            }
+            Settled::Lost(why) if resume_here => resume(
+                self,
+                &format!(
+                    "resumed here: the VM had committed to {} and died there ({why}); clients may have seen data from that copy",
+                    d.to
+                ),
+            ),
+            Settled::Lost(why) => {
+                json!({"ok": true, "outcome": "lost", "detail": format!("the VM died at {} after the commit ({why}); it runs nowhere. `ferry resolve --resume-here` resumes the copy paused here", d.to)})
+            }
+            Settled::Open(why) if resume_here && destination_down => resume(
+                self,
+                &format!(
+                    "resumed here on the operator's word that {} is down ({why})",
+                    d.to
+                ),
+            ),
+            Settled::Open(why) => crate::api::error(format!(
+                "still in doubt: {why}. The VM stays paused. If {} is down, or does not run VM {} (`ferry status` there), run `ferry resolve --resume-here --destination-down`",
+                d.to, d.query.vm
+            )),
+        }
+    }
+}
+
+/// How an attempt ended, when it got past the point of no return.
+enum Step {
+    /// Committed; the destination's confirmation (host and counters).
+    Committed(Option<(String, super::wire::Committed)>),
+    /// Commit went out (or may have) and no answer came.
+    Doubt(String),
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+fn report(
+    stats: &Stats,
+    t0: Instant,
+    to: &str,
+    dest: Option<(String, super::wire::Committed)>,
+    sealed: bool,
+) -> Value {
+    let (host, c) = dest.unwrap_or_default();
+    let downtime = stats.phases.get("downtime").cloned().unwrap_or(Value::Null);
+    let mut phases = stats.phases.clone();
+    phases.remove("downtime");
+    json!({
         "ok": true,
-        "rounds": rounds.len(),
-        "precopy": rounds,
-        "last_pages": last_n,
-        "bytes": bytes,
-        "downtime_ms": downtime.as_secs_f64() * 1e3,
-        "downtime_phases_ms": phases,
-        "total_ms": t0.elapsed().as_secs_f64() * 1e3,
-        "destination": dest,
-    }))
+        "to": to,
+        "sealed": sealed,
+        "rounds": stats.rounds.len(),
+        "precopy": stats.rounds,
+        "last_pages": stats.last_pages,
+        "bytes": stats.bytes,
+        "downtime_ms": downtime,
+        "pause_phases_ms": phases,
+        "total_ms": ms(t0.elapsed()),
+        "destination": {
+            "host": host,
+            "generation": c.generation,
+            "commit_to_running_ms": c.commit_to_running_us as f64 / 1e3,
+            "captured": c.captured,
+            "duplicates": c.duplicates,
+        },
+    })
+}
+
+/// Asks the receiver at `d.to` what became of the session.
+fn ask(d: &Doubt) -> Result<Outcome, Error> {
+    let mut ch = Channel::connect(&d.to, &d.creds)?;
+    ch.send(&Message::Resolve(d.query))?;
+    ch.authenticated();
+    ch.set_deadline(Some(Instant::now() + Duration::from_secs(10)));
+    match ch.recv()? {
+        Message::Outcome(o) => Ok(o),
+        Message::Abort { reason } | Message::Refused { reason } => Err(Error::Peer(reason)),
+        m => Err(Error::Protocol(format!(
+            "expected Outcome, got {}",
+            m.name()
+        ))),
+    }
+}
+
+impl Migrator for Source {
+    fn migrate(self: Arc<Self>, req: &MigrateRequest, progress: &mut dyn FnMut(Value)) -> Value {
+        let creds = match req.credentials() {
+            Ok(c) => c,
+            Err(e) => return crate::api::error(e),
+        };
+        if !(1..=60_000).contains(&req.downtime_ms) || req.margin_ms > 600_000 {
+            return crate::api::error(
+                "downtime_ms must be 1 to 60000 and margin_ms at most 600000",
+            );
+        }
+        let params = Params {
+            to: req.to.clone(),
+            creds,
+            downtime: Duration::from_millis(req.downtime_ms),
+            margin: Duration::from_millis(req.margin_ms),
+        };
+        match self.run(&params, progress) {
+            Ok(v) => v,
+            Err(e) => crate::api::error(e),
+        }
+    }
+
+    fn resolve(self: Arc<Self>, resume_here: bool, destination_down: bool) -> Value {
+        Source::resolve(&self, resume_here, destination_down)
+    }
 }

@@ -28,16 +28,51 @@ use crate::clock::ClockState;
 use crate::devices::console::ConsoleState;
 use crate::devices::virtio::net::NetState;
 use crate::kvm::{IrqchipState, VcpuState};
+use crate::migration::wire::VmId;
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"FERRYSNP";
-/// This format's version.
-pub const FORMAT_VERSION: u32 = 1;
+/// This format's version (2: the VM's identity and generation, typed
+/// network configuration).
+pub const FORMAT_VERSION: u32 = 2;
 /// Header length.
 pub const HEADER_LEN: u64 = 64;
 /// Largest archived state accepted (the state is small; memory is apart).
 pub const MAX_STATE_LEN: u64 = 256 << 20;
 const PAGE: u64 = 4096;
+
+/// Who a VM is: its identity (random, made when it first booted) and its
+/// generation (0 at boot, one more at each arrival elsewhere: a
+/// migration's commit, a restore).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct Identity {
+    /// The identity.
+    pub id: [u8; 16],
+    /// The generation.
+    pub generation: u64,
+}
+
+impl Identity {
+    /// The identity as a [`VmId`].
+    pub fn vm(&self) -> VmId {
+        VmId(self.id)
+    }
+}
+
+/// The network card's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct NetConfigState {
+    /// The card's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address.
+    pub ip: [u8; 4],
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: Option<[u8; 4]>,
+}
 
 /// The VM's configuration, as the snapshot carries it.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -48,13 +83,15 @@ pub struct ConfigState {
     pub cpus: u32,
     /// The image it booted from (informational).
     pub image: String,
-    /// The network card's MAC, IP/prefix and gateway, if it has one.
-    pub net: Option<(String, String, Option<String>)>,
+    /// The network card, if it has one.
+    pub net: Option<NetConfigState>,
 }
 
 /// Everything about a paused VM except its memory.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct VmState {
+    /// Who the VM is.
+    pub identity: Identity,
     /// Configuration.
     pub config: ConfigState,
     /// Guest RAM regions: (guest-physical start, length).
@@ -396,6 +433,10 @@ mod tests {
 
     fn state() -> VmState {
         VmState {
+            identity: Identity {
+                id: [3; 16],
+                generation: 5,
+            },
             config: ConfigState {
                 memory: 8 << 20,
                 cpus: 1,
@@ -477,10 +518,11 @@ mod tests {
         assert!(matches!(try_bytes(b"hello"), Err(Error::Magic(_))));
         assert!(matches!(try_bytes(&[]), Err(Error::Magic(_))));
         let mut v = good.clone();
-        v[8] = 2;
+        // A snapshot of format 1 (before identities): refused by name.
+        v[8] = 1;
         assert!(matches!(
             try_bytes(&v),
-            Err(Error::Version { found: 2, .. })
+            Err(Error::Version { found: 1, .. })
         ));
         // Truncated anywhere: header, state, memory.
         for cut in [30, 100, good.len() - 1] {

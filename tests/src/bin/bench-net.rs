@@ -105,7 +105,7 @@ struct Counters {
 
 impl Counters {
     fn read(api: &Path) -> Result<Counters> {
-        let text = ferry_ctl(&["status", "--api"], api)?;
+        let text = ferry_ctl(&["status", "--json", "--api"], api)?;
         let v: serde_json::Value = serde_json::from_str(&text).context("status is not JSON")?;
         let get = |a: &str, b: &str| {
             v[a][b]

@@ -33,7 +33,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn wait_socket(p: &std::path::Path) -> Result<()> {
     let t = Instant::now();
-    while !(p.exists() && ferry_ctl(&["status", "--api"], p).is_ok()) {
+    while !(p.exists() && ferry_ctl(&["status", "--json", "--api"], p).is_ok()) {
         if t.elapsed() > Duration::from_secs(120) {
             bail!("{} never answered", p.display());
         }
@@ -100,6 +100,7 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
     let out = ferry_ctl(
         &[
             "snapshot",
+            "--json",
             "--then",
             "stop",
             "--out",
@@ -123,7 +124,7 @@ fn one(size: u64, dir: &std::path::Path) -> Result<Value> {
     Ok(json!({
         "memory_mib": size,
         "snapshot_ms": snapshot_ms,
-        "pause_us": sv["pause_us"], "write_us": sv["write_us"],
+        "paused_us": sv["paused_us"], "write_us": sv["write_us"],
         "file_bytes": meta.len(), "file_allocated_bytes": meta.blocks() * 512,
         "restore_to_running_ms": running,
         "restore_trusted_to_running_ms": running_trusted,

@@ -109,7 +109,7 @@ fn api_path(host: &str) -> std::path::PathBuf {
 fn migrate(downtime_ms: u64) -> Result<()> {
     let alive = |h: &str| {
         let p = api_path(h);
-        p.exists() && ferry_tests::cluster::ferry_ctl(&["status", "--api"], &p).is_ok()
+        p.exists() && ferry_tests::cluster::ferry_ctl(&["status", "--json", "--api"], &p).is_ok()
     };
     let (from, to, to_ip) = if alive("hostA") {
         ("hostA", "hostB", cluster::MIGRATION_IPS[1])
@@ -120,6 +120,7 @@ fn migrate(downtime_ms: u64) -> Result<()> {
     };
     let to_api = api_path(to);
     let _ = std::fs::remove_file(&to_api);
+    let key = Cluster::attach(PREFIX)?.key().to_path_buf();
     let log = ferry_tests::root().join(format!("target/cluster/{to}.log"));
     std::fs::create_dir_all(log.parent().expect("dir"))?;
     let out = std::fs::File::create(&log)?;
@@ -128,12 +129,17 @@ fn migrate(downtime_ms: u64) -> Result<()> {
         .arg(ferry_tests::ferry_bin())
         .args([
             "receive",
+            "--once",
+            "--name",
+            to,
             "--listen",
             &format!("{to_ip}:7000"),
             "--tap",
             TAP,
-            "--api",
+            "--key",
         ])
+        .arg(&key)
+        .arg("--api")
         .arg(&to_api)
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
@@ -142,7 +148,7 @@ fn migrate(downtime_ms: u64) -> Result<()> {
         .context("starting ferry receive")?;
     cluster::wait_for_line(
         &log,
-        "waiting for a VM",
+        "waiting for VMs",
         std::time::Duration::from_secs(10),
         receiver.id(),
     )?;
@@ -157,8 +163,10 @@ fn migrate(downtime_ms: u64) -> Result<()> {
             &format!("{to_ip}:7000"),
             "--downtime-ms",
             &downtime_ms.to_string(),
-            "--api",
+            "--key",
         ])
+        .arg(&key)
+        .arg("--api")
         .arg(api_path(from))
         .status()?;
     if !st.success() {

@@ -138,7 +138,7 @@ fn main() -> Result<()> {
             "added_ms": g.added_ms(),
             "vmm_downtime_ms": v["downtime_ms"], "total_ms": v["total_ms"],
             "rounds": v["rounds"], "bytes": v["bytes"],
-            "captured_frames": v["destination"]["net"]["captured"],
+            "captured_frames": v["destination"]["captured"],
         }));
     }
     let bytes_verified = json_u64(&text, "bytes_verified").unwrap_or(0);

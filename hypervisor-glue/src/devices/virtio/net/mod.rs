@@ -16,6 +16,7 @@
 //! queue set up badly (size not a power of two, rings outside RAM) is refused
 //! at DRIVER_OK with DEVICE_NEEDS_RESET and a line on stderr naming the fault.
 
+pub mod announce;
 pub mod csum;
 pub mod tap;
 mod worker;
@@ -539,6 +540,45 @@ pub struct QueuePosition {
     pub next_used: u16,
 }
 
+/// A queue's registers as the driver set them up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct QueueState {
+    /// Size (entries).
+    pub size: u16,
+    /// Enabled.
+    pub ready: bool,
+    /// Descriptor table.
+    pub desc: u64,
+    /// Available ring.
+    pub driver: u64,
+    /// Used ring.
+    pub device: u64,
+}
+
+impl From<QueueConfig> for QueueState {
+    fn from(q: QueueConfig) -> Self {
+        QueueState {
+            size: q.size,
+            ready: q.ready,
+            desc: q.desc,
+            driver: q.driver,
+            device: q.device,
+        }
+    }
+}
+
+impl From<QueueState> for QueueConfig {
+    fn from(q: QueueState) -> Self {
+        QueueConfig {
+            size: q.size,
+            ready: q.ready,
+            desc: q.desc,
+            driver: q.driver,
+            device: q.device,
+        }
+    }
+}
+
 /// The device's saved state: everything the guest can observe, and the
 /// frames waiting for it. Plain data, apart from the live device.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -557,8 +597,8 @@ pub struct NetState {
     pub status: u8,
     /// Selected queue.
     pub queue_select: u16,
-    /// Queue registers: (size, ready, desc, driver, device).
-    pub queues: Vec<(u16, bool, u64, u64, u64)>,
+    /// Queue registers, RX then TX.
+    pub queues: Vec<QueueState>,
     /// Live queue positions while the driver runs (empty otherwise).
     pub positions: Vec<QueuePosition>,
     /// ISR status.
@@ -629,37 +669,6 @@ impl VirtioNet {
         self.wake.write(1).ok();
     }
 
-    /// The saved state. The device must be paused.
-    pub fn save(&self) -> NetState {
-        let active = self.shared.active.lock().expect("net state lock");
-        NetState {
-            mac: self.mac,
-            pci_config: self.pci.bytes().to_vec(),
-            device_feature_select: self.device_feature_select,
-            driver_feature_select: self.driver_feature_select,
-            driver_features: self.driver_features,
-            status: self.status,
-            queue_select: self.queue_select,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| (q.size, q.ready, q.desc, q.driver, q.device))
-                .collect(),
-            positions: active
-                .queues
-                .iter()
-                .flatten()
-                .map(|q| QueuePosition {
-                    next_avail: q.next_avail(),
-                    next_used: q.next_used(),
-                })
-                .collect(),
-            isr: self.shared.isr.load(Ordering::Acquire),
-            backlog: active.backlog.iter().cloned().collect(),
-            overlap: active.recorded.clone().unwrap_or_default(),
-        }
-    }
-
     /// Starts recording the digests of frames read from the tap (before a
     /// migration's destination starts capturing; see [`NetState::overlap`]).
     pub fn start_recording(&mut self) {
@@ -682,23 +691,9 @@ impl VirtioNet {
         self.shared.active.lock().expect("net state lock").recorded = None;
     }
 
-    /// Builds the device from `state` on a new tap (paused, capturing: the
-    /// VM is not running yet; [`VirtioNet::resume`] starts it).
-    pub fn restore(
-        config: &NetConfig,
-        vm: &VmFd,
-        mem: &GuestRam,
-        state: &NetState,
-    ) -> Result<Self, RestoreError> {
-        let mut dev = VirtioNet::new(config, vm, mem)?;
-        dev.pause(true);
-        dev.apply_state(mem, state)?;
-        Ok(dev)
-    }
-
     /// Loads `state` into this (paused) device. Frames it captured so far
     /// stay, after the saved backlog (which is older).
-    pub fn apply_state(&mut self, mem: &GuestRam, state: &NetState) -> Result<(), RestoreError> {
+    fn load_state(&mut self, mem: &GuestRam, state: &NetState) -> Result<(), RestoreError> {
         let bad = |m: &str| RestoreError::Bad(m.to_string());
         if state.queues.len() != 2 || !(state.positions.is_empty() || state.positions.len() == 2) {
             return Err(bad("wrong number of queues"));
@@ -725,16 +720,8 @@ impl VirtioNet {
             }
             let event_idx = state.driver_features & F_EVENT_IDX != 0;
             let mut built = Vec::with_capacity(2);
-            for (i, (&(size, ready, desc, driver, device), p)) in
-                state.queues.iter().zip(&state.positions).enumerate()
-            {
-                let c = QueueConfig {
-                    size,
-                    ready,
-                    desc,
-                    driver,
-                    device,
-                };
+            for (i, (&qs, p)) in state.queues.iter().zip(&state.positions).enumerate() {
+                let c = QueueConfig::from(qs);
                 let mut q = build_queue(i, &c, event_idx, mem).map_err(RestoreError::Bad)?;
                 q.set_next_avail(p.next_avail);
                 q.set_next_used(p.next_used);
@@ -748,14 +735,8 @@ impl VirtioNet {
         self.driver_features = state.driver_features;
         self.status = state.status;
         self.queue_select = state.queue_select;
-        for (q, &(size, ready, desc, driver, device)) in self.queues.iter_mut().zip(&state.queues) {
-            *q = QueueConfig {
-                size,
-                ready,
-                desc,
-                driver,
-                device,
-            };
+        for (q, &qs) in self.queues.iter_mut().zip(&state.queues) {
+            *q = QueueConfig::from(qs);
         }
         if state.overlap.len() > 1 << 20 {
             return Err(bad("overlap list too long"));
@@ -800,6 +781,56 @@ impl VirtioNet {
         let mut f = vec![0u8; tap::VNET_HDR_LEN];
         f.extend_from_slice(frame);
         self.announce_tx.write_frame(&f).map(|_| ())
+    }
+}
+
+/// What restoring the card needs besides its state: the card itself,
+/// already on this host's tap (paused and capturing since before the state
+/// arrived, see [`VirtioNet::pause`]), and guest memory.
+#[derive(Debug)]
+pub struct NetRestore<'a> {
+    /// The card, created for the VM being brought in.
+    pub card: VirtioNet,
+    /// Guest memory.
+    pub mem: &'a GuestRam,
+}
+
+impl crate::devices::Persist for VirtioNet {
+    type State = NetState;
+    type Args<'a> = NetRestore<'a>;
+    type Error = RestoreError;
+
+    /// The saved state. The device must be paused.
+    fn save(&self) -> NetState {
+        let active = self.shared.active.lock().expect("net state lock");
+        NetState {
+            mac: self.mac,
+            pci_config: self.pci.bytes().to_vec(),
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self.queues.iter().map(|q| QueueState::from(*q)).collect(),
+            positions: active
+                .queues
+                .iter()
+                .flatten()
+                .map(|q| QueuePosition {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                })
+                .collect(),
+            isr: self.shared.isr.load(Ordering::Acquire),
+            backlog: active.backlog.iter().cloned().collect(),
+            overlap: active.recorded.clone().unwrap_or_default(),
+        }
+    }
+
+    fn restore(args: NetRestore<'_>, state: &NetState) -> Result<Self, RestoreError> {
+        let NetRestore { mut card, mem } = args;
+        card.load_state(mem, state)?;
+        Ok(card)
     }
 }
 

@@ -1,0 +1,44 @@
+//! Phase timings on stderr when `FERRY_TRACE=1` (for boot-time and
+//! downtime work). Times are from [`start`] (the process's start, when
+//! the CLI calls it first), so phases of different functions line up.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Fixes the origin of `FERRY_TRACE` times (call first thing in `main`).
+pub fn start() {
+    START.get_or_init(Instant::now);
+}
+
+/// A tracer: marks print when `FERRY_TRACE=1`, else cost one branch.
+#[derive(Clone, Copy, Debug)]
+pub struct Trace(Option<Instant>);
+
+impl Trace {
+    /// A tracer (enabled by `FERRY_TRACE=1`).
+    pub fn new() -> Self {
+        Trace(
+            std::env::var_os("FERRY_TRACE")
+                .is_some_and(|v| v == "1")
+                .then(|| *START.get_or_init(Instant::now)),
+        )
+    }
+
+    /// Prints `phase` with the time since the process started.
+    pub fn mark(&self, phase: &str) {
+        if let Some(t) = self.0 {
+            eprintln!(
+                "ferry: trace: {:>8.3} ms  {phase}",
+                t.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace::new()
+    }
+}

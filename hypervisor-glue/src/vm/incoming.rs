@@ -1,0 +1,158 @@
+//! A VM being brought in, from a snapshot file or a migration: memory,
+//! the KVM VM and vCPU, and the network card on this host's tap, set up
+//! before the state arrives (every step that can fail on this host), then
+//! the state loaded into them.
+
+use std::sync::Arc;
+
+use crate::clock::GuestClock;
+use crate::devices::console::Console;
+use crate::devices::virtio::net::{NetRestore, VirtioNet};
+use crate::devices::{IoBus, Persist};
+use crate::kvm::{self, Machine};
+use crate::memory::{self, GuestRam};
+use crate::net::NetSettings;
+use crate::snapshot::{ConfigState, Identity, VmState};
+use crate::vcpu::Vcpu;
+
+use super::lifecycle::Lifecycle;
+use super::{Error, Vm, card};
+
+/// Checks that a received or saved memory layout is the one `config` gives.
+pub fn check_layout(config: &ConfigState, regions: &[(u64, u64)]) -> Result<(), Error> {
+    let expected = memory::ram_ranges(config.memory);
+    if regions != expected.as_slice() || config.cpus != 1 {
+        return Err(Error::BadState(format!(
+            "memory layout {regions:x?} / {} vCPUs is not what {} bytes of memory and 1 vCPU give",
+            config.cpus, config.memory
+        )));
+    }
+    Ok(())
+}
+
+/// A VM being brought in, before its state is loaded.
+pub struct Incoming {
+    mem: GuestRam,
+    machine: Machine,
+    fd: kvm_ioctls::VcpuFd,
+    tsc_khz: u32,
+    net: Option<VirtioNet>,
+    tap: Option<String>,
+    config: ConfigState,
+    identity: Identity,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// Creates the VM around `mem` and opens the card on `tap` (paused).
+    /// `identity` is who the VM will be here (its generation is the new
+    /// one).
+    pub fn new(
+        config: &ConfigState,
+        identity: Identity,
+        mem: GuestRam,
+        tap: Option<&str>,
+    ) -> Result<Incoming, Error> {
+        let machine = kvm::create_machine(&mem)?;
+        let fd = kvm::create_vcpu(&machine, 0)?;
+        let tsc_khz = kvm::tsc_khz(&fd)?;
+        let net = match &config.net {
+            Some(saved) => {
+                let tap = tap.ok_or_else(|| {
+                    Error::BadState("the VM has a network card: give --tap".into())
+                })?;
+                let settings = NetSettings::from_saved(tap, saved)
+                    .map_err(|e| Error::BadState(format!("the VM's network settings: {e}")))?;
+                let mut dev = card(&settings, &machine, &mem)?;
+                dev.pause(false);
+                Some(dev)
+            }
+            None => None,
+        };
+        Ok(Incoming {
+            mem,
+            machine,
+            fd,
+            tsc_khz,
+            net,
+            tap: tap.map(str::to_string),
+            config: config.clone(),
+            identity,
+        })
+    }
+
+    /// Guest memory, to fill.
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// From now on the card keeps the frames that arrive for the VM.
+    pub fn start_capture(&mut self) {
+        if let Some(net) = self.net.as_mut() {
+            net.pause(true);
+        }
+    }
+
+    /// Loads `st` and gives the VM, paused: [`Vm::run`] resumes it. The
+    /// state must be the VM announced (identity, configuration) at the
+    /// generation before this one.
+    pub fn finish(self, st: &VmState, console: Console) -> Result<Vm, Error> {
+        check_layout(&st.config, &st.memory)?;
+        if st.config != self.config {
+            return Err(Error::BadState(
+                "the state's configuration is not the one announced".into(),
+            ));
+        }
+        if st.identity.id != self.identity.id
+            || st.identity.generation.checked_add(1) != Some(self.identity.generation)
+        {
+            return Err(Error::BadState(format!(
+                "the state is of VM {} generation {}, not the one announced ({} generation {})",
+                st.identity.vm(),
+                st.identity.generation,
+                self.identity.vm(),
+                self.identity.generation.wrapping_sub(1)
+            )));
+        }
+        let net = match (&st.net, self.net) {
+            (Some(ns), Some(card)) => Some(VirtioNet::restore(
+                NetRestore {
+                    card,
+                    mem: &self.mem,
+                },
+                ns,
+            )?),
+            (None, None) => None,
+            _ => {
+                return Err(Error::BadState(
+                    "network card state and configuration disagree".into(),
+                ));
+            }
+        };
+        kvm::restore_irqchip(&self.machine.vm, &st.irqchip)?;
+        kvm::restore_vcpu(&self.fd, &st.vcpu)?;
+        let console = Console::restore(console.into_output(), &st.console).expect("infallible");
+        Ok(Vm {
+            vcpu: Vcpu::new(self.fd),
+            bus: IoBus::new(console, net),
+            machine: Arc::new(self.machine),
+            on_running: None,
+            clock: GuestClock::restore(self.tsc_khz, &st.clock).expect("infallible"),
+            paused: Some(st.clock),
+            lifecycle: Lifecycle::Running,
+            identity: self.identity,
+            config: st.config.clone(),
+            tap: self.tap,
+            tsc_khz: self.tsc_khz,
+            started: None,
+            mem: self.mem,
+        })
+    }
+}
