@@ -47,6 +47,12 @@ setup:
 build:
     cargo build --release --quiet -p ferry -p ferry-tests --bins
 
+# Build target/release/ferry-failpoints: `ferry` with the migration protocol's failpoints, for the fault-matrix tests.
+build-failpoints:
+    cargo build --release --quiet -p ferry --features failpoints
+    cp target/release/ferry target/release/ferry-failpoints.new && mv -f target/release/ferry-failpoints.new target/release/ferry-failpoints
+    cargo build --release --quiet -p ferry
+
 # Build an app image into images/out/APP and print its path.
 build-image APP:
     images/build {{APP}}
@@ -175,9 +181,10 @@ lint:
 
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU, then fuzzing.
 # A test that cannot run here (no KVM, not root, a missing tool) fails; FERRY_ALLOW_SKIP=1 skips it instead, loudly.
-test: setup build
+test: setup build build-failpoints
     for i in hello misbehave echo kv http stream udpcount; do images/build $i >/dev/null; done
     rm -f target/test-skips.log
+    target/release/ferry-cluster clean-tests
     cargo test -- --test-threads 2
     if [ -s target/test-skips.log ]; then echo "test: $(wc -l < target/test-skips.log) tests were SKIPPED (FERRY_ALLOW_SKIP=1):"; cat target/test-skips.log; fi
     just fuzz 20

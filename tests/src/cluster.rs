@@ -485,8 +485,20 @@ impl Cluster {
     /// the host's tap, its name and the cluster's key (unless `extra` says
     /// `--insecure` or `--key`); add the rest.
     pub fn receiver_command(&self, host: &str, port: u16, extra: &[&str]) -> Command {
+        self.receiver_command_of(&crate::ferry_bin(), host, port, extra)
+    }
+
+    /// [`Cluster::receiver_command`] with another `ferry` binary (the
+    /// failpoints build, say).
+    pub fn receiver_command_of(
+        &self,
+        ferry: &Path,
+        host: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Command {
         let i = HOSTS.iter().position(|h| *h == host).expect("a host");
-        let mut cmd = self.command(host, crate::ferry_bin());
+        let mut cmd = self.command(host, ferry);
         cmd.arg("receive")
             .args([
                 "--listen",

@@ -44,6 +44,18 @@ pub fn ferry_bin() -> PathBuf {
     p
 }
 
+/// `ferry` built with the migration protocol's failpoints
+/// (`target/release/ferry-failpoints`, which `just test` builds).
+pub fn ferry_failpoints_bin() -> PathBuf {
+    let p = root().join("target/release/ferry-failpoints");
+    assert!(
+        p.exists(),
+        "{} is missing: run `just build-failpoints` (or `just test`, which builds it)",
+        p.display()
+    );
+    p
+}
+
 /// A built image, `images/out/NAME`.
 pub fn image(name: &str) -> PathBuf {
     let p = root().join("images/out").join(name);

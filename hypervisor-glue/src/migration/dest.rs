@@ -315,9 +315,19 @@ pub fn run_session() -> Result<i32, Error> {
         .map_err(|e| Error::Local(format!("reading the handoff: {e}")))?;
     let h = Handoff::decode(&buf[..n]).map_err(|e| Error::Local(format!("handoff: {e}")))?;
     let ipc = Arc::new(Ipc(ipc));
-    let stream2 = stream
-        .try_clone()
-        .map_err(|e| Error::Local(format!("the connection: {e}")))?;
+    // A second handle on the connection, to wake a reader blocked on it;
+    // dropped once the session is decided, so that the connection closes
+    // when the channel does.
+    let wake = Arc::new(Mutex::new(Some(
+        stream
+            .try_clone()
+            .map_err(|e| Error::Local(format!("the connection: {e}")))?,
+    )));
+    let shut = |how| {
+        if let Some(s) = wake.lock().expect("wake").as_ref() {
+            let _ = s.shutdown(how);
+        }
+    };
     let mut ch = Channel::from_parts(stream, &h.keys)
         .map_err(|e| Error::Local(format!("the connection: {e}")))?;
     let phase = Arc::new(Phase::new());
@@ -327,7 +337,7 @@ pub fn run_session() -> Result<i32, Error> {
     {
         let (phase, ipc) = (phase.clone(), ipc.clone());
         let generation = h.open.generation;
-        let stream = stream2.try_clone().ok();
+        let wake = wake.clone();
         std::thread::Builder::new()
             .name("ferry-session-ipc".into())
             .spawn(move || {
@@ -340,7 +350,7 @@ pub fn run_session() -> Result<i32, Error> {
                         PhaseState::Committed => Outcome::Running { generation },
                         PhaseState::Aborted(reason) => {
                             // Wake a reader blocked on the connection.
-                            if let Some(s) = &stream {
+                            if let Some(s) = wake.lock().expect("wake").as_ref() {
                                 let _ = s.shutdown(std::net::Shutdown::Both);
                             }
                             Outcome::Aborted { reason }
@@ -410,7 +420,7 @@ pub fn run_session() -> Result<i32, Error> {
     ch.send(&Message::Admitted {
         host: h.host.clone(),
     })?;
-    failpoint::hit("dst-admitted");
+    cut_at(&ch, "dst-admitted");
     say(&format!(
         "receiving VM {} (generation {}, {} MiB) from {} ({})",
         open.vm,
@@ -457,7 +467,7 @@ pub fn run_session() -> Result<i32, Error> {
     }
     ipc.step(&Step::Ready);
     ch.send(&Message::Ready)?;
-    failpoint::hit("dst-ready");
+    cut_at(&ch, "dst-ready");
     let until = Instant::now() + Duration::from_millis(u64::from(open.commit_wait_ms));
     ch.set_deadline(Some(until));
     let reader = {
@@ -492,7 +502,7 @@ pub fn run_session() -> Result<i32, Error> {
     let committed_at = Instant::now();
     if let PhaseState::Aborted(why) = decided {
         ipc.step(&Step::Aborted(why.clone()));
-        let _ = stream2.shutdown(std::net::Shutdown::Both);
+        shut(std::net::Shutdown::Both);
         say(&format!("aborted: {why}; the VM is discarded"));
         return Ok(1);
     }
@@ -506,8 +516,9 @@ pub fn run_session() -> Result<i32, Error> {
     // The connection, to confirm on. A resolve question may have committed
     // the VM while the reader still waited: ending the connection's read
     // side wakes it (the write side stays, for Committed).
-    let _ = stream2.shutdown(std::net::Shutdown::Read);
+    shut(std::net::Shutdown::Read);
     let ch = reader.join().ok();
+    wake.lock().expect("wake").take();
     let generation = open.generation;
     let ipc2 = ipc.clone();
     vm.on_running(Box::new(move |vm| {
@@ -534,6 +545,13 @@ pub fn run_session() -> Result<i32, Error> {
     let end = vm.run(&mailbox);
     drop(api);
     Ok(exit_status(end))
+}
+
+/// Runs failpoint `name`; a `cut` drops the connection there.
+fn cut_at(ch: &Channel, name: &str) {
+    if failpoint::hit(name) == Some(Action::Cut) {
+        ch.shutdown();
+    }
 }
 
 /// The process's exit status for how the VM ended (as `ferry run`).
@@ -583,7 +601,7 @@ fn receive(
                 }
                 if first_pages {
                     first_pages = false;
-                    failpoint::hit("dst-precopy");
+                    cut_at(ch, "dst-precopy");
                 }
             }
             Message::StartCapture => {
@@ -594,7 +612,7 @@ fn receive(
                     incoming.start_capture();
                 }
                 ch.send(&Message::CaptureOn)?;
-                failpoint::hit("dst-capture-on");
+                cut_at(ch, "dst-capture-on");
                 status(format!(
                     "arriving from {}: capturing, the VM pauses there",
                     h.open.source

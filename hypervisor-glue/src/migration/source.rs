@@ -176,6 +176,14 @@ fn send_pages(
     Ok(sent)
 }
 
+/// Runs failpoint `name`; a `cut` drops the connection there (the next
+/// step then fails as on a cut link).
+fn cut_at(ch: &Channel, name: &str) {
+    if failpoint::hit(name) == Some(Action::Cut) {
+        ch.shutdown();
+    }
+}
+
 /// What a committed migration did, for the report.
 #[derive(Debug, Default)]
 struct Stats {
@@ -318,7 +326,7 @@ impl Source {
         let deadline_budget = p.downtime + p.margin;
         let generation = ctx.identity.generation + 1;
         let ch = slot.insert(Channel::connect(&p.to, &p.creds)?);
-        failpoint::hit("src-connected");
+        cut_at(ch, "src-connected");
         ch.send(&Message::Open(Open {
             session,
             vm: ctx.identity.vm(),
@@ -343,7 +351,7 @@ impl Source {
         progress(
             json!({"phase": "connected", "destination": host, "sealed": ch.sealed(), "ms": ms(t0.elapsed())}),
         );
-        failpoint::hit("src-admitted");
+        cut_at(ch, "src-admitted");
 
         // Pre-copy, in the background: the running VM keeps its core.
         set_dirty_logging(ctx, true)?;
@@ -374,7 +382,7 @@ impl Source {
         stats
             .rounds
             .push(json!({"round": 0, "bytes": b, "ms": ms(t.elapsed())}));
-        failpoint::hit("src-precopy");
+        cut_at(ch, "src-precopy");
         let mut pending;
         let mut last = u64::MAX;
         let mut stalls = 0;
@@ -413,7 +421,7 @@ impl Source {
         self.call(Command::Record(true))?;
         ch.send(&Message::StartCapture)?;
         expect(ch, "CaptureOn")?;
-        failpoint::hit("src-capture-on");
+        cut_at(ch, "src-capture-on");
         let paused_at = Instant::now();
         self.event(Event::Stop)?;
         let deadline = paused_at + deadline_budget;
@@ -424,7 +432,7 @@ impl Source {
         };
         let mut since = paused_at;
         mark("pause", &mut since);
-        failpoint::hit("src-paused");
+        cut_at(ch, "src-paused");
         pending.extend(collect_dirty(ctx)?);
         pending.sort_unstable();
         pending.dedup();

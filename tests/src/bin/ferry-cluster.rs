@@ -25,6 +25,9 @@ enum Cmd {
     Down,
     /// Say whether the cluster is up and what runs in it.
     Status,
+    /// Remove what earlier test runs left behind (their namespaces, with
+    /// whatever still runs in them), e.g. after a test run was killed.
+    CleanTests,
     /// Live-migrate the VM that `run` started to the other host (and back
     /// when run again); the destination keeps running it in the background.
     Migrate {
@@ -195,6 +198,37 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Cmd::Up => up(),
         Cmd::Down => down(),
+        Cmd::CleanTests => {
+            let names = std::fs::read_dir("/run/netns")
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            let mut prefixes: Vec<String> = names
+                .iter()
+                .filter_map(|n| n.rsplit_once('-').map(|(p, _)| p.to_string()))
+                .filter(|p| {
+                    ["ft", "fs", "fm", "fx"]
+                        .iter()
+                        .any(|t| p.starts_with(t) && p[2..].bytes().all(|b| b.is_ascii_digit()))
+                })
+                .collect();
+            prefixes.sort();
+            prefixes.dedup();
+            for p in &prefixes {
+                cluster::end_namespace_processes(p);
+                cluster::remove(p);
+            }
+            if !prefixes.is_empty() {
+                println!(
+                    "cluster: removed {} clusters left by earlier test runs",
+                    prefixes.len()
+                );
+            }
+            Ok(())
+        }
         Cmd::Migrate { downtime_ms } => migrate(downtime_ms),
         Cmd::Status => {
             if Cluster::exists(PREFIX) {

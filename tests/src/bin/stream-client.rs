@@ -55,6 +55,10 @@ struct Args {
     /// milliseconds and report the samples (`tcp_info`); 0 = no.
     #[arg(long, default_value_t = 0)]
     tcp_info_ms: u64,
+    /// Stop (and report) once this file exists: for tests that end the
+    /// client when they have seen what they need.
+    #[arg(long)]
+    stop_file: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -70,6 +74,8 @@ fn echo_run(
     conn.set_read_timeout(Some(Duration::from_millis(200))).ok();
     let mut w = conn.try_clone().expect("clone");
     let stop_w = stop.clone();
+    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent_w = sent_so_far.clone();
     let writer = std::thread::spawn(move || {
         let t0 = Instant::now();
         let mut sent = 0u64;
@@ -82,6 +88,7 @@ fn echo_run(
                     break;
                 }
                 sent += chunk.len() as u64;
+                sent_w.store(sent, Relaxed);
             } else {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -119,10 +126,14 @@ fn echo_run(
                 break;
             }
         }
+        if drain_deadline.is_some() && writer.is_finished() && got >= sent_so_far.load(Relaxed) {
+            break;
+        }
         if let Some(d) = drain_deadline
-            && writer.is_finished()
             && Instant::now() > d
         {
+            // A writer stuck on a peer that is gone: cut it loose.
+            let _ = r.shutdown(std::net::Shutdown::Both);
             break;
         }
     }
@@ -193,8 +204,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    conn.set_read_timeout(Some(Duration::from_secs_f64(a.idle_timeout.max(0.1))))
-        .ok();
+    // Short reads, so that --seconds and --stop-file are noticed while
+    // nothing arrives; --idle-timeout is counted here.
+    conn.set_read_timeout(Some(Duration::from_millis(200))).ok();
+    let idle_limit = Duration::from_secs_f64(a.idle_timeout.max(0.1));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upstream = (a.upstream > 0).then(|| {
         let mut w = conn.try_clone().expect("clone socket");
@@ -257,6 +270,9 @@ fn main() -> std::process::ExitCode {
         if a.seconds > 0.0 && start.elapsed().as_secs_f64() >= a.seconds {
             break;
         }
+        if a.stop_file.as_ref().is_some_and(|f| f.exists()) {
+            break;
+        }
         let n = match conn.read(&mut buf) {
             Ok(0) => {
                 if a.bytes > 0 && verified < a.bytes {
@@ -267,6 +283,21 @@ fn main() -> std::process::ExitCode {
                 break;
             }
             Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if last.elapsed() > idle_limit {
+                    error = Some(format!(
+                        "nothing arrived for {:.1} s after {verified} bytes",
+                        idle_limit.as_secs_f64()
+                    ));
+                    break;
+                }
+                continue;
+            }
             Err(e) => {
                 error = Some(format!("read after {verified} bytes: {e}"));
                 break;
@@ -301,6 +332,13 @@ fn main() -> std::process::ExitCode {
     gaps.truncate(a.max_gaps);
     gaps.sort_by(|a, b| a.0.total_cmp(&b.0));
     let secs = start.elapsed().as_secs_f64();
+    if a.windows_ms > 0 {
+        // Windows with nothing in them, up to the end, count too.
+        let all = (secs * 1e3 / a.windows_ms as f64).ceil() as usize;
+        if windows.len() < all {
+            windows.resize(all, 0);
+        }
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     drop(conn);
