@@ -521,13 +521,28 @@ fn refused_migrations_leave_the_source_serving() {
     source_still_serves(&s, &api, &mut conn, "another protocol version");
 
     // The first receiver turned away two peers and goes on listening: it
-    // takes the VM now.
+    // takes the VM now, while ten idle connections (from another host)
+    // hold handshake slots, or are turned away for holding too many.
+    let idle =
+        s.c.in_ns("hostB", || {
+            (0..10)
+                .map(|_| TcpStream::connect("10.77.2.2:7101").unwrap())
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
     let report = s.c.migrate(&api, "hostB", 7101, &[]).unwrap();
+    drop(idle);
     assert!(report.contains("\"ok\":true"), "{report}");
     round_trip(&mut conn, b"moved after all");
     let status = ferry_ctl(&["status", "--json", "--api"], &b1).unwrap();
     assert!(status.contains("\"generation\":1"), "{status}");
     let text = std::fs::read_to_string(s.dir.join("r1.log")).unwrap();
-    assert_eq!(text.matches("turned away").count(), 2, "{text}");
+    assert_eq!(
+        text.matches("in their handshake already").count(),
+        6,
+        "{text}"
+    );
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(text.contains("runs --insecure"), "{text}");
     let _ = pid;
 }

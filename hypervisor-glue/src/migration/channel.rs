@@ -405,19 +405,22 @@ impl Channel {
         })
     }
 
-    /// Sends a page batch that `fill` builds in place (see [`PageWriter`]).
+    /// Sends a page batch that `fill` builds in place (see [`PageWriter`]);
+    /// returns the bytes of pages sent.
     pub fn send_pages<E: From<ChannelError>>(
         &mut self,
         fill: impl FnOnce(&mut PageWriter) -> Result<(), E>,
     ) -> Result<usize, E> {
-        let mut bytes = 0;
-        self.send_with::<E>(|buf| -> Result<(), E> {
-            let mut w = PageWriter::new(buf);
-            fill(&mut w)?;
-            bytes = w.len() as usize * super::wire::PAGE;
-            Ok(())
-        })?;
-        Ok(bytes)
+        let mut buf = std::mem::take(&mut self.wbuf);
+        let mut w = PageWriter::new(&mut buf, 4);
+        let r = fill(&mut w).map(|()| (w.len() as usize * super::wire::PAGE, w.end()));
+        let r = r.and_then(|(bytes, end)| {
+            self.seal_and_write(&mut buf, end)
+                .map(|()| bytes)
+                .map_err(E::from)
+        });
+        self.wbuf = buf;
+        r
     }
 
     /// Sends the message `fill` appends to the buffer it is given.
@@ -429,28 +432,38 @@ impl Channel {
         buf.clear();
         buf.extend_from_slice(&[0; 4]);
         let r = fill(&mut buf).and_then(|()| {
-            let tag = if self.send.is_some() { TAG_LEN } else { 0 };
-            let len = buf.len() - 4 + tag;
-            if len > MAX_RECORD {
-                return Err(E::from(ChannelError::TooLong {
-                    len,
-                    max: MAX_RECORD,
-                }));
-            }
-            let header = (len as u32).to_le_bytes();
-            buf[..4].copy_from_slice(&header);
-            if let Some(c) = self.send.as_mut() {
-                let nonce = c.nonce()?;
-                let tag = c
-                    .key
-                    .seal_in_place_separate_tag(nonce, Aad::from(header), &mut buf[4..])
-                    .map_err(|_| ChannelError::Record)?;
-                buf.extend_from_slice(tag.as_ref());
-            }
-            self.write_raw(&buf, "sending").map_err(E::from)
+            let end = buf.len();
+            self.seal_and_write(&mut buf, end).map_err(E::from)
         });
         self.wbuf = buf;
         r
+    }
+
+    /// Seals the message in `buf[4..end]` in place (after its length
+    /// header, with its tag after it) and writes the record.
+    fn seal_and_write(&mut self, buf: &mut Vec<u8>, end: usize) -> Result<(), ChannelError> {
+        let tag = if self.send.is_some() { TAG_LEN } else { 0 };
+        let len = end - 4 + tag;
+        if len > MAX_RECORD {
+            return Err(ChannelError::TooLong {
+                len,
+                max: MAX_RECORD,
+            });
+        }
+        let header = (len as u32).to_le_bytes();
+        buf[..4].copy_from_slice(&header);
+        if let Some(c) = self.send.as_mut() {
+            let nonce = c.nonce()?;
+            let t = c
+                .key
+                .seal_in_place_separate_tag(nonce, Aad::from(header), &mut buf[4..end])
+                .map_err(|_| ChannelError::Record)?;
+            if buf.len() < end + TAG_LEN {
+                buf.resize(end + TAG_LEN, 0);
+            }
+            buf[end..end + TAG_LEN].copy_from_slice(t.as_ref());
+        }
+        self.write_raw(&buf[..end + tag], "sending")
     }
 
     /// Receives one message (it borrows the channel's buffer).

@@ -37,7 +37,10 @@ use super::key::Credentials;
 use super::wire::{Message, Open, Outcome, Resolve, SessionId, VmId};
 
 /// Connections in their handshake at once; more are closed at once.
-pub const MAX_HANDSHAKES: usize = 16;
+pub const MAX_HANDSHAKES: usize = 64;
+/// Connections from one address in their handshake at once: idle or
+/// hostile peers on one host cannot fill the receiver's slots.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
 /// Sessions remembered (the oldest ended ones are forgotten first).
 const MAX_RECORDS: usize = 1024;
 /// What admission keeps back of the host's available memory.
@@ -87,6 +90,7 @@ pub struct Receiver {
     s: Settings,
     sessions: Mutex<HashMap<SessionId, Record>>,
     handshakes: AtomicUsize,
+    per_peer: Mutex<HashMap<std::net::IpAddr, usize>>,
     counter: AtomicUsize,
     /// With `--once`: the session that took the VM.
     taken: Mutex<Option<SessionId>>,
@@ -135,6 +139,7 @@ impl Receiver {
             s,
             sessions: Mutex::new(HashMap::new()),
             handshakes: AtomicUsize::new(0),
+            per_peer: Mutex::new(HashMap::new()),
             counter: AtomicUsize::new(0),
             taken: Mutex::new(None),
         })
@@ -160,12 +165,11 @@ impl Receiver {
                     continue;
                 }
             };
-            if self.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-                self.handshakes.fetch_sub(1, Ordering::AcqRel);
-                say(&format!(
-                    "turned away {}: {MAX_HANDSHAKES} connections are in their handshake already",
-                    conn.peer_addr().map(|a| a.to_string()).unwrap_or_default()
-                ));
+            let Ok(peer) = conn.peer_addr() else {
+                continue;
+            };
+            if let Err(why) = self.enter_handshake(peer.ip()) {
+                say(&format!("turned away {peer}: {why}"));
                 continue;
             }
             let me = self.clone();
@@ -175,14 +179,48 @@ impl Receiver {
                     me.connection(conn);
                 });
             if let Err(e) = spawned {
-                self.handshakes.fetch_sub(1, Ordering::AcqRel);
+                self.leave_handshake(peer.ip());
                 say(&format!("cannot start a thread: {e}"));
             }
         }
         Ok(0)
     }
 
+    /// Takes a handshake slot for a connection from `ip`, or says why not.
+    fn enter_handshake(&self, ip: std::net::IpAddr) -> Result<(), String> {
+        let mut per = self.per_peer.lock().expect("peers");
+        let n = per.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return Err(format!(
+                "{MAX_HANDSHAKES_PER_PEER} connections from {ip} are in their handshake already"
+            ));
+        }
+        if self.handshakes.load(Ordering::Acquire) >= MAX_HANDSHAKES {
+            return Err(format!(
+                "{MAX_HANDSHAKES} connections are in their handshake already"
+            ));
+        }
+        *n += 1;
+        self.handshakes.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn leave_handshake(&self, ip: std::net::IpAddr) {
+        let mut per = self.per_peer.lock().expect("peers");
+        if let Some(n) = per.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&ip);
+            }
+        }
+        self.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+
     fn connection(self: &Arc<Self>, conn: TcpStream) {
+        let ip = conn
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let peer = conn
             .peer_addr()
             .map(|a| a.to_string())
@@ -191,7 +229,7 @@ impl Receiver {
         let mut ch = match ch {
             Ok(ch) => ch,
             Err(e) => {
-                self.handshakes.fetch_sub(1, Ordering::AcqRel);
+                self.leave_handshake(ip);
                 say(&format!("turned away {peer}: {e}"));
                 return;
             }
@@ -205,7 +243,7 @@ impl Receiver {
         // The first record decrypted: the peer holds the key and this is
         // no replay.
         ch.authenticated();
-        self.handshakes.fetch_sub(1, Ordering::AcqRel);
+        self.leave_handshake(ip);
         match first {
             Err(e) => {
                 say(&format!("turned away {peer}: {e}"));

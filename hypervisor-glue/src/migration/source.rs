@@ -166,7 +166,7 @@ fn send_pages(
                     ctx.mem
                         .read_slice(page, GuestAddress(gpa))
                         .map_err(|e| Error::Local(format!("reading guest page {gpa:#x}: {e}")))?;
-                    Ok::<bool, Error>(!(skip_zero && page.iter().all(|&b| b == 0)))
+                    Ok::<bool, Error>(!(skip_zero && super::wire::is_zero_page(page)))
                 })?;
             }
             Ok(())

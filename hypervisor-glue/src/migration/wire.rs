@@ -685,24 +685,32 @@ impl<'a> Message<'a> {
     }
 }
 
-/// Builds a [`Message::Pages`] in place: the tag and count first, then
-/// each page appended straight from guest memory.
+/// Builds a [`Message::Pages`] in place, from byte `start` of a buffer
+/// that is reused from record to record: the tag and count first, then
+/// each page copied straight from guest memory into its slot. The buffer
+/// only grows (so a page's slot is not zeroed before it is filled);
+/// [`PageWriter::end`] says where the message ends.
 #[derive(Debug)]
 pub struct PageWriter<'b> {
     out: &'b mut Vec<u8>,
     count_at: usize,
+    at: usize,
     count: u32,
 }
 
 impl<'b> PageWriter<'b> {
-    /// Starts a batch at the end of `out`.
-    pub fn new(out: &'b mut Vec<u8>) -> Self {
-        out.push(Tag::Pages as u8);
-        let count_at = out.len();
-        out.extend_from_slice(&0u32.to_le_bytes());
+    /// Starts a batch at byte `start` of `out` (whatever lies beyond it is
+    /// overwritten).
+    pub fn new(out: &'b mut Vec<u8>, start: usize) -> Self {
+        if out.len() < start + 5 {
+            out.resize(start + 5, 0);
+        }
+        out[start] = Tag::Pages as u8;
+        out[start + 1..start + 5].copy_from_slice(&0u32.to_le_bytes());
         PageWriter {
             out,
-            count_at,
+            count_at: start + 1,
+            at: start + 5,
             count: 0,
         }
     }
@@ -722,6 +730,11 @@ impl<'b> PageWriter<'b> {
         self.count == 0
     }
 
+    /// Where the message ends in the buffer.
+    pub fn end(&self) -> usize {
+        self.at
+    }
+
     /// Adds page `gpa`: `fill` writes its 4096 bytes and returns whether to
     /// keep it (false drops it again: a zero page in round 0, say).
     pub fn push<E>(
@@ -730,17 +743,24 @@ impl<'b> PageWriter<'b> {
         fill: impl FnOnce(&mut [u8]) -> Result<bool, E>,
     ) -> Result<(), E> {
         debug_assert!(!self.full());
-        let at = self.out.len();
-        self.out.extend_from_slice(&gpa.to_le_bytes());
-        self.out.resize(at + 8 + PAGE, 0);
-        if fill(&mut self.out[at + 8..])? {
+        let at = self.at;
+        if self.out.len() < at + 8 + PAGE {
+            self.out.resize(at + 8 + PAGE, 0);
+        }
+        self.out[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+        if fill(&mut self.out[at + 8..at + 8 + PAGE])? {
             self.count += 1;
+            self.at += 8 + PAGE;
             self.out[self.count_at..self.count_at + 4].copy_from_slice(&self.count.to_le_bytes());
-        } else {
-            self.out.truncate(at);
         }
         Ok(())
     }
+}
+
+/// Whether a page is all zeros.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    page == &ZERO[..page.len().min(PAGE)]
 }
 
 #[cfg(test)]
@@ -782,8 +802,9 @@ mod tests {
         let session = SessionId([7; 16]);
         let vm = VmId([9; 16]);
         let page = vec![5u8; PAGE];
-        let mut pages = Vec::new();
-        let mut w = PageWriter::new(&mut pages);
+        // A reused buffer: longer than the message, full of old bytes.
+        let mut pages = vec![0xEE; 3 * (8 + PAGE) + 100];
+        let mut w = PageWriter::new(&mut pages, 0);
         w.push::<()>(0x1000, |p| {
             p.copy_from_slice(&page);
             Ok(true)
@@ -796,7 +817,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(w.len(), 2);
-        let Message::Pages(p) = Message::decode(&pages).unwrap() else {
+        let end = w.end();
+        assert_eq!(end, 5 + 2 * (8 + PAGE));
+        let Message::Pages(p) = Message::decode(&pages[..end]).unwrap() else {
             panic!("not pages")
         };
         let got: Vec<_> = p.iter().map(|(g, d)| (g, d.to_vec())).collect();
@@ -908,6 +931,14 @@ mod tests {
             Message::decode(&b),
             Err(WireError::Unknown { value: 2, .. })
         ));
+    }
+
+    #[test]
+    fn zero_pages_are_told_apart() {
+        let mut p = vec![0u8; PAGE];
+        assert!(is_zero_page(&p));
+        p[PAGE - 1] = 1;
+        assert!(!is_zero_page(&p));
     }
 
     #[test]

@@ -25,6 +25,9 @@ struct Args {
     /// Image sizes in MiB.
     #[arg(long, value_delimiter = ',', default_value = "4,10,20,50,256,1024")]
     sizes: Vec<u64>,
+    /// Loads: the stream app's rate (`120M`, `full`, or any rate it takes).
+    #[arg(long, value_delimiter = ',', default_value = "120M,full")]
+    loads: Vec<String>,
     /// Runs per point (medians are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -163,6 +166,7 @@ fn one_run(
     size: u64,
     rate: &str,
     capture: bool,
+    secure: bool,
     seconds: f64,
     n: u32,
 ) -> Result<Value> {
@@ -189,11 +193,13 @@ fn one_run(
         "listening",
     )?;
     let port = 7000 + (n % 1000) as u16;
-    let extra: Vec<&str> = if capture {
+    let mut extra: Vec<&str> = if capture {
         vec![]
     } else {
         vec!["--no-capture"]
     };
+    let channel: &[&str] = if secure { &[] } else { &["--insecure"] };
+    extra.extend_from_slice(channel);
     let b = c.start_receiver(
         "hostB",
         port,
@@ -208,7 +214,7 @@ fn one_run(
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
     let report = c
-        .migrate(&api_a, "hostB", port, &[])
+        .migrate(&api_a, "hostB", port, channel)
         .map_err(anyhow::Error::msg)?;
     let out = client.wait_with_output()?;
     let d = c.client_tcp_counters()?.since(&before);
@@ -226,8 +232,13 @@ fn one_run(
         .unwrap_or_default();
     let mut steady = windows.clone();
     let steady = median(&mut steady);
+    // Round 0 sends every touched page: its rate is the pre-copy's.
+    let r0 = &rv["precopy"][0];
+    let precopy_bytes_per_s =
+        r0["bytes"].as_f64().unwrap_or(0.0) / (r0["ms"].as_f64().unwrap_or(f64::NAN) / 1e3);
     Ok(json!({
-        "size_mib": size, "rate": rate, "capture": capture,
+        "size_mib": size, "rate": rate, "capture": capture, "secure": secure,
+        "precopy_bytes_per_s": precopy_bytes_per_s,
         "migration_gap_ms": g.gap_ms,
         "gap_at_ms": g.gap_at_ms,
         "own_gap_ms": g.own_gap_ms,
@@ -358,17 +369,27 @@ fn main() -> Result<()> {
     let a = Args::parse();
     let mut c = Cluster::up("fmbench").context("building the cluster (root needed)")?;
     let mut results = Vec::new();
+    let mut insecure: Vec<Value> = Vec::new();
     let mut n = 0u32;
     for &size in a.sizes.iter().filter(|_| !a.only_qemu) {
-        for rate in ["120M", "full"] {
+        for rate in a.loads.iter().map(String::as_str) {
             for capture in [true, false] {
                 let mut runs = Vec::new();
                 for _ in 0..a.runs {
                     n += 1;
-                    match one_run(&mut c, size, rate, capture, a.seconds, n) {
+                    match one_run(&mut c, size, rate, capture, true, a.seconds, n) {
                         Ok(r) => runs.push(r),
                         Err(e) => {
                             eprintln!("bench-migrate: {size} MiB {rate} capture={capture}: {e:#}")
+                        }
+                    }
+                    // What the crypto costs: the same run over an
+                    // --insecure channel, interleaved (120M, capture on).
+                    if rate == a.loads[0] && capture {
+                        n += 1;
+                        match one_run(&mut c, size, rate, capture, false, a.seconds, n) {
+                            Ok(r) => insecure.push(r),
+                            Err(e) => eprintln!("bench-migrate: {size} MiB insecure: {e:#}"),
                         }
                     }
                 }
@@ -475,11 +496,72 @@ fn main() -> Result<()> {
         dir.join("migrate-qemu.json"),
         serde_json::to_string_pretty(&qemu_rows)? + "\n",
     )?;
-    let md = report(&results, &qemu_rows);
+    if !insecure.is_empty() {
+        std::fs::write(
+            dir.join("migrate-insecure.json"),
+            serde_json::to_string_pretty(&insecure)? + "\n",
+        )?;
+    }
+    let md = report(&results, &qemu_rows) + &crypto_report(&results, &insecure);
     std::fs::write(root().join("docs/bench-migrate.md"), &md)?;
     print!("{md}");
     drop(c);
     Ok(())
+}
+
+/// The crypto's cost: the same runs (120M, capture on) over the secure
+/// channel and over `--insecure`, interleaved, per size.
+fn crypto_report(results: &[Value], insecure: &[Value]) -> String {
+    if insecure.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\nWhat the channel's crypto costs (Noise NNpsk0 handshake, AES-256-GCM records; `--insecure`: the same protocol in plain text, no authentication), the same runs interleaved (the first load, capture on): pre-copy rate = round 0's bytes (every touched page) over its time; the downtime's p50 / p99 are nearest ranks over the runs.\n\n| image | runs (secure / insecure) | pre-copy, secure | pre-copy, insecure | ratio | downtime p50 / p99, secure | downtime p50 / p99, insecure | p50 added by the crypto |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut sizes: Vec<u64> = insecure
+        .iter()
+        .filter_map(|r| r["size_mib"].as_u64())
+        .collect();
+    sizes.dedup();
+    for size in sizes {
+        let secure: Vec<&Value> = results
+            .iter()
+            .filter(|r| {
+                r["size_mib"].as_u64() == Some(size)
+                    && r["rate"] == insecure[0]["rate"]
+                    && r["capture"] == true
+            })
+            .flat_map(|r| r["detail"].as_array().into_iter().flatten())
+            .collect();
+        let plain: Vec<&Value> = insecure
+            .iter()
+            .filter(|r| r["size_mib"].as_u64() == Some(size))
+            .collect();
+        let pick = |runs: &[&Value], k: &str| -> Vec<f64> {
+            runs.iter().filter_map(|r| r[k].as_f64()).collect()
+        };
+        let (mut rs, mut ri) = (
+            pick(&secure, "precopy_bytes_per_s"),
+            pick(&plain, "precopy_bytes_per_s"),
+        );
+        let (mut ds, mut di) = (pick(&secure, "downtime_ms"), pick(&plain, "downtime_ms"));
+        let (rs50, ri50) = (quantile(&mut rs, 0.5), quantile(&mut ri, 0.5));
+        let (ds50, di50) = (quantile(&mut ds, 0.5), quantile(&mut di, 0.5));
+        md.push_str(&format!(
+            "| {size} MB | {} / {} | {:.2} GB/s | {:.2} GB/s | {:.2}x | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} ms |\n",
+            secure.len(),
+            plain.len(),
+            rs50 / 1e9,
+            ri50 / 1e9,
+            rs50 / ri50,
+            ds50,
+            quantile(&mut ds, 0.99),
+            di50,
+            quantile(&mut di, 0.99),
+            ds50 - di50,
+        ));
+    }
+    md
 }
 
 /// p-quantile (0..=1) of `v` (nearest rank).
