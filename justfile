@@ -57,12 +57,28 @@ build-failpoints:
 build-image APP:
     images/build {{APP}}
 
-# Run APP (+ ARGS) on hostA of the namespace cluster (built if needed) and say how to reach it; Ctrl-C stops it.
+# Run APP (+ ARGS) as the cluster's service on hostA, detached (closing the terminal does not stop it); says how to reach, move and stop it.
 run-app APP *ARGS: build
     #!/usr/bin/env bash
     set -euo pipefail
-    image=$(images/build {{APP}})
-    exec target/release/ferry-cluster run "$image" -- {{ARGS}}
+    if [ -f "{{APP}}" ]; then image="{{APP}}"; else image=$(images/build {{APP}}); fi
+    target/release/ferry-cluster run "$image" -- {{ARGS}}
+
+# Where the cluster's service runs: host, app, state, generation, uptime, control socket.
+status: build
+    target/release/ferry-cluster status
+
+# Stop the cluster's service, wherever it runs.
+stop: build
+    target/release/ferry-cluster stop
+
+# Snapshot the cluster's service to FILE (THEN: resume, pause or stop).
+snapshot FILE THEN="resume": build
+    target/release/ferry-cluster snapshot "{{FILE}}" --then {{THEN}}
+
+# Restore the snapshot FILE as the cluster's service on HOST (hostA or hostB), detached.
+restore FILE HOST="hostA": build
+    target/release/ferry-cluster restore "{{FILE}}" --host {{HOST}}
 
 # Build the namespace cluster (ferry-client, ferry-router, ferry-hostA, ferry-hostB); prints the service IP.
 cluster-up: build
@@ -132,7 +148,7 @@ bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
     python3 tests/strip_samples.py target/bench/migrate.json docs/bench-migrate.json
     python3 tests/strip_samples.py target/bench/migrate-qemu.json docs/bench-migrate-qemu.json
 
-# Live-migrate the VM that `just run-app` started to the other host (and back when run again).
+# Live-migrate the cluster's service to the other host, wherever it runs (authenticated, encrypted).
 live-migrate DOWNTIME_MS="1": build
     target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}
 

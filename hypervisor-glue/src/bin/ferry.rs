@@ -702,7 +702,7 @@ fn progress_line(p: &Value) -> String {
             let done = p["pages_done"].as_u64().unwrap_or(0);
             let of = p["pages"].as_u64().unwrap_or(0).max(1);
             format!(
-                "round {:>2}: {:>5.1}% of {} pages, {:.1} MiB sent, {:.0} MiB/s, ETA {:.1} s",
+                "round {:>2}: {:>5.1}% of {} pages looked at, {:.1} MiB sent, {:.0} MiB/s, ETA {:.1} s",
                 p["round"],
                 done as f64 * 100.0 / of as f64,
                 of,

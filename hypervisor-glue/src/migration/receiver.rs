@@ -587,9 +587,10 @@ fn seqpacket_pair() -> std::io::Result<(UnixDatagram, UnixDatagram)> {
     })
 }
 
-/// Takes the receiver's stop signals on a thread: with `--once`, they go
-/// on to the VM's process (which then ends, and the receiver with it);
-/// otherwise the receiver ends at once and the VMs it received run on.
+/// Takes the receiver's signals on a thread. SIGHUP (a closed terminal)
+/// changes nothing. SIGINT and SIGTERM: with `--once` they go on to the
+/// VM's process (which then ends, and the receiver with it); otherwise
+/// the receiver ends at once and the VMs it received run on.
 pub fn install_signals(once: bool, receiver: Arc<Receiver>) -> std::io::Result<()> {
     // SAFETY: plain sigset manipulation on a local set; pthread_sigmask
     // changes only this thread's mask (and the threads it starts).
@@ -610,6 +611,10 @@ pub fn install_signals(once: bool, receiver: Arc<Receiver>) -> std::io::Result<(
                 // SAFETY: `set` is valid and `sig` a valid out pointer.
                 if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                     return;
+                }
+                if sig == libc::SIGHUP {
+                    say("SIGHUP (a closed terminal?) ignored: the receiver and its VMs run on");
+                    continue;
                 }
                 let taken = *receiver.taken.lock().expect("taken");
                 let pid = taken.and_then(|t| {

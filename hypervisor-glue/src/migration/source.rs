@@ -146,13 +146,14 @@ fn all_pages(mem: &crate::memory::GuestRam) -> impl Iterator<Item = u64> + '_ {
 
 /// Sends pages read from guest memory now, in batches; with `skip_zero`,
 /// pages of zeros stay behind (the destination's memory starts zeroed).
-/// `tick` sees the pages done so far. Returns the bytes of pages sent.
+/// `tick` sees the pages done so far and the bytes sent. Returns the bytes
+/// of pages sent.
 fn send_pages(
     ch: &mut Channel,
     ctx: &SourceContext,
     gpas: &mut dyn Iterator<Item = u64>,
     skip_zero: bool,
-    tick: &mut dyn FnMut(u64),
+    tick: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, Error> {
     let mut sent = 0u64;
     let mut done = 0u64;
@@ -171,7 +172,7 @@ fn send_pages(
             }
             Ok(())
         })? as u64;
-        tick(done);
+        tick(done, sent);
     }
     Ok(sent)
 }
@@ -361,20 +362,23 @@ impl Source {
         let memory_bytes = total_pages * PAGE as u64;
         let t = Instant::now();
         let mut last_tick = Instant::now();
+        // Progress: pages looked at of the round's pages, bytes sent in
+        // all, the round's rate (bytes sent per second) and its ETA (at the
+        // rate pages are looked at).
         let mut tick = |round: u32, done: u64, of: u64, sent: u64, started: Instant| {
             if last_tick.elapsed() >= PROGRESS_EVERY || done == of {
                 last_tick = Instant::now();
                 let secs = started.elapsed().as_secs_f64().max(1e-6);
-                let rate = done as f64 * PAGE as f64 / secs;
-                let eta = (of - done) as f64 * PAGE as f64 / rate.max(1.0);
+                let eta = (of - done) as f64 * secs / done.max(1) as f64;
                 progress(
                     json!({"phase": "precopy", "round": round, "pages_done": done, "pages": of,
-                    "sent_bytes": sent, "memory_bytes": memory_bytes, "rate_bytes_per_s": rate as u64, "eta_s": eta}),
+                    "sent_bytes": sent, "memory_bytes": memory_bytes,
+                    "rate_bytes_per_s": (sent as f64 / secs) as u64, "eta_s": eta}),
                 );
             }
         };
-        let b = send_pages(ch, ctx, &mut all_pages(&ctx.mem), true, &mut |d| {
-            tick(0, d, total_pages, stats.bytes, t)
+        let b = send_pages(ch, ctx, &mut all_pages(&ctx.mem), true, &mut |d, s| {
+            tick(0, d, total_pages, s, t)
         })?;
         stats.bytes += b;
         let mut bandwidth =
@@ -403,8 +407,8 @@ impl Source {
             let t = Instant::now();
             let n = pending.len() as u64;
             let sent_before = stats.bytes;
-            let b = send_pages(ch, ctx, &mut pending.iter().copied(), false, &mut |d| {
-                tick(round, d, n, sent_before, t)
+            let b = send_pages(ch, ctx, &mut pending.iter().copied(), false, &mut |d, s| {
+                tick(round, d, n, sent_before + s, t)
             })?;
             stats.bytes += b;
             bandwidth = (b as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(1.0);
@@ -438,7 +442,7 @@ impl Source {
         pending.dedup();
         stats.last_pages = pending.len();
         mark("dirty_log", &mut since);
-        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_| {})?;
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| {})?;
         mark("last_pages", &mut since);
         let state = match self.call(Command::Save)? {
             Reply::State(s) => s,

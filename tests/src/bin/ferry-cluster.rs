@@ -1,49 +1,61 @@
 //! `ferry-cluster`: the single-IP-address cluster in network namespaces
-//! (`ferry-client`, `ferry-router`, `ferry-hostA`, `ferry-hostB`), for
-//! `just cluster-up`, `just cluster-down` and `just run-app`.
+//! (`ferry-client`, `ferry-router`, `ferry-hostA`, `ferry-hostB`) and the
+//! service running in it, for `just cluster-up`, `run-app`,
+//! `live-migrate`, `snapshot`, `restore`, `stop` and `status`.
+//!
+//! Every VM it starts runs detached: a session of its own (no terminal
+//! owns it), stdin from /dev/null, its console appended to
+//! `target/cluster/PREFIX/HOST.log`. Each host runs a receiver (`ferry
+//! receive`, detached too) for VMs moving there; a VM that arrives answers
+//! on that host's control socket, `/run/ferry/PREFIX/HOST.sock`. Where the
+//! VM runs is found by asking those sockets, so every command finds it
+//! wherever it went, however it got there (started, moved, restored).
 use std::os::unix::process::CommandExt;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ferry_tests::cluster::{self, Cluster, SERVICE_MAC, TAP, VIP};
-
-const PREFIX: &str = "ferry";
+use ferry_tests::cluster::{self, Cluster, HOSTS, MIGRATION_IPS, SERVICE_MAC, TAP, VIP};
+use serde_json::Value;
 
 #[derive(Parser, Debug)]
-#[command(about = "Build, inspect and use Ferry's namespace cluster (needs root)")]
+#[command(
+    about = "Build and use Ferry's namespace cluster: run a service, move it, snapshot, restore, stop (needs root)"
+)]
 struct Cli {
+    /// The cluster's name: its namespaces are PREFIX-client, -router,
+    /// -hostA, -hostB.
+    #[arg(long, global = true, default_value = "ferry")]
+    prefix: String,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Build the cluster (no-op if it is up); prints the service IP.
+    /// Build the cluster and start a receiver on each host (no-op for
+    /// what is up already); prints the service IP.
     Up,
     /// End every process in the cluster's namespaces, then remove them.
     Down,
-    /// Say whether the cluster is up and what runs in it.
-    Status,
-    /// Remove what earlier test runs left behind (their namespaces, with
-    /// whatever still runs in them), e.g. after a test run was killed.
-    CleanTests,
-    /// Live-migrate the VM that `run` started to the other host (and back
-    /// when run again); the destination keeps running it in the background.
-    Migrate {
-        /// Downtime budget in milliseconds.
-        #[arg(long, default_value_t = 1)]
-        downtime_ms: u64,
+    /// Where the service runs (host, app, state, generation, uptime,
+    /// control socket), and the receivers.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Run an app image as the service on a host, in the foreground
-    /// (Ctrl-C stops it); brings the cluster up first if needed.
+    /// Run an app image as the service on a host, detached; prints how to
+    /// reach it, its control socket and its console log.
     Run {
         /// The image, e.g. images/out/kv.
-        image: std::path::PathBuf,
+        image: PathBuf,
         /// Which host runs it.
         #[arg(long, default_value = "hostA", value_parser = ["hostA", "hostB"])]
         host: String,
-        /// Guest memory.
+        /// Guest memory, e.g. 64M or 1G.
         #[arg(long, default_value = "64M")]
         memory: String,
         /// A setting for the guest runtime (`ferry run --guest-arg`), e.g.
@@ -54,239 +66,522 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Live-migrate the service to the other host (wherever it runs now).
+    Migrate {
+        /// Downtime budget in milliseconds.
+        #[arg(long, default_value_t = 1)]
+        downtime_ms: u64,
+    },
+    /// Write a snapshot of the service (wherever it runs).
+    Snapshot {
+        /// The snapshot file.
+        file: PathBuf,
+        /// What the service does afterwards.
+        #[arg(long, default_value = "resume", value_parser = ["resume", "pause", "stop"])]
+        then: String,
+    },
+    /// Restore a snapshot as the service on a host, detached.
+    Restore {
+        /// The snapshot file.
+        file: PathBuf,
+        /// Which host runs it.
+        #[arg(long, default_value = "hostA", value_parser = ["hostA", "hostB"])]
+        host: String,
+    },
+    /// Stop the service, wherever it runs.
+    Stop,
+    /// Remove what earlier test runs left behind (their namespaces, with
+    /// whatever still runs in them), e.g. after a test run was killed.
+    CleanTests,
 }
 
-fn pids(ns: &str) -> Vec<i32> {
-    std::process::Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+struct Ctx {
+    prefix: String,
 }
 
-const NODES: [&str; 4] = ["client", "router", "hostA", "hostB"];
-
-fn up() -> Result<()> {
-    if Cluster::exists(PREFIX) {
-        println!("cluster: already up");
-    } else {
-        Cluster::up(PREFIX)?.keep();
-        println!("cluster: up (namespaces ferry-client, ferry-router, ferry-hostA, ferry-hostB)");
+impl Ctx {
+    fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
     }
-    println!(
-        "cluster: service IP {VIP}; clients run in ferry-client, e.g. `ip netns exec ferry-client curl http://{VIP}/`"
-    );
-    Ok(())
-}
+    fn run_dir(&self) -> PathBuf {
+        Path::new("/run/ferry").join(&self.prefix)
+    }
+    fn api(&self, host: &str) -> PathBuf {
+        self.run_dir().join(format!("{host}.sock"))
+    }
+    fn log(&self, host: &str) -> PathBuf {
+        ferry_tests::root()
+            .join("target/cluster")
+            .join(&self.prefix)
+            .join(format!("{host}.log"))
+    }
+    fn receiver_pidfile(&self, host: &str) -> PathBuf {
+        self.run_dir().join(format!("receiver-{host}.pid"))
+    }
 
-fn down() -> Result<()> {
-    for n in NODES {
-        for pid in pids(&format!("{PREFIX}-{n}")) {
-            // SAFETY: kill(2) on a PID the kernel just listed in our namespace.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+    /// The status of the VM behind `host`'s control socket, if one answers.
+    fn vm(&self, host: &str) -> Option<Value> {
+        let p = self.api(host);
+        let text = cluster::ferry_ctl(&["status", "--json", "--api"], &p).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The hosts whose control sockets answer: (host, status).
+    fn vms(&self) -> Vec<(&'static str, Value)> {
+        HOSTS
+            .iter()
+            .filter_map(|h| self.vm(h).map(|v| (*h, v)))
+            .collect()
+    }
+
+    /// The host where the service runs (or is paused, or arriving).
+    fn where_vm(&self) -> Result<(&'static str, Value)> {
+        let vms = self.vms();
+        let running: Vec<_> = vms
+            .iter()
+            .filter(|(_, v)| v["state"] != "gone")
+            .cloned()
+            .collect();
+        match running.as_slice() {
+            [] => bail!("no VM runs in the cluster: start one with `just run-app APP`"),
+            [one] => Ok(one.clone()),
+            many => {
+                // A moved VM's source may still answer, paused, while the
+                // move settles: the one that runs is the service.
+                if let Some(r) = many.iter().find(|(_, v)| v["state"] == "running") {
+                    return Ok(r.clone());
+                }
+                Ok(many[0].clone())
+            }
         }
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    for n in NODES {
-        for pid in pids(&format!("{PREFIX}-{n}")) {
-            // SAFETY: as above; whatever did not end on SIGTERM.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+
+    /// Refuses when a VM holds the service's address anywhere.
+    fn refuse_if_taken(&self) -> Result<()> {
+        if let Some((host, v)) = self.vms().into_iter().next() {
+            bail!(
+                "{host} already runs VM {} ({}) with the service address {VIP} ({SERVICE_MAC}), {}; stop it first with `just stop`",
+                short(&v["id"]),
+                app(&v),
+                v["detail"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(())
+    }
+
+    fn up(&self) -> Result<()> {
+        if Cluster::exists(&self.prefix) {
+            println!("cluster: up");
+        } else {
+            Cluster::up(&self.prefix)?.keep();
+            println!(
+                "cluster: up (namespaces {p}-client, {p}-router, {p}-hostA, {p}-hostB)",
+                p = self.prefix
+            );
+        }
+        for h in HOSTS {
+            self.ensure_receiver(h)?;
+        }
+        println!(
+            "cluster: service IP {VIP}; clients run in {}, e.g. `ip netns exec {} curl http://{VIP}/`",
+            self.ns("client"),
+            self.ns("client")
+        );
+        Ok(())
+    }
+
+    fn receiver_alive(&self, host: &str) -> bool {
+        std::fs::read_to_string(self.receiver_pidfile(host))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|pid| {
+                // SAFETY: signal 0 only checks that the process exists.
+                let exists = unsafe { libc::kill(pid, 0) } == 0;
+                exists
+                    && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.contains("receive"))
+            })
+    }
+
+    /// Starts `host`'s receiver, detached, unless it runs.
+    fn ensure_receiver(&self, host: &str) -> Result<()> {
+        if self.receiver_alive(host) {
+            return Ok(());
+        }
+        let c = Cluster::attach(&self.prefix)?;
+        let i = HOSTS.iter().position(|h| *h == host).expect("a host");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .arg(ferry_tests::ferry_bin())
+            .args([
+                "receive",
+                "--listen",
+                &format!("{}:7000", MIGRATION_IPS[i]),
+                "--tap",
+                TAP,
+                "--name",
+                host,
+                "--key",
+            ])
+            .arg(c.key())
+            .arg("--api")
+            .arg(self.api(host));
+        let from = std::fs::metadata(self.log(host)).map_or(0, |m| m.len() as usize);
+        let pid = self.detached(cmd, host)?;
+        std::fs::write(self.receiver_pidfile(host), pid.to_string())?;
+        let t = Instant::now();
+        loop {
+            let text = std::fs::read(self.log(host)).unwrap_or_default();
+            if String::from_utf8_lossy(&text[from.min(text.len())..]).contains("waiting for VMs") {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "the receiver on {host} did not start; the end of {}:\n{}",
+                    self.log(host).display(),
+                    tail(&self.log(host), 8)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    cluster::remove(PREFIX);
-    println!("cluster: down");
-    Ok(())
-}
 
-/// The control socket of the VM on `host` (`run` and `migrate` use it).
-fn api_path(host: &str) -> std::path::PathBuf {
-    std::path::Path::new("/run/ferry").join(format!("{host}.sock"))
-}
-
-/// Moves the cluster's VM to the other host.
-fn migrate(downtime_ms: u64) -> Result<()> {
-    let alive = |h: &str| {
-        let p = api_path(h);
-        p.exists() && ferry_tests::cluster::ferry_ctl(&["status", "--json", "--api"], &p).is_ok()
-    };
-    let (from, to, to_ip) = if alive("hostA") {
-        ("hostA", "hostB", cluster::MIGRATION_IPS[1])
-    } else if alive("hostB") {
-        ("hostB", "hostA", cluster::MIGRATION_IPS[0])
-    } else {
-        bail!("no VM runs in the cluster: start one with `just run-app APP`");
-    };
-    let to_api = api_path(to);
-    let _ = std::fs::remove_file(&to_api);
-    let key = Cluster::attach(PREFIX)?.key().to_path_buf();
-    let log = ferry_tests::root().join(format!("target/cluster/{to}.log"));
-    std::fs::create_dir_all(log.parent().expect("dir"))?;
-    let out = std::fs::File::create(&log)?;
-    let mut receiver = std::process::Command::new("ip")
-        .args(["netns", "exec", &format!("{PREFIX}-{to}")])
-        .arg(ferry_tests::ferry_bin())
-        .args([
-            "receive",
-            "--once",
-            "--name",
-            to,
-            "--listen",
-            &format!("{to_ip}:7000"),
-            "--tap",
-            TAP,
-            "--key",
-        ])
-        .arg(&key)
-        .arg("--api")
-        .arg(&to_api)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting ferry receive")?;
-    cluster::wait_for_line(
-        &log,
-        "waiting for VMs",
-        std::time::Duration::from_secs(10),
-        receiver.id(),
-    )?;
-    println!(
-        "live-migrate: {from} -> {to} (the VM's console continues in {})",
-        log.display()
-    );
-    let st = std::process::Command::new(ferry_tests::ferry_bin())
-        .args([
-            "migrate",
-            "--to",
-            &format!("{to_ip}:7000"),
-            "--downtime-ms",
-            &downtime_ms.to_string(),
-            "--key",
-        ])
-        .arg(&key)
-        .arg("--api")
-        .arg(api_path(from))
-        .status()?;
-    if !st.success() {
-        let _ = receiver.kill();
-        bail!("the migration failed; the VM runs on {from}");
+    /// Starts `cmd` in a session of its own (no terminal owns it), stdin
+    /// from /dev/null, output appended to `host`'s log; returns its PID.
+    fn detached(&self, mut cmd: Command, host: &str) -> Result<u32> {
+        let log = self.log(host);
+        std::fs::create_dir_all(log.parent().expect("a directory"))?;
+        std::fs::create_dir_all(self.run_dir())?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: setsid is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(child.id())
     }
-    Ok(())
+
+    /// Waits until `host`'s control socket answers (the VM `pid` runs).
+    fn wait_vm(&self, host: &str, pid: u32, what: &str) -> Result<Value> {
+        let t = Instant::now();
+        loop {
+            if let Some(v) = self.vm(host) {
+                return Ok(v);
+            }
+            // SAFETY: signal 0 only checks that the process exists.
+            let alive = unsafe { libc::kill(pid as i32, 0) } == 0
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                });
+            if !alive || t.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "{what} did not come up; the end of {}:\n{}",
+                    self.log(host).display(),
+                    tail(&self.log(host), 8)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn run(
+        &self,
+        image: &Path,
+        host: &str,
+        memory: &str,
+        guest_args: &[String],
+        args: &[String],
+    ) -> Result<()> {
+        if !image.is_file() {
+            bail!(
+                "{} does not exist (build it with `just build-image APP`)",
+                image.display()
+            );
+        }
+        self.up()?;
+        self.refuse_if_taken()?;
+        let api = self.api(host);
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .arg(ferry_tests::ferry_bin())
+            .arg("run")
+            .arg(image)
+            .arg("--api")
+            .arg(&api)
+            .args(cluster::service_args(memory))
+            .args(guest_args.iter().flat_map(|a| ["--guest-arg", a]))
+            .arg("--")
+            .args(args);
+        let pid = self.detached(cmd, host)?;
+        let v = self.wait_vm(host, pid, "the VM")?;
+        let app = image.file_name().and_then(|n| n.to_str()).unwrap_or("app");
+        println!(
+            "run-app: {app} runs on {host} as {VIP} ({SERVICE_MAC}), VM {} (pid {pid}), detached: closing this terminal does not stop it",
+            short(&v["id"])
+        );
+        println!(
+            "run-app:   reach it:       {}",
+            hint(app, &self.ns("client"))
+        );
+        println!(
+            "run-app:   status:         just status   (or: ferry status --api {})",
+            api.display()
+        );
+        println!(
+            "run-app:   console:        {} (`tail -f` it)",
+            self.log(host).display()
+        );
+        println!("run-app:   move it:        just live-migrate");
+        println!("run-app:   stop it:        just stop");
+        Ok(())
+    }
+
+    fn migrate(&self, downtime_ms: u64) -> Result<()> {
+        let (from, v) = self.where_vm()?;
+        if v["state"] != "running" {
+            bail!(
+                "the VM on {from} is not running: {}",
+                v["detail"].as_str().unwrap_or("?")
+            );
+        }
+        let to = if from == "hostA" { "hostB" } else { "hostA" };
+        self.ensure_receiver(to)?;
+        let i = HOSTS.iter().position(|h| *h == to).expect("a host");
+        let key = Cluster::attach(&self.prefix)?.key().to_path_buf();
+        println!("live-migrate: {from} -> {to}");
+        let st = Command::new(ferry_tests::ferry_bin())
+            .args([
+                "migrate",
+                "--to",
+                &format!("{}:7000", MIGRATION_IPS[i]),
+                "--downtime-ms",
+                &downtime_ms.to_string(),
+                "--key",
+            ])
+            .arg(&key)
+            .arg("--api")
+            .arg(self.api(from))
+            .status()?;
+        if !st.success() {
+            let now = self
+                .vms()
+                .iter()
+                .map(|(h, v)| format!("{h}: {}", v["detail"].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join("; ");
+            bail!("the migration did not complete; now {now}");
+        }
+        println!(
+            "live-migrate: the VM runs on {to} now (control socket {}, console {})",
+            self.api(to).display(),
+            self.log(to).display()
+        );
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<()> {
+        let (host, v) = self.where_vm()?;
+        cluster::ferry_ctl(&["stop", "--api"], &self.api(host))?;
+        println!(
+            "stop: stopped {} (VM {}) on {host}",
+            app(&v),
+            short(&v["id"])
+        );
+        Ok(())
+    }
+
+    fn snapshot(&self, file: &Path, then: &str) -> Result<()> {
+        let (host, _) = self.where_vm()?;
+        let file = std::path::absolute(file)?;
+        let st = Command::new(ferry_tests::ferry_bin())
+            .args(["snapshot", "--then", then, "--out"])
+            .arg(&file)
+            .arg("--api")
+            .arg(self.api(host))
+            .status()?;
+        if !st.success() {
+            bail!("the snapshot failed");
+        }
+        println!("snapshot: the VM on {host} is in {}", file.display());
+        Ok(())
+    }
+
+    fn restore(&self, file: &Path, host: &str) -> Result<()> {
+        if !file.is_file() {
+            bail!("{} does not exist", file.display());
+        }
+        self.up()?;
+        self.refuse_if_taken()?;
+        let file = std::path::absolute(file)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(host)])
+            .arg(ferry_tests::ferry_bin())
+            .arg("restore")
+            .arg(&file)
+            .args(["--tap", TAP, "--api"])
+            .arg(self.api(host));
+        let pid = self.detached(cmd, host)?;
+        let v = self.wait_vm(host, pid, "the restored VM")?;
+        println!(
+            "restore: VM {} ({}) runs on {host} at generation {}, detached (control socket {}, console {})",
+            short(&v["id"]),
+            app(&v),
+            v["generation"],
+            self.api(host).display(),
+            self.log(host).display()
+        );
+        Ok(())
+    }
+
+    fn status(&self, json: bool) -> Result<()> {
+        let up = Cluster::exists(&self.prefix);
+        let vms = self.vms();
+        if json {
+            let v = serde_json::json!({
+                "up": up,
+                "receivers": HOSTS.iter().map(|h| (h.to_string(), Value::Bool(self.receiver_alive(h)))).collect::<serde_json::Map<_, _>>(),
+                "vms": vms.iter().map(|(h, v)| serde_json::json!({"host": h, "socket": self.api(h), "status": v})).collect::<Vec<_>>(),
+            });
+            println!("{v}");
+            return Ok(());
+        }
+        if !up {
+            println!("cluster: down");
+            return Ok(());
+        }
+        println!("cluster: up, service IP {VIP} ({SERVICE_MAC})");
+        for h in HOSTS {
+            print!(
+                "  {h}: receiver {}",
+                if self.receiver_alive(h) {
+                    "listening"
+                } else {
+                    "not running"
+                }
+            );
+            match vms.iter().find(|(vh, _)| *vh == h) {
+                Some((_, v)) => println!(
+                    "; {} (VM {} generation {}): {}, up {:.0} s; socket {}",
+                    app(v),
+                    short(&v["id"]),
+                    v["generation"],
+                    v["detail"].as_str().unwrap_or("?"),
+                    v["uptime_s"].as_f64().unwrap_or(0.0),
+                    self.api(h).display()
+                ),
+                None => println!("; no VM"),
+            }
+        }
+        Ok(())
+    }
+
+    fn down(&self) -> Result<()> {
+        cluster::end_namespace_processes(&self.prefix);
+        cluster::remove(&self.prefix);
+        let _ = std::fs::remove_dir_all(self.run_dir());
+        println!("cluster: down");
+        Ok(())
+    }
 }
 
-fn hint(app: &str) -> String {
+fn short(id: &Value) -> String {
+    id.as_str().unwrap_or("?").chars().take(8).collect()
+}
+
+fn app(v: &Value) -> String {
+    Path::new(v["image"].as_str().unwrap_or("?"))
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn tail(p: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn hint(app: &str, client: &str) -> String {
     match app {
-        "kv" => format!("ip netns exec ferry-client redis-cli -h {VIP} -p 6379"),
-        "http" => format!("ip netns exec ferry-client curl http://{VIP}/"),
+        "kv" => format!("ip netns exec {client} redis-cli -h {VIP} -p 6379"),
+        "http" => format!("ip netns exec {client} curl http://{VIP}/"),
         "echo" => format!(
-            "ip netns exec ferry-client python3 -c \"import socket; s=socket.create_connection(('{VIP}',7)); s.sendall(b'hi'); print(s.recv(9))\""
+            "ip netns exec {client} python3 -c \"import socket; s=socket.create_connection(('{VIP}',7)); s.sendall(b'hi'); print(s.recv(9))\""
         ),
-        "stream" => format!(
-            "ip netns exec ferry-client target/release/stream-client {VIP}:5001 --seconds 10"
-        ),
-        _ => format!("ip netns exec ferry-client <client> {VIP}"),
+        "stream" => {
+            format!("ip netns exec {client} target/release/stream-client {VIP}:5001 --seconds 10")
+        }
+        _ => format!("ip netns exec {client} <client> {VIP}"),
     }
+}
+
+fn clean_tests() -> Result<()> {
+    let names = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let mut prefixes: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.rsplit_once('-').map(|(p, _)| p.to_string()))
+        .filter(|p| {
+            ["ft", "fs", "fm", "fx", "fo"]
+                .iter()
+                .any(|t| p.starts_with(t) && p[2..].bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    for p in &prefixes {
+        cluster::end_namespace_processes(p);
+        cluster::remove(p);
+        let _ = std::fs::remove_dir_all(Path::new("/run/ferry").join(p));
+    }
+    if !prefixes.is_empty() {
+        println!(
+            "cluster: removed {} clusters left by earlier test runs",
+            prefixes.len()
+        );
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let ctx = Ctx {
+        prefix: cli.prefix.clone(),
+    };
     let r = match cli.command {
-        Cmd::Up => up(),
-        Cmd::Down => down(),
-        Cmd::CleanTests => {
-            let names = std::fs::read_dir("/run/netns")
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default();
-            let mut prefixes: Vec<String> = names
-                .iter()
-                .filter_map(|n| n.rsplit_once('-').map(|(p, _)| p.to_string()))
-                .filter(|p| {
-                    ["ft", "fs", "fm", "fx"]
-                        .iter()
-                        .any(|t| p.starts_with(t) && p[2..].bytes().all(|b| b.is_ascii_digit()))
-                })
-                .collect();
-            prefixes.sort();
-            prefixes.dedup();
-            for p in &prefixes {
-                cluster::end_namespace_processes(p);
-                cluster::remove(p);
-            }
-            if !prefixes.is_empty() {
-                println!(
-                    "cluster: removed {} clusters left by earlier test runs",
-                    prefixes.len()
-                );
-            }
-            Ok(())
-        }
-        Cmd::Migrate { downtime_ms } => migrate(downtime_ms),
-        Cmd::Status => {
-            if Cluster::exists(PREFIX) {
-                println!("cluster: up, service IP {VIP}");
-                for n in NODES {
-                    let p = pids(&format!("{PREFIX}-{n}"));
-                    if !p.is_empty() {
-                        println!("cluster: {PREFIX}-{n} runs PIDs {p:?}");
-                    }
-                }
-            } else {
-                println!("cluster: down");
-            }
-            Ok(())
-        }
+        Cmd::Up => ctx.up(),
+        Cmd::Down => ctx.down(),
+        Cmd::Status { json } => ctx.status(json),
         Cmd::Run {
             image,
             host,
             memory,
             guest_args,
             args,
-        } => (|| -> Result<()> {
-            if !image.exists() {
-                bail!(
-                    "{} does not exist (build it with `just build-image APP`)",
-                    image.display()
-                );
-            }
-            up()?;
-            let ns = format!("{PREFIX}-{host}");
-            if !pids(&ns).is_empty() {
-                bail!(
-                    "{ns} already runs a process (PIDs {:?}); stop it or run `just cluster-down`",
-                    pids(&ns)
-                );
-            }
-            let app = image.file_name().and_then(|n| n.to_str()).unwrap_or("app");
-            println!(
-                "run-app: {app} on {ns} as {VIP} ({SERVICE_MAC}); reach it from the client namespace:"
-            );
-            println!("run-app:   {}", hint(app));
-            println!("run-app: Ctrl-C stops it.");
-            let api = api_path(&host);
-            let _ = std::fs::create_dir_all(api.parent().expect("dir"));
-            let err = std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(ferry_tests::ferry_bin())
-                .arg("run")
-                .arg(&image)
-                .arg("--api")
-                .arg(&api)
-                .args(cluster::service_args(&memory))
-                .args(guest_args.iter().flat_map(|a| ["--guest-arg", a]))
-                .arg("--")
-                .args(&args)
-                .exec();
-            Err(err).context("cannot start ferry")
-        })(),
+        } => ctx.run(&image, &host, &memory, &guest_args, &args),
+        Cmd::Migrate { downtime_ms } => ctx.migrate(downtime_ms),
+        Cmd::Snapshot { file, then } => ctx.snapshot(&file, &then),
+        Cmd::Restore { file, host } => ctx.restore(&file, &host),
+        Cmd::Stop => ctx.stop(),
+        Cmd::CleanTests => clean_tests(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,247 @@
+//! The operator's path: `ferry-cluster`, which `just run-app`,
+//! `live-migrate`, `status`, `stop`, `snapshot` and `restore` run, on a
+//! cluster of the test's own. VMs it starts belong to no terminal; it
+//! finds the service wherever it runs; it refuses a second VM on the
+//! service's address, naming the one there.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::cluster::VIP;
+use ferry_tests::{Need, image, needs, root};
+
+/// A cluster named for the test, run through `ferry-cluster`; brought
+/// down when dropped.
+struct Fc {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Fc {
+    fn new(test: &str, more: &[Need]) -> Option<Fc> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let mut all = vec![Need::Kvm, Need::Root, Need::Program("ip")];
+        all.extend_from_slice(more);
+        if !needs(test, &all) {
+            return None;
+        }
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("fo{}{n}", std::process::id() % 100_000);
+        let dir = ferry_tests::cluster::log_dir(test);
+        Some(Fc { prefix, dir })
+    }
+
+    fn bin() -> PathBuf {
+        root().join("target/release/ferry-cluster")
+    }
+
+    /// `ferry-cluster --prefix P ARGS`.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(Fc::bin());
+        c.arg("--prefix").arg(&self.prefix).args(args);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ferry-cluster {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out: Output = self.cmd(args).stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success(), "ferry-cluster {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Where the service runs, from `status --json`: (host, state,
+    /// generation) of each VM that answers.
+    fn vms(&self) -> Vec<(String, String, u64)> {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["status", "--json"])).unwrap();
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["host"].as_str().unwrap().to_string(),
+                    m["status"]["state"].as_str().unwrap().to_string(),
+                    m["status"]["generation"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn redis(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-client", self.prefix)])
+            .args(["redis-cli", "-h", VIP])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Runs `line` in a shell inside a pseudo-terminal (`script`), in a
+    /// session of its own, as an operator's terminal would; returns the
+    /// process holding the terminal and the file that logs it.
+    fn terminal(&self, name: &str, line: &str) -> (std::process::Child, PathBuf) {
+        let log = self.dir.join(format!("{name}.typescript"));
+        let _ = std::fs::remove_file(&log);
+        let child = Command::new("setsid")
+            .args(["script", "-qfec", line])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, log)
+    }
+}
+
+impl Drop for Fc {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["down"]).stdin(Stdio::null()).output();
+    }
+}
+
+fn wait_for(log: &PathBuf, needle: &str, limit: Duration) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            t.elapsed() < limit,
+            "no {needle:?} in {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Closes the terminal (the `script` process holding it dies; the shell in
+/// it gets SIGHUP).
+fn close_terminal(mut t: std::process::Child) {
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(t.id() as i32, libc::SIGKILL) };
+    let _ = t.wait();
+}
+
+/// The service started from one terminal and moved from another; both
+/// terminals are closed; the VM serves on, with its data, on the host it
+/// moved to, and `stop` ends it there.
+#[test]
+fn a_moved_vm_outlives_the_terminals_that_started_and_moved_it() {
+    let Some(fc) = Fc::new(
+        "a_moved_vm_outlives_the_terminals",
+        &[Need::Program("script"), Need::Program("redis-cli")],
+    ) else {
+        return;
+    };
+    let fcb = Fc::bin();
+    let kv = image("kv");
+    let (t1, log1) = fc.terminal(
+        "run",
+        &format!(
+            "{} --prefix {} run {}; echo STAR\"\"TED; sleep 600",
+            fcb.display(),
+            fc.prefix,
+            kv.display()
+        ),
+    );
+    wait_for(&log1, "STARTED", Duration::from_secs(60));
+    assert!(
+        std::fs::read_to_string(&log1)
+            .unwrap()
+            .contains("closing this terminal does not stop it")
+    );
+    close_terminal(t1);
+    assert_eq!(fc.redis(&["set", "survivor", "yes"]), "OK");
+    let (t2, log2) = fc.terminal(
+        "migrate",
+        &format!(
+            "{} --prefix {} migrate; echo MOV\"\"ED; sleep 600",
+            fcb.display(),
+            fc.prefix
+        ),
+    );
+    wait_for(&log2, "MOVED", Duration::from_secs(60));
+    assert!(
+        std::fs::read_to_string(&log2)
+            .unwrap()
+            .contains("runs on hostB now")
+    );
+    close_terminal(t2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fc.vms(), vec![("hostB".into(), "running".into(), 1)]);
+    assert_eq!(fc.redis(&["get", "survivor"]), "yes");
+    let out = fc.ok(&["stop"]);
+    assert!(out.contains("on hostB"), "{out}");
+    assert!(fc.vms().is_empty());
+}
+
+/// One VM holds the service's address: a second one is refused, naming
+/// the first and where it runs, before and after it moved, and a restore
+/// too.
+#[test]
+fn a_second_vm_on_the_service_address_is_refused() {
+    let Some(fc) = Fc::new("a_second_vm_on_the_service_address", &[]) else {
+        return;
+    };
+    let echo = image("echo");
+    let http = image("http");
+    fc.ok(&["run", echo.to_str().unwrap()]);
+    for host in ["hostA", "hostB"] {
+        let err = fc.fails(&["run", http.to_str().unwrap(), "--host", host]);
+        assert!(
+            err.contains("hostA already runs VM") && err.contains("(echo)"),
+            "{err}"
+        );
+    }
+    fc.ok(&["migrate"]);
+    let err = fc.fails(&["run", http.to_str().unwrap()]);
+    assert!(err.contains("hostB already runs VM"), "{err}");
+    let snap = fc.dir.join("echo.snap");
+    let _ = std::fs::remove_file(&snap);
+    fc.ok(&["snapshot", snap.to_str().unwrap()]);
+    let err = fc.fails(&["restore", snap.to_str().unwrap()]);
+    assert!(err.contains("hostB already runs VM"), "{err}");
+    assert_eq!(fc.vms(), vec![("hostB".into(), "running".into(), 1)]);
+}
+
+/// Snapshot and restore, one command each: the service stops into a file
+/// and comes back on the other host with its data, one generation on.
+#[test]
+fn snapshot_and_restore_are_one_command_each() {
+    let Some(fc) = Fc::new(
+        "snapshot_and_restore_one_command",
+        &[Need::Program("redis-cli")],
+    ) else {
+        return;
+    };
+    let kv = image("kv");
+    fc.ok(&["run", kv.to_str().unwrap()]);
+    assert_eq!(fc.redis(&["set", "k", "kept"]), "OK");
+    let snap = fc.dir.join("kv.snap");
+    let _ = std::fs::remove_file(&snap);
+    let out = fc.ok(&["snapshot", snap.to_str().unwrap(), "--then", "stop"]);
+    assert!(out.contains("is in"), "{out}");
+    let t = Instant::now();
+    while !fc.vms().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", fc.vms());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = fc.ok(&["restore", snap.to_str().unwrap(), "--host", "hostB"]);
+    assert!(out.contains("runs on hostB at generation 1"), "{out}");
+    assert_eq!(fc.redis(&["get", "k"]), "kept");
+    assert_eq!(fc.vms(), vec![("hostB".into(), "running".into(), 1)]);
+}
