@@ -438,8 +438,8 @@ pub fn run_session() -> Result<i32, Error> {
         &|d| mailbox.set_arriving(Some(arriving(d))),
         console,
     );
-    let mut vm = match received {
-        Ok(vm) => vm,
+    let (mut vm, urgent) = match received {
+        Ok(x) => x,
         Err(e) => {
             let why = e.to_string();
             phase.abort(&why);
@@ -508,6 +508,8 @@ pub fn run_session() -> Result<i32, Error> {
     }
     // COMMITTED: the receiver hears it before the first instruction runs.
     ipc.step(&Step::Committed);
+    // The vCPU runs on this thread, at its normal priority.
+    drop(urgent);
     failpoint::hit("dst-committed");
     if !h.capture {
         // What queued in the tap meanwhile is not the VM's.
@@ -583,7 +585,7 @@ fn receive(
     phase: &Phase,
     status: &dyn Fn(String),
     console: Console,
-) -> Result<Vm, Error> {
+) -> Result<(Vm, Option<crate::sched::Urgent>), Error> {
     // Pre-copy rounds arrive while the VM still runs on the source (maybe
     // on this machine's other core): receive them in the background.
     let mut background = Some(crate::sched::Background::enter());
@@ -625,8 +627,8 @@ fn receive(
                 let vm = incoming
                     .finish(&state, console)
                     .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
-                drop(urgent.take());
-                return Ok(vm);
+                // Still urgent: the VM waits for Ready, Commit and resume.
+                return Ok((vm, urgent.take()));
             }
             Message::Abort { reason } => return Err(Error::Peer(reason)),
             m => {

@@ -54,6 +54,11 @@ fn timing(size_mib: u64, ms_per_mib: f64, seconds: f64) -> (f64, f64) {
     (at, seconds.max(at + total + 1.5))
 }
 
+/// QEMU's `downtime-limit` in these runs: Ferry's default budget.
+const QEMU_DOWNTIME_LIMIT_MS: u64 = 1;
+/// QEMU's `max-bandwidth`, bytes/s: as good as unlimited.
+const QEMU_MAX_BANDWIDTH: u64 = 100_000_000_000;
+
 /// The stream app's echo port in these runs, and the rate the client
 /// sends to it (bytes/s).
 const ECHO_PORT: u16 = 5002;
@@ -326,6 +331,11 @@ fn qemu_run(c: &mut Cluster, size: u64, rate: &str, seconds: f64, n: u32) -> Res
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
+    // A fair peer: QEMU's downtime limit set to Ferry's budget and its
+    // bandwidth unlimited (its defaults are 300 ms and 128 MiB/s).
+    qmp_a.cmd(&format!(
+        r#"{{"execute":"migrate-set-parameters","arguments":{{"downtime-limit":{QEMU_DOWNTIME_LIMIT_MS},"max-bandwidth":{QEMU_MAX_BANDWIDTH}}}}}"#
+    ))?;
     qmp_a.cmd(&format!(
         r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{}:{port}"}}}}"#,
         cluster::MIGRATION_IPS[1]
@@ -651,7 +661,8 @@ fn report(results: &[Value], qemu_rows: &[Value]) -> String {
         ));
     }
     if !qemu_rows.is_empty() {
-        md.push_str("\nQEMU's own live migration (`migrate tcp:`), same image, topology and load (120M), no capture. The guest runs native under QEMU too; QEMU does not save PVM's control MSR (it is not in KVM's MSR index list), and *guest after move* says how the migrated guest ran (KVM's `insn_emulation` over 0.5 s, via QMP `query-stats`):\n\n| image | gap (median) | own gap | added | QEMU-reported downtime | total | retrans / resets / errors | echo cwnd: before / lowest | guest after move |\n|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str(&format!("\nQEMU's own live migration (`migrate tcp:`, with `downtime-limit` {QEMU_DOWNTIME_LIMIT_MS} ms as Ferry's budget and `max-bandwidth` {} GB/s, i.e. unlimited; QEMU's defaults are 300 ms and 128 MiB/s), same image, topology and load (120M), no capture.", QEMU_MAX_BANDWIDTH / 1_000_000_000));
+        md.push_str(" The guest runs native under QEMU too; QEMU does not save PVM's control MSR (it is not in KVM's MSR index list), and *guest after move* says how the migrated guest ran (KVM's `insn_emulation` over 0.5 s, via QMP `query-stats`):\n\n| image | gap (median) | own gap | added | QEMU-reported downtime | total | retrans / resets / errors | echo cwnd: before / lowest | guest after move |\n|---|---|---|---|---|---|---|---|---|\n");
         for r in qemu_rows {
             md.push_str(&format!(
                 "| {} MB | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} ms | {} / {} / {} | {:.0} / {:.0} | {} |\n",

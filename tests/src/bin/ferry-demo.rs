@@ -92,9 +92,14 @@ fn main() -> Result<()> {
             Ok(report) => {
                 let v: serde_json::Value = serde_json::from_str(&report)?;
                 println!(
-                    "done: {} rounds, {:.2} MiB, downtime {:.2} ms (VMM), total {:.1} ms",
+                    "done: {} rounds, {:.2} MiB {}, downtime {:.2} ms (VMM), total {:.1} ms",
                     v["rounds"],
                     v["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+                    if v["sealed"] == true {
+                        "authenticated and encrypted"
+                    } else {
+                        "IN PLAIN TEXT"
+                    },
                     v["downtime_ms"].as_f64().unwrap_or(0.0),
                     v["total_ms"].as_f64().unwrap_or(0.0)
                 );
@@ -137,6 +142,7 @@ fn main() -> Result<()> {
             "own_gap_ms": g.own_gap_ms,
             "added_ms": g.added_ms(),
             "vmm_downtime_ms": v["downtime_ms"], "total_ms": v["total_ms"],
+            "pause_phases_ms": v["pause_phases_ms"], "encrypted": v["sealed"],
             "rounds": v["rounds"], "bytes": v["bytes"],
             "captured_frames": v["destination"]["captured"],
         }));
