@@ -580,8 +580,9 @@ fn a_replayed_session_is_turned_away() {
     let report = k.c.migrate(&k.a, "hostB", 7999, &[]).unwrap();
     assert!(report.contains("\"ok\":true"), "{report}");
     let recorded = relay.finish();
+    // The whole session: every page the VM had written, its state.
     assert!(
-        recorded.len() > 1 << 20,
+        recorded.len() > 200_000,
         "{} bytes recorded",
         recorded.len()
     );
