@@ -29,7 +29,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::control::{After, Command, Mailbox, Reply};
-use crate::migration::key::{Credentials, Psk};
 
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -99,20 +98,6 @@ pub const DEFAULT_MARGIN_MS: u64 = 500;
 
 fn default_margin_ms() -> u64 {
     DEFAULT_MARGIN_MS
-}
-
-impl MigrateRequest {
-    /// The credentials the request names.
-    pub fn credentials(&self) -> Result<Credentials, String> {
-        match (&self.key, self.insecure) {
-            (Some(_), true) => Err("give a key or insecure, not both".into()),
-            (None, false) => Err("a key is required (or insecure)".into()),
-            (None, true) => Ok(Credentials::Insecure),
-            (Some(k), false) => Psk::from_hex(k)
-                .map(Credentials::Key)
-                .ok_or_else(|| "the key is not 64 hex digits".into()),
-        }
-    }
 }
 
 /// An error answer.
@@ -405,7 +390,7 @@ mod tests {
         let m = serde_json::from_str::<Request>(r#"{"cmd":"migrate","to":"a:1","insecure":true}"#)
             .unwrap();
         let Request::Migrate(m) = m else { panic!() };
-        assert_eq!(m.credentials(), Ok(Credentials::Insecure));
+        assert!(m.insecure && m.key.is_none());
         assert_eq!(m.downtime_ms, 1);
         for bad in [
             r#"{"cmd":"reboot"}"#,
@@ -416,14 +401,6 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }
-        let no_key = MigrateRequest {
-            to: "a:1".into(),
-            key: None,
-            insecure: false,
-            downtime_ms: 1,
-            margin_ms: 1,
-        };
-        assert!(no_key.credentials().is_err());
     }
 
     struct NoMigrations;

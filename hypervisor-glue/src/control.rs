@@ -3,7 +3,7 @@
 //! touches the VM's state, and only while the vCPU is out of KVM_RUN.
 //!
 //! A caller puts a command in the [`Mailbox`] and waits for its [`Reply`];
-//! the mailbox kicks the vCPU out of KVM_RUN ([`crate::vcpu::Kick`]: never
+//! the mailbox kicks the vCPU out of KVM_RUN ([`crate::kick::Kick`]: never
 //! lost, never repeated) or wakes the vCPU thread where it waits while the
 //! VM is paused. JSON exists only at the socket (`crate::api`).
 
@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::kick::Kick;
 use crate::kvm::Machine;
+use crate::lifecycle::Event;
 use crate::memory::GuestRam;
 use crate::snapshot::{ConfigState, Identity, VmState};
-use crate::vcpu::Kick;
-use crate::vm::lifecycle::Event;
 
 /// What to do after a snapshot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -53,7 +53,7 @@ pub enum Command {
     /// End the VM.
     Stop,
     /// A step of the VM's lifecycle (a migration's; see
-    /// [`crate::vm::lifecycle`]). `Begin` answers with the
+    /// [`crate::lifecycle`]). `Begin` answers with the
     /// [`SourceContext`].
     Lifecycle(Event),
     /// Start (true) or stop recording the frames the card reads (the

@@ -8,12 +8,13 @@
 //! - [`net`]: a VM's network settings, validated;
 //! - [`devices`]: what the guest reaches by I/O (the console, PCI, virtio-net on a tap);
 //! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear
-//!   guest faults, and the [`vcpu::Kick`] that gets it out of KVM_RUN;
+//!   guest faults; [`kick`] gets it out of KVM_RUN;
 //!   [`stop`]: SIGINT/SIGTERM/SIGHUP;
 //! - [`control`]: typed commands to the vCPU thread and its answers;
+//! - [`lifecycle`]: where a VM is in its life on a host, as a pure state
+//!   machine; [`id`]: VM and session identities;
 //! - [`vm`]: all of it, created from a [`vm::VmConfig`] (or brought in from
-//!   a snapshot or a migration) and run to the end, its lifecycle a state
-//!   machine ([`vm::lifecycle`]);
+//!   a snapshot or a migration) and run to the end;
 //! - [`snapshot`]: the VM's saved state and the snapshot file format;
 //! - [`api`]: the control socket (JSON at the edge, typed inside);
 //! - [`migration`]: live migration over an authenticated, encrypted
@@ -38,7 +39,10 @@ pub mod boot;
 pub mod clock;
 pub mod control;
 pub mod devices;
+pub mod id;
+pub mod kick;
 pub mod kvm;
+pub mod lifecycle;
 pub mod memory;
 pub mod migration;
 pub mod net;

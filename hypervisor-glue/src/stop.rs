@@ -4,7 +4,7 @@
 //! [`install`] blocks those signals in the calling thread (so in every
 //! thread it starts later) and starts a thread that waits for them. When
 //! one arrives it records it and kicks the VM's vCPU (see
-//! [`crate::vcpu::Kick`]; [`watch`] says which), whose loop calls
+//! [`crate::kick::Kick`]; [`watch`] says which), whose loop calls
 //! [`requested`] after every exit. If no vCPU loop notices within a second
 //! (no VM runs yet), the process ends with status 128 + the signal.
 //!
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::vcpu::Kick;
+use crate::kick::Kick;
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
 static SEEN: AtomicBool = AtomicBool::new(false);

@@ -6,19 +6,12 @@
 //! Hypercall arguments come from `rdi` through KVM's synced registers, so a
 //! hypercall costs one exit and no extra ioctl.
 //!
-//! Another thread gets the vCPU out of KVM_RUN with a [`Kick`]: it marks a
-//! request pending and signals the vCPU thread, whose signal handler sets
-//! `immediate_exit` in the vCPU's `kvm_run`. A kick that lands while the
-//! vCPU runs interrupts KVM_RUN; one that lands between the loop's check
-//! and the next KVM_RUN makes that KVM_RUN return at once. None is lost,
-//! and none needs repeating.
-
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+//! Another thread gets the vCPU out of KVM_RUN with a [`Kick`]
+//! ([`crate::kick`]): never lost, never repeated.
 
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+pub use crate::kick::Kick;
 
 use crate::devices::IoBus;
 use crate::devices::console;
@@ -33,82 +26,6 @@ pub enum Stop {
     Signalled(i32),
     /// A request is pending: someone called [`Kick::request`].
     Request,
-}
-
-thread_local! {
-    /// The running vCPU's `kvm_run.immediate_exit`, for the kick handler.
-    /// Const-initialized and without a destructor, so reading it in a
-    /// signal handler touches no lazy initialization.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let p = IMMEDIATE_EXIT.with(Cell::get);
-    if !p.is_null() {
-        // SAFETY: `p` points into the vCPU's kvm_run mapping, registered by
-        // `Vcpu::run` on this very thread and cleared before that mapping
-        // can go away; a byte store is async-signal-safe.
-        unsafe { std::ptr::write_volatile(p, 1) };
-    }
-}
-
-/// The signal a kick sends.
-fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-/// Installs the kick handler (once per process).
-fn install_kick_handler() -> std::io::Result<()> {
-    static DONE: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
-    DONE.get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
-        .map_err(std::io::Error::from_raw_os_error)
-}
-
-/// Gets a vCPU thread out of KVM_RUN to look at a request (see the module
-/// doc). Cheap to clone; every clone kicks the same vCPU.
-#[derive(Clone, Debug, Default)]
-pub struct Kick {
-    inner: Arc<KickInner>,
-}
-
-#[derive(Debug, Default)]
-struct KickInner {
-    pending: AtomicBool,
-    /// The vCPU thread while it is in [`Vcpu::run`].
-    thread: Mutex<Option<libc::pthread_t>>,
-}
-
-impl Kick {
-    /// A kick for a vCPU that does not run yet.
-    pub fn new() -> Kick {
-        Kick::default()
-    }
-
-    /// Marks a request pending and gets the vCPU out of KVM_RUN.
-    pub fn request(&self) {
-        self.inner.pending.store(true, Ordering::SeqCst);
-        let thread = self.inner.thread.lock().expect("kick lock");
-        if let Some(t) = *thread {
-            // SAFETY: `t` is the vCPU thread, which is inside `Vcpu::run`
-            // (it clears this under the same lock before it leaves); the
-            // kick signal's handler only sets `immediate_exit`.
-            unsafe { libc::pthread_kill(t, kick_signal()) };
-        }
-    }
-
-    /// Whether a request is pending.
-    pub fn pending(&self) -> bool {
-        self.inner.pending.load(Ordering::SeqCst)
-    }
-
-    /// Clears the pending mark (the requests are being served).
-    pub fn clear(&self) {
-        self.inner.pending.store(false, Ordering::SeqCst);
-    }
-
-    fn bind(&self, t: Option<libc::pthread_t>) {
-        *self.inner.thread.lock().expect("kick lock") = t;
-    }
 }
 
 /// Something the guest did that ends it.
@@ -229,14 +146,10 @@ impl Vcpu {
     /// Runs until the guest exits or faults, a signal asks Ferry to stop,
     /// or `kick` has a request pending.
     pub fn run(&mut self, mem: &GuestRam, bus: &mut IoBus, kick: &Kick) -> Result<Stop, Error> {
-        install_kick_handler().map_err(Error::KickHandler)?;
         let ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
-        IMMEDIATE_EXIT.with(|c| c.set(ptr));
-        // SAFETY: pthread_self has no preconditions.
-        kick.bind(Some(unsafe { libc::pthread_self() }));
+        let armed = kick.arm(ptr).map_err(Error::KickHandler)?;
         let r = self.run_loop(mem, bus, kick);
-        kick.bind(None);
-        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        drop(armed);
         self.fd.set_kvm_immediate_exit(0);
         r
     }

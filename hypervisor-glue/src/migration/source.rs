@@ -24,7 +24,7 @@ use super::wire::{Message, Open, Outcome, PAGE, Resolve, SessionId};
 use super::{Error, expect};
 use crate::api::{MigrateRequest, Migrator};
 use crate::control::{Command, Mailbox, Reply, SourceContext};
-use crate::vm::lifecycle::Event;
+use crate::lifecycle::Event;
 
 /// KVM_MEM_LOG_DIRTY_PAGES.
 const LOG_DIRTY: u32 = 1;
@@ -708,9 +708,21 @@ fn ask(d: &Doubt) -> Result<Outcome, Error> {
     }
 }
 
+/// The credentials a migration request names.
+fn credentials(req: &MigrateRequest) -> Result<Credentials, String> {
+    match (&req.key, req.insecure) {
+        (Some(_), true) => Err("give a key or insecure, not both".into()),
+        (None, false) => Err("a key is required (or insecure)".into()),
+        (None, true) => Ok(Credentials::Insecure),
+        (Some(k), false) => super::key::Psk::from_hex(k)
+            .map(Credentials::Key)
+            .ok_or_else(|| "the key is not 64 hex digits".into()),
+    }
+}
+
 impl Migrator for Source {
     fn migrate(self: Arc<Self>, req: &MigrateRequest, progress: &mut dyn FnMut(Value)) -> Value {
-        let creds = match req.credentials() {
+        let creds = match credentials(req) {
             Ok(c) => c,
             Err(e) => return crate::api::error(e),
         };

@@ -27,8 +27,8 @@ use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 use crate::clock::ClockState;
 use crate::devices::console::ConsoleState;
 use crate::devices::virtio::net::NetState;
+use crate::id::VmId;
 use crate::kvm::{IrqchipState, VcpuState};
-use crate::migration::wire::VmId;
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"FERRYSNP";

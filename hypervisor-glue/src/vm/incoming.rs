@@ -15,8 +15,8 @@ use crate::net::NetSettings;
 use crate::snapshot::{ConfigState, Identity, VmState};
 use crate::vcpu::Vcpu;
 
-use super::lifecycle::Lifecycle;
 use super::{Error, Vm, card};
+use crate::lifecycle::Lifecycle;
 
 /// Checks that a received or saved memory layout is the one `config` gives.
 pub fn check_layout(config: &ConfigState, regions: &[(u64, u64)]) -> Result<(), Error> {

@@ -3,10 +3,9 @@
 //! migration, [`incoming`]) and run to its end, serving the typed commands
 //! of its [`Mailbox`] on the vCPU thread on the way. Where it is in its
 //! life on this host (running, paused, being moved, gone) is its
-//! [`lifecycle::Lifecycle`].
+//! [`crate::lifecycle::Lifecycle`].
 
 pub mod incoming;
-pub mod lifecycle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,13 +22,13 @@ use crate::devices::console::Console;
 use crate::devices::virtio::net::{self, NetConfig, VirtioNet};
 use crate::devices::{IoBus, Persist};
 use crate::kvm::{self, Machine};
+use crate::lifecycle::{Effect, Event, Lifecycle};
 use crate::memory::{self, GuestRam};
 use crate::net::NetSettings;
 use crate::snapshot::{ConfigState, Identity, Snapshot, VmState};
 use crate::trace::Trace;
 use crate::vcpu::{self, Stop, Vcpu};
 pub use incoming::Incoming;
-use lifecycle::{Effect, Event, Lifecycle};
 
 /// Largest image file read.
 pub const MAX_IMAGE_FILE: u64 = 1 << 30;
@@ -290,7 +289,7 @@ impl Vm {
             paused: None,
             lifecycle: Lifecycle::Running,
             identity: Identity {
-                id: crate::migration::wire::VmId::random().0,
+                id: crate::id::VmId::random().0,
                 generation: 0,
             },
             config: ConfigState {

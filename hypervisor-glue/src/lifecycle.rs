@@ -20,7 +20,7 @@
 //! `migration::source` allows only when the destination does not run it,
 //! or the operator confirmed that host is down).
 
-use crate::migration::wire::SessionId;
+use crate::id::SessionId;
 
 /// Where a VM is in its life on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
