@@ -130,9 +130,14 @@ fn answer(reply: Option<Reply>) -> Value {
 /// (the migration module's; passed in so that this module does not
 /// depend on it).
 pub trait Migrator: Send + Sync {
-    /// Runs a migration, sending progress objects to `progress`; the final
-    /// answer.
-    fn migrate(self: Arc<Self>, req: &MigrateRequest, progress: &mut dyn FnMut(Value)) -> Value;
+    /// Runs a migration, sending progress objects to `progress`, which
+    /// answers false once the one who asked has gone (Ctrl-C on `ferry
+    /// migrate`): a migration still copying then stops. The final answer.
+    fn migrate(
+        self: Arc<Self>,
+        req: &MigrateRequest,
+        progress: &mut dyn FnMut(Value) -> bool,
+    ) -> Value;
     /// Settles a migration in doubt; the answer.
     fn resolve(self: Arc<Self>, resume_here: bool, destination_down: bool) -> Value;
 }
@@ -167,6 +172,7 @@ impl Server {
                     let mut w = &conn;
                     let mut progress = |p: Value| {
                         let _ = writeln!(w, "{}", json!({ "progress": p }));
+                        !peer_hung_up(&conn)
                     };
                     self.migrator.clone().migrate(&m, &mut progress)
                 }
@@ -192,6 +198,22 @@ fn command(req: Request) -> Command {
         Request::Snapshot { path, then } => Command::Snapshot { path, then },
         Request::Migrate(_) | Request::Resolve { .. } => unreachable!("served apart"),
     }
+}
+
+/// Whether the one who asked closed its end (it half-closes to cancel).
+fn peer_hung_up(conn: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    use std::os::fd::AsRawFd;
+    // SAFETY: a non-blocking peek of at most one byte into `b`.
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
 }
 
 /// Refuses a peer that is neither this process's user nor root.
@@ -341,8 +363,22 @@ pub fn call_with_progress(
     req: &Request,
     progress: &mut dyn FnMut(&Value),
 ) -> Result<Value, String> {
+    call_cancellable(path, req, progress, &mut |_| {})
+}
+
+/// [`call_with_progress`], giving `on_conn` a handle on the connection
+/// first: shutting its write side down asks the VM to cancel.
+pub fn call_cancellable(
+    path: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(&Value),
+    on_conn: &mut dyn FnMut(UnixStream),
+) -> Result<Value, String> {
     let conn = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the VM at {}: {e}", path.display()))?;
+    if let Ok(c) = conn.try_clone() {
+        on_conn(c);
+    }
     conn.set_read_timeout(Some(Duration::from_secs(3600))).ok();
     writeln!(
         &conn,
@@ -405,7 +441,11 @@ mod tests {
 
     struct NoMigrations;
     impl Migrator for NoMigrations {
-        fn migrate(self: Arc<Self>, _: &MigrateRequest, _: &mut dyn FnMut(Value)) -> Value {
+        fn migrate(
+            self: Arc<Self>,
+            _: &MigrateRequest,
+            _: &mut dyn FnMut(Value) -> bool,
+        ) -> Value {
             error("no")
         }
         fn resolve(self: Arc<Self>, _: bool, _: bool) -> Value {

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_tests::cluster::{self, Cluster, VIP, ferry_ctl};
@@ -545,4 +546,60 @@ fn refused_migrations_leave_the_source_serving() {
     assert!(text.contains("authentication failed"), "{text}");
     assert!(text.contains("runs --insecure"), "{text}");
     let _ = pid;
+}
+
+/// Ctrl-C on `ferry migrate` while memory is being copied cancels the
+/// move: the command says so, the VM runs on at the source, and the
+/// destination discards what it got. Progress comes as whole lines when
+/// stderr is not a terminal.
+#[test]
+fn ctrl_c_on_migrate_cancels_and_the_vm_runs_on() {
+    let Some(mut s) = setup("ctrl_c_on_migrate_cancels") else {
+        return;
+    };
+    let api = s.api("big");
+    let api_s = api.to_str().unwrap().to_string();
+    s.c.start_vm_with(
+        "hostA",
+        &image("stream"),
+        "1088M",
+        &["--api", &api_s],
+        &["ballast=1024M", "rate=1M"],
+        &s.dir.join("big.log"),
+        "listening",
+    )
+    .unwrap();
+    let b = s.api("b");
+    let log = s.dir.join("recv.log");
+    s.c.start_receiver("hostB", 7200, &b, &[], &log).unwrap();
+    let mut cmd = Command::new(ferry_tests::ferry_bin());
+    cmd.args(["migrate", "--to", "10.77.2.2:7200", "--key"])
+        .arg(s.c.key())
+        .arg("--api")
+        .arg(&api)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        use std::io::BufRead;
+        assert!(err.read_line(&mut line).unwrap() > 0, "no progress: {seen}");
+        seen.push_str(&line);
+        if line.contains("round 0:") && line.contains("pages looked at") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("cancelled;") && seen.contains("runs on here"), "{seen}");
+    let status = ferry_ctl(&["status", "--json", "--api"], &api).unwrap();
+    assert!(status.contains("\"state\":\"running\""), "{status}");
+    cluster::wait_for_line(&log, "discarded", Duration::from_secs(30), std::process::id()).unwrap();
 }

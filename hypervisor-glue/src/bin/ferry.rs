@@ -1,6 +1,7 @@
 //! `ferry`: run Ferry unikernel images on KVM, and move them between hosts.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -572,20 +573,23 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 downtime_ms,
                 margin_ms,
             });
-            let mut progress = |p: &Value| {
-                if !json {
-                    eprintln!("ferry: migrate: {}", progress_line(p));
-                }
-            };
-            let answer =
-                api::call_with_progress(&api, &req, &mut progress).map_err(anyhow::Error::msg)?;
+            let cancel = Cancel::install().context("cannot install signal handling")?;
+            let mut bar = Progress::new(json);
+            let mut progress = |p: &Value| bar.show(p);
+            let answer = api::call_cancellable(&api, &req, &mut progress, &mut |c| cancel.watch(c))
+                .map_err(anyhow::Error::msg)?;
+            bar.done();
             if answer["ok"] != true {
-                anyhow::bail!(
-                    "{}",
-                    answer["error"].as_str().unwrap_or("the migration failed")
-                );
+                let e = answer["error"].as_str().unwrap_or("the migration failed");
+                if cancel.requested() {
+                    eprintln!("ferry: migrate: cancelled; {e}");
+                    return Ok(130);
+                }
+                anyhow::bail!("{e}");
             }
-            if json {
+            if cancel.requested() {
+                eprintln!("ferry: migrate: the cancel came too late: the VM had already moved");
+            }            if json {
                 print_json(&answer);
             } else {
                 println!(
@@ -681,6 +685,122 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let console = Console::new(Box::new(std::io::stdout()));
             let vm = Vm::create(&config, console).context("cannot start the VM")?;
             drive(vm, api)
+        }
+    }
+}
+
+/// Ctrl-C during `ferry migrate`: the first one asks the VM to cancel (the
+/// request's connection is half-closed; a migration still copying stops,
+/// and the VM runs on); a second one ends this command at once.
+struct Cancel {
+    conn: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>>,
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cancel {
+    fn install() -> std::io::Result<Cancel> {
+        let conn: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> =
+            Arc::default();
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // SAFETY: plain sigset manipulation on a local set; pthread_sigmask
+        // changes only this thread's mask (and the threads it starts).
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let (c, a) = (conn.clone(), asked.clone());
+        std::thread::Builder::new()
+            .name("ferry-cancel".into())
+            .spawn(move || {
+                loop {
+                    let mut sig = 0;
+                    // SAFETY: `set` is valid and `sig` a valid out pointer.
+                    if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                        return;
+                    }
+                    if a.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        eprintln!("\nferry: migrate: interrupted again; not waiting for the VM's answer");
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "\nferry: migrate: cancelling (a move still copying memory stops and the VM runs on here; Ctrl-C again to stop waiting)"
+                    );
+                    if let Some(s) = c.lock().expect("cancel").as_ref() {
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                    }
+                }
+            })?;
+        Ok(Cancel { conn, asked })
+    }
+
+    fn watch(&self, c: std::os::unix::net::UnixStream) {
+        *self.conn.lock().expect("cancel") = Some(c);
+    }
+
+    fn requested(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Migration progress: a bar on a terminal, whole lines otherwise (logs),
+/// nothing with `--json`.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    lines: bool,
+    round: Option<u64>,
+}
+
+impl Progress {
+    fn new(json: bool) -> Progress {
+        use std::io::IsTerminal;
+        let tty = !json && std::io::stderr().is_terminal();
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "ferry: migrate: {msg} [{bar:30}] {percent:>3}% ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        Progress {
+            bar,
+            lines: !json && !tty,
+            round: None,
+        }
+    }
+
+    fn show(&mut self, p: &Value) {
+        match (&self.bar, p["phase"].as_str()) {
+            (Some(b), Some("precopy")) => {
+                let round = p["round"].as_u64();
+                if round != self.round {
+                    self.round = round;
+                    b.reset_eta();
+                }
+                b.set_length(p["pages"].as_u64().unwrap_or(0));
+                b.set_position(p["pages_done"].as_u64().unwrap_or(0));
+                b.set_message(format!(
+                    "round {}, {:.1} MiB sent, {:.0} MiB/s",
+                    p["round"],
+                    p["sent_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+                    p["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+                ));
+            }
+            (Some(b), _) => b.println(format!("ferry: migrate: {}", progress_line(p))),
+            (None, _) if self.lines => eprintln!("ferry: migrate: {}", progress_line(p)),
+            _ => {}
+        }
+    }
+
+    fn done(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
         }
     }
 }

@@ -87,6 +87,9 @@ pub enum Error {
     /// A local step failed.
     #[error("{0}")]
     Local(String),
+    /// The one who asked for the migration cancelled it.
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 /// Receives a message that must be `want` (an `Abort` becomes

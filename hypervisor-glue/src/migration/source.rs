@@ -146,14 +146,14 @@ fn all_pages(mem: &crate::memory::GuestRam) -> impl Iterator<Item = u64> + '_ {
 
 /// Sends pages read from guest memory now, in batches; with `skip_zero`,
 /// pages of zeros stay behind (the destination's memory starts zeroed).
-/// `tick` sees the pages done so far and the bytes sent. Returns the bytes
-/// of pages sent.
+/// `tick` sees the pages done so far and the bytes sent, and answers false
+/// to stop (the migration was cancelled). Returns the bytes of pages sent.
 fn send_pages(
     ch: &mut Channel,
     ctx: &SourceContext,
     gpas: &mut dyn Iterator<Item = u64>,
     skip_zero: bool,
-    tick: &mut dyn FnMut(u64, u64),
+    tick: &mut dyn FnMut(u64, u64) -> bool,
 ) -> Result<u64, Error> {
     let mut sent = 0u64;
     let mut done = 0u64;
@@ -172,7 +172,9 @@ fn send_pages(
             }
             Ok(())
         })? as u64;
-        tick(done, sent);
+        if !tick(done, sent) {
+            return Err(Error::Cancelled);
+        }
     }
     Ok(sent)
 }
@@ -220,7 +222,7 @@ impl Source {
     pub fn run(
         self: &Arc<Self>,
         p: &Params,
-        progress: &mut dyn FnMut(Value),
+        progress: &mut dyn FnMut(Value) -> bool,
     ) -> Result<Value, String> {
         let t0 = Instant::now();
         let session = SessionId::random();
@@ -319,7 +321,7 @@ impl Source {
         ctx: &SourceContext,
         session: SessionId,
         p: &Params,
-        progress: &mut dyn FnMut(Value),
+        progress: &mut dyn FnMut(Value) -> bool,
         stats: &mut Stats,
         slot: &mut Option<Channel>,
         t0: Instant,
@@ -365,17 +367,18 @@ impl Source {
         // Progress: pages looked at of the round's pages, bytes sent in
         // all, the round's rate (bytes sent per second) and its ETA (at the
         // rate pages are looked at).
+        let mut cancelled = false;
         let mut tick = |round: u32, done: u64, of: u64, sent: u64, started: Instant| {
             if last_tick.elapsed() >= PROGRESS_EVERY || done == of {
                 last_tick = Instant::now();
                 let secs = started.elapsed().as_secs_f64().max(1e-6);
                 let eta = (of - done) as f64 * secs / done.max(1) as f64;
-                progress(
-                    json!({"phase": "precopy", "round": round, "pages_done": done, "pages": of,
-                    "sent_bytes": sent, "memory_bytes": memory_bytes,
-                    "rate_bytes_per_s": (sent as f64 / secs) as u64, "eta_s": eta}),
-                );
+                cancelled |= !progress(json!({"phase": "precopy", "round": round,
+                    "pages_done": done, "pages": of, "sent_bytes": sent,
+                    "memory_bytes": memory_bytes,
+                    "rate_bytes_per_s": (sent as f64 / secs) as u64, "eta_s": eta}));
             }
+            !cancelled
         };
         let b = send_pages(ch, ctx, &mut all_pages(&ctx.mem), true, &mut |d, s| {
             tick(0, d, total_pages, s, t)
@@ -442,7 +445,7 @@ impl Source {
         pending.dedup();
         stats.last_pages = pending.len();
         mark("dirty_log", &mut since);
-        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| {})?;
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
         mark("last_pages", &mut since);
         let state = match self.call(Command::Save)? {
             Reply::State(s) => s,
@@ -721,7 +724,11 @@ fn credentials(req: &MigrateRequest) -> Result<Credentials, String> {
 }
 
 impl Migrator for Source {
-    fn migrate(self: Arc<Self>, req: &MigrateRequest, progress: &mut dyn FnMut(Value)) -> Value {
+    fn migrate(
+        self: Arc<Self>,
+        req: &MigrateRequest,
+        progress: &mut dyn FnMut(Value) -> bool,
+    ) -> Value {
         let creds = match credentials(req) {
             Ok(c) => c,
             Err(e) => return crate::api::error(e),
