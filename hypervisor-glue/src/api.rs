@@ -441,11 +441,7 @@ mod tests {
 
     struct NoMigrations;
     impl Migrator for NoMigrations {
-        fn migrate(
-            self: Arc<Self>,
-            _: &MigrateRequest,
-            _: &mut dyn FnMut(Value) -> bool,
-        ) -> Value {
+        fn migrate(self: Arc<Self>, _: &MigrateRequest, _: &mut dyn FnMut(Value) -> bool) -> Value {
             error("no")
         }
         fn resolve(self: Arc<Self>, _: bool, _: bool) -> Value {

@@ -598,8 +598,17 @@ fn ctrl_c_on_migrate_cancels_and_the_vm_runs_on() {
     err.read_to_string(&mut rest).unwrap();
     seen.push_str(&rest);
     assert_eq!(status.code(), Some(130), "{seen}");
-    assert!(seen.contains("cancelled;") && seen.contains("runs on here"), "{seen}");
+    assert!(
+        seen.contains("cancelled;") && seen.contains("runs on here"),
+        "{seen}"
+    );
     let status = ferry_ctl(&["status", "--json", "--api"], &api).unwrap();
     assert!(status.contains("\"state\":\"running\""), "{status}");
-    cluster::wait_for_line(&log, "discarded", Duration::from_secs(30), std::process::id()).unwrap();
+    cluster::wait_for_line(
+        &log,
+        "discarded",
+        Duration::from_secs(30),
+        std::process::id(),
+    )
+    .unwrap();
 }

@@ -189,6 +189,38 @@ fn a_moved_vm_outlives_the_terminals_that_started_and_moved_it() {
     assert!(fc.vms().is_empty());
 }
 
+/// `ferry run` on a tap that does not exist creates it, on no bridge, and
+/// says loudly that the VM cannot be reached (here in the client's
+/// namespace, which has no bridge for it).
+#[test]
+fn a_tap_created_on_no_bridge_is_flagged() {
+    let Some(fc) = Fc::new("a_tap_created_on_no_bridge", &[]) else {
+        return;
+    };
+    fc.ok(&["up"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-client", fc.prefix)])
+        .arg(ferry_tests::ferry_bin())
+        .arg("run")
+        .arg(image("hello"))
+        .args([
+            "--tap",
+            "fonew0",
+            "--mac",
+            "02:00:00:00:00:99",
+            "--ip",
+            "10.99.0.2/24",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("WARNING: tap fonew0 did not exist") && err.contains("on no bridge"),
+        "{err}"
+    );
+}
+
 /// One VM holds the service's address: a second one is refused, naming
 /// the first and where it runs, before and after it moved, and a restore
 /// too.
@@ -240,6 +272,19 @@ fn snapshot_and_restore_are_one_command_each() {
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", fc.vms());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // `ferry restore` outside the hosts' namespaces: no tap there; refused.
+    let out = Command::new(ferry_tests::ferry_bin())
+        .args(["restore"])
+        .arg(&snap)
+        .args(["--tap", "fonotap0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("does not exist in this network namespace"),
+        "{err}"
+    );
     let out = fc.ok(&["restore", snap.to_str().unwrap(), "--host", "hostB"]);
     assert!(out.contains("runs on hostB at generation 1"), "{out}");
     assert_eq!(fc.redis(&["get", "k"]), "kept");

@@ -589,7 +589,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             if cancel.requested() {
                 eprintln!("ferry: migrate: the cancel came too late: the VM had already moved");
-            }            if json {
+            }
+            if json {
                 print_json(&answer);
             } else {
                 println!(
@@ -699,8 +700,7 @@ struct Cancel {
 
 impl Cancel {
     fn install() -> std::io::Result<Cancel> {
-        let conn: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> =
-            Arc::default();
+        let conn: Arc<std::sync::Mutex<Option<std::os::unix::net::UnixStream>>> = Arc::default();
         let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // SAFETY: plain sigset manipulation on a local set; pthread_sigmask
         // changes only this thread's mask (and the threads it starts).

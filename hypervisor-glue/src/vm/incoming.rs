@@ -68,6 +68,14 @@ impl Incoming {
                 let tap = tap.ok_or_else(|| {
                     Error::BadState("the VM has a network card: give --tap".into())
                 })?;
+                // A VM brought in joins a network that exists: a tap this
+                // process would create would be attached to nothing (the
+                // command run in the wrong network namespace, say).
+                if !crate::devices::virtio::net::tap::exists(tap) {
+                    return Err(Error::BadState(format!(
+                        "tap {tap} does not exist in this network namespace: create it on the VM's bridge, or run this inside the host's namespace (`ip netns exec NS ...`)"
+                    )));
+                }
                 let settings = NetSettings::from_saved(tap, saved)
                     .map_err(|e| Error::BadState(format!("the VM's network settings: {e}")))?;
                 let mut dev = card(&settings, &machine, &mem)?;

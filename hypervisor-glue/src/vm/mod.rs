@@ -273,8 +273,15 @@ impl Vm {
         trace.mark("registers, clock");
         let net = match &config.net {
             Some(n) => {
+                let existed = net::tap::exists(&n.tap);
                 let dev = card(n, &machine, &mem)?;
                 trace.mark("virtio-net");
+                if !existed && net::tap::bridge(&n.tap).is_none() {
+                    eprintln!(
+                        "ferry: WARNING: tap {} did not exist in this network namespace: Ferry created it, on no bridge, so the VM is unreachable until you bridge or route it (did you mean to run this in another namespace, `ip netns exec NS ...`?)",
+                        n.tap
+                    );
+                }
                 Some(dev)
             }
             None => None,

@@ -77,6 +77,24 @@ fn valid_name(name: &str) -> bool {
             .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
 }
 
+/// Whether network interface `name` exists in this network namespace.
+pub fn exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
+/// The bridge interface `name` is a port of, if any.
+pub fn bridge(name: &str) -> Option<String> {
+    if !valid_name(name) {
+        return None;
+    }
+    let link = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
+    link.file_name()?.to_str().map(str::to_string)
+}
+
 impl Tap {
     /// Opens (or creates) tap `name`, non-blocking, with 12-byte virtio-net
     /// headers and no offloads.
