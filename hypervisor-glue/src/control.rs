@@ -54,13 +54,11 @@ pub enum Command {
     Stop,
     /// A step of the VM's lifecycle (a migration's; see
     /// [`crate::lifecycle`]). `Begin` answers with the
-    /// [`SourceContext`].
+    /// [`SourceContext`], `Stop` with the paused VM's state.
     Lifecycle(Event),
     /// Start (true) or stop recording the frames the card reads (the
     /// capture overlap a migration's destination drops).
     Record(bool),
-    /// The paused VM's state.
-    Save,
 }
 
 /// The vCPU thread's answer.

@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Error;
@@ -220,14 +220,12 @@ enum PhaseState {
 #[derive(Debug)]
 struct Phase {
     state: Mutex<PhaseState>,
-    cv: Condvar,
 }
 
 impl Phase {
     fn new() -> Phase {
         Phase {
             state: Mutex::new(PhaseState::Receiving),
-            cv: Condvar::new(),
         }
     }
 
@@ -235,7 +233,6 @@ impl Phase {
         let mut s = self.state.lock().expect("phase");
         if let Some(next) = f(&s) {
             *s = next;
-            self.cv.notify_all();
         }
         s.clone()
     }
@@ -272,18 +269,6 @@ impl Phase {
         })
     }
 
-    /// Waits until the phase leaves READY, or `until`.
-    fn wait(&self, until: Instant) -> PhaseState {
-        let mut s = self.state.lock().expect("phase");
-        while *s == PhaseState::Ready {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            s = self.cv.wait_timeout(s, left).expect("phase").0;
-        }
-        s.clone()
-    }
 }
 
 /// The VM process's link to its receiver.
@@ -347,7 +332,14 @@ pub fn run_session() -> Result<i32, Error> {
                         break;
                     }
                     let answer = match phase.resolve() {
-                        PhaseState::Committed => Outcome::Running { generation },
+                        PhaseState::Committed => {
+                            // Wake the main thread, blocked reading Commit
+                            // (the write side stays, for Committed).
+                            if let Some(s) = wake.lock().expect("wake").as_ref() {
+                                let _ = s.shutdown(std::net::Shutdown::Read);
+                            }
+                            Outcome::Running { generation }
+                        }
                         PhaseState::Aborted(reason) => {
                             // Wake a reader blocked on the connection.
                             if let Some(s) = wake.lock().expect("wake").as_ref() {
@@ -470,34 +462,15 @@ pub fn run_session() -> Result<i32, Error> {
     cut_at(&ch, "dst-ready");
     let until = Instant::now() + Duration::from_millis(u64::from(open.commit_wait_ms));
     ch.set_deadline(Some(until));
-    let reader = {
-        let phase = phase.clone();
-        let session = open.session;
-        let generation = open.generation;
-        std::thread::Builder::new()
-            .name("ferry-session-commit".into())
-            .spawn(move || {
-                match ch.recv() {
-                    Ok(Message::Commit {
-                        session: s,
-                        generation: g,
-                    }) if s == session && g == generation => {
-                        phase.commit();
-                    }
-                    Ok(m) => {
-                        phase.abort(&format!("the source sent {} instead of Commit", m.name()));
-                    }
-                    Err(e) => {
-                        phase.abort(&format!("no Commit: {e}"));
-                    }
-                }
-                ch
-            })
-            .map_err(|e| Error::Local(format!("a thread: {e}")))?
-    };
-    let decided = match phase.wait(until) {
-        PhaseState::Ready => phase.abort(&format!("no Commit within {} ms", open.commit_wait_ms)),
-        s => s,
+    // This thread reads Commit; a resolve question that decides first
+    // (on the IPC thread) ends the connection's read side to wake it.
+    let decided = match ch.recv() {
+        Ok(Message::Commit {
+            session,
+            generation,
+        }) if session == open.session && generation == open.generation => phase.commit(),
+        Ok(m) => phase.abort(&format!("the source sent {} instead of Commit", m.name())),
+        Err(e) => phase.abort(&format!("no Commit: {e}")),
     };
     let committed_at = Instant::now();
     if let PhaseState::Aborted(why) = decided {
@@ -515,12 +488,8 @@ pub fn run_session() -> Result<i32, Error> {
         // What queued in the tap meanwhile is not the VM's.
         vm.discard_waiting_frames();
     }
-    // The connection, to confirm on. A resolve question may have committed
-    // the VM while the reader still waited: ending the connection's read
-    // side wakes it (the write side stays, for Committed).
-    shut(std::net::Shutdown::Read);
-    let ch = reader.join().ok();
     wake.lock().expect("wake").take();
+    let ch = Some(ch);
     let generation = open.generation;
     let ipc2 = ipc.clone();
     vm.on_running(Box::new(move |vm| {
@@ -580,7 +549,7 @@ pub fn exit_status(end: Result<End, crate::vm::Error>) -> i32 {
 /// `status` gets what `ferry status` should say on the way.
 fn receive(
     ch: &mut Channel,
-    mut incoming: Incoming,
+    incoming: Incoming,
     h: &Handoff,
     phase: &Phase,
     status: &dyn Fn(String),
@@ -591,14 +560,24 @@ fn receive(
     let mut background = Some(crate::sched::Background::enter());
     let mut urgent = None;
     let mut first_pages = true;
+    // Before the state: the VM being set up; after it: the VM, paused,
+    // whose last pages are still coming.
+    let mut incoming = Some(incoming);
+    let mut console = Some(console);
+    let mut loaded: Option<Vm> = None;
     loop {
         if let PhaseState::Aborted(why) = phase.state.lock().expect("phase").clone() {
             return Err(Error::Local(why));
         }
         match ch.recv()? {
             Message::Pages(pages) => {
+                let mem = match (&incoming, &loaded) {
+                    (Some(i), _) => i.memory(),
+                    (None, Some(vm)) => vm.memory(),
+                    _ => unreachable!("one of them"),
+                };
                 for (gpa, data) in pages.iter() {
-                    memory::write(incoming.memory(), gpa, data)
+                    memory::write(mem, gpa, data)
                         .map_err(|e| Error::Protocol(format!("page outside guest memory: {e}")))?;
                 }
                 if first_pages {
@@ -606,12 +585,14 @@ fn receive(
                     cut_at(ch, "dst-precopy");
                 }
             }
-            Message::StartCapture => {
+            Message::StartCapture if incoming.is_some() => {
                 // The source stops the VM next: the rest is downtime.
                 drop(background.take());
                 urgent = Some(crate::sched::Urgent::enter());
-                if h.capture {
-                    incoming.start_capture();
+                if h.capture
+                    && let Some(i) = incoming.as_mut()
+                {
+                    i.start_capture();
                 }
                 ch.send(&Message::CaptureOn)?;
                 cut_at(ch, "dst-capture-on");
@@ -620,15 +601,22 @@ fn receive(
                     h.open.source
                 ));
             }
-            Message::State(bytes) => {
+            Message::State(bytes) if incoming.is_some() => {
                 failpoint::hit("dst-state");
                 let state = crate::snapshot::decode_state("the migration stream", bytes)
                     .map_err(|e| Error::Protocol(e.to_string()))?;
+                // The state needs no page contents: it loads while the last
+                // pages are still coming.
                 let vm = incoming
-                    .finish(&state, console)
+                    .take()
+                    .expect("checked")
+                    .finish(&state, console.take().expect("once"))
                     .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
+                loaded = Some(vm);
+            }
+            Message::Done if loaded.is_some() => {
                 // Still urgent: the VM waits for Ready, Commit and resume.
-                return Ok((vm, urgent.take()));
+                return Ok((loaded.take().expect("checked"), urgent.take()));
             }
             Message::Abort { reason } => return Err(Error::Peer(reason)),
             m => {
@@ -722,10 +710,5 @@ mod tests {
         assert!(matches!(p.resolve(), PhaseState::Aborted(_)));
         assert!(!p.ready(), "aborted sessions never become Ready");
 
-        let p = Phase::new();
-        assert!(p.ready());
-        let t = Instant::now();
-        assert_eq!(p.wait(t + Duration::from_millis(50)), PhaseState::Ready);
-        assert!(t.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -19,7 +19,7 @@
 //!    | -- StartCapture -------------------------------> |  captures the VM's frames
 //!    | <-------------------------------------- CaptureOn|
 //!    |  [pause]  deadline: budget + margin              |
-//!    | -- Pages (the last), State ---------------------> |  loads vCPU, clock, devices
+//!    | -- State, Pages (the last), Done --------------> |  loads vCPU, clock, devices
 //!    | <------------------------------------------ Ready |  READY: nothing left can fail
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver
 //!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects

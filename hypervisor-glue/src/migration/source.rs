@@ -30,6 +30,10 @@ use crate::lifecycle::Event;
 const LOG_DIRTY: u32 = 1;
 /// Most pre-copy rounds before stopping anyway.
 const MAX_ROUNDS: u32 = 30;
+/// The share of the downtime budget the last pages may take (at the rate
+/// the last round measured); pausing, the state and the commit take the
+/// rest.
+const LAST_PAGES_SHARE: f64 = 0.25;
 /// How long the destination waits for Commit once it is Ready, beyond
 /// the stop-and-copy's deadline.
 const COMMIT_WAIT_SLACK: Duration = Duration::from_secs(2);
@@ -356,7 +360,9 @@ impl Source {
         );
         cut_at(ch, "src-admitted");
 
-        // Pre-copy, in the background: the running VM keeps its core.
+        // Round 0, the bulk, in the background: the running VM keeps its
+        // core. The later rounds are small and must outpace the VM's
+        // writing to converge: they run at the normal priority.
         set_dirty_logging(ctx, true)?;
         let _ = collect_dirty(ctx)?; // start from a clean log
         let background = crate::sched::Background::enter();
@@ -384,19 +390,33 @@ impl Source {
             tick(0, d, total_pages, s, t)
         })?;
         stats.bytes += b;
-        let mut bandwidth =
-            (total_pages * PAGE as u64) as f64 / t.elapsed().as_secs_f64().max(1e-6);
+        // The rate pages go out at (round 0 skips zero pages, so its time
+        // over the bytes it sent, not over all it looked at).
+        let mut bandwidth = (b as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(1.0);
         stats
             .rounds
             .push(json!({"round": 0, "bytes": b, "ms": ms(t.elapsed())}));
         cut_at(ch, "src-precopy");
+        drop(background);
+
+        // Capture at the destination from now on: the last rounds are
+        // short, and the pause follows the decision that ends them at once
+        // (no round trip between them for the VM to dirty pages in). Frames
+        // the card reads from now on are recorded, so the destination can
+        // drop its copies of them.
+        self.call(Command::Record(true))?;
+        ch.send(&Message::StartCapture)?;
+        expect(ch, "CaptureOn")?;
+        cut_at(ch, "src-capture-on");
         let mut pending;
         let mut last = u64::MAX;
         let mut stalls = 0;
         loop {
             pending = collect_dirty(ctx)?;
             let dirty_bytes = pending.len() as u64 * PAGE as u64;
-            let budget = bandwidth * p.downtime.as_secs_f64();
+            // The last pages may take a quarter of the budget: the rest is
+            // the pause itself, the state and the commit.
+            let budget = bandwidth * p.downtime.as_secs_f64() * LAST_PAGES_SHARE;
             let round = stats.rounds.len() as u32;
             if (dirty_bytes as f64) <= budget || round >= MAX_ROUNDS || stalls >= 3 {
                 break;
@@ -420,17 +440,20 @@ impl Source {
                 .push(json!({"round": round, "pages": n, "bytes": b, "ms": ms(t.elapsed())}));
         }
 
-        // Capture at the destination, then stop and copy at full priority
-        // (the VM waits for it), within the deadline. Frames the card reads
-        // from now on are recorded, so the destination can drop its copies.
-        drop(background);
+        // Stop and copy at full priority (the VM waits for it), within the
+        // deadline.
         let _urgent = crate::sched::Urgent::enter();
-        self.call(Command::Record(true))?;
-        ch.send(&Message::StartCapture)?;
-        expect(ch, "CaptureOn")?;
-        cut_at(ch, "src-capture-on");
+        // The pause: the vCPU thread stops the VM and answers with its
+        // state in one step.
         let paused_at = Instant::now();
-        self.event(Event::Stop)?;
+        let state = match self.call(Command::Lifecycle(Event::Stop))? {
+            Reply::State(s) => s,
+            _ => {
+                return Err(Error::Local(
+                    "internal: Stop answered without the state".into(),
+                ));
+            }
+        };
         let deadline = paused_at + deadline_budget;
         ch.set_deadline(Some(deadline));
         let mut mark = |name: &str, since: &mut Instant| {
@@ -438,25 +461,11 @@ impl Source {
             *since = Instant::now();
         };
         let mut since = paused_at;
-        mark("pause", &mut since);
+        mark("pause_and_save", &mut since);
         cut_at(ch, "src-paused");
-        pending.extend(collect_dirty(ctx)?);
-        pending.sort_unstable();
-        pending.dedup();
-        stats.last_pages = pending.len();
-        mark("dirty_log", &mut since);
-        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
-        mark("last_pages", &mut since);
-        let state = match self.call(Command::Save)? {
-            Reply::State(s) => s,
-            _ => {
-                return Err(Error::Local(
-                    "internal: Save answered without a state".into(),
-                ));
-            }
-        };
+        // The state first: the destination loads it while the last pages
+        // are on their way.
         let enc = crate::snapshot::encode_state(&state).map_err(|e| Error::Local(e.to_string()))?;
-        mark("state_save", &mut since);
         if failpoint::hit("src-mid-state") == Some(Action::Cut) {
             ch.send_cut(&Message::State(&enc));
             return Err(Error::Local(
@@ -466,23 +475,34 @@ impl Source {
         ch.send(&Message::State(&enc))?;
         stats.bytes += enc.len() as u64;
         mark("state_send", &mut since);
+        pending.extend(collect_dirty(ctx)?);
+        pending.sort_unstable();
+        pending.dedup();
+        stats.last_pages = pending.len();
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
+        ch.send(&Message::Done)?;
+        mark("last_pages", &mut since);
         expect(ch, "Ready")?;
-        mark("destination_load", &mut since);
+        mark("destination_ready", &mut since);
         if Instant::now() > deadline {
             return Err(Error::Deadline(deadline_budget.as_millis() as u64));
         }
 
         // The point of no return: from here the VM resumes here only if the
-        // destination says the session was aborted.
-        self.event(Event::CommitSent { generation })?;
+        // destination says the session was aborted. Nothing but this
+        // thread can resume a VM stopped for a move, so the lifecycle
+        // learns of the commit while Commit travels.
         if failpoint::hit("src-before-commit") == Some(Action::Cut) {
             ch.shutdown();
+            let _ = self.event(Event::CommitSent { generation });
             return Ok(Step::Doubt("failpoint: Commit lost".into()));
         }
-        if let Err(e) = ch.send(&Message::Commit {
+        let sent = ch.send(&Message::Commit {
             session,
             generation,
-        }) {
+        });
+        let _ = self.event(Event::CommitSent { generation });
+        if let Err(e) = sent {
             return Ok(Step::Doubt(format!("sending Commit failed: {e}")));
         }
         failpoint::hit("src-after-commit");

@@ -345,6 +345,8 @@ pub enum Message<'a> {
         /// Why.
         reason: String,
     },
+    /// Source: the last pages of the stop-and-copy are all sent.
+    Done,
 }
 
 /// Message tags.
@@ -364,10 +366,11 @@ enum Tag {
     Resolve = 11,
     Outcome = 12,
     Abort = 13,
+    Done = 14,
 }
 
 impl Tag {
-    const ALL: [Tag; 13] = [
+    const ALL: [Tag; 14] = [
         Tag::Open,
         Tag::Admitted,
         Tag::Refused,
@@ -381,6 +384,7 @@ impl Tag {
         Tag::Resolve,
         Tag::Outcome,
         Tag::Abort,
+        Tag::Done,
     ];
 }
 
@@ -521,6 +525,7 @@ impl<'a> Message<'a> {
                 w.u8(Tag::Abort as u8);
                 w.string(reason);
             }
+            Message::Done => w.u8(Tag::Done as u8),
         }
     }
 
@@ -591,6 +596,7 @@ impl<'a> Message<'a> {
             Tag::Abort => Message::Abort {
                 reason: r.string("reason")?,
             },
+            Tag::Done => Message::Done,
         };
         r.finish()?;
         Ok(m)
@@ -612,6 +618,7 @@ impl<'a> Message<'a> {
             Message::Resolve(_) => "Resolve",
             Message::Outcome(_) => "Outcome",
             Message::Abort { .. } => "Abort",
+            Message::Done => "Done",
         }
     }
 }

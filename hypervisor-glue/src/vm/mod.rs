@@ -578,7 +578,14 @@ impl Vm {
             }
             Command::Lifecycle(event) => {
                 let begin = matches!(event, Event::Begin { .. });
+                let stop = matches!(event, Event::Stop);
                 match self.transition(event) {
+                    // Paused for a migration's copy: the state goes back in
+                    // the same answer (one hand-off, not two).
+                    Ok(end) if stop => match self.save() {
+                        Ok(s) => (Reply::State(Box::new(s)), end),
+                        Err(e) => refused(format!("cannot save the VM's state: {e}")),
+                    },
                     Ok(end) if begin => (
                         Reply::Migration(Box::new(SourceContext {
                             machine: self.machine.clone(),
@@ -602,10 +609,6 @@ impl Vm {
                 }
                 (Reply::Done, None)
             }
-            Command::Save => match self.save() {
-                Ok(s) => (Reply::State(Box::new(s)), None),
-                Err(e) => refused(e.to_string()),
-            },
         }
     }
 
@@ -688,6 +691,12 @@ impl Vm {
                 n.rx_frames, n.tx_frames, n.dropped, n.interrupts
             );
         }
+    }
+
+    /// Guest memory (a migration's destination writes the last pages
+    /// into it after loading the state).
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
     }
 
     /// Guest time now, in ns since boot.

@@ -253,7 +253,7 @@ fn one_run(
         // same stream before it (leaving out its first 300 ms).
         "worst_window_at_migration": worst_window(&windows, steady, at - 0.2..at + total_s + 0.5),
         "worst_window_before": worst_window(&windows, steady, 0.3..at - 0.2),
-        "downtime_ms": rv["downtime_ms"], "last_pages": rv["last_pages"], "pause_phases_ms": rv["pause_phases_ms"], "commit_to_running_ms": rv["destination"]["commit_to_running_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
+        "precopy": rv["precopy"], "downtime_ms": rv["downtime_ms"], "last_pages": rv["last_pages"], "pause_phases_ms": rv["pause_phases_ms"], "commit_to_running_ms": rv["destination"]["commit_to_running_ms"], "total_ms": rv["total_ms"], "rounds": rv["rounds"], "bytes": rv["bytes"],
         "captured": rv["destination"]["captured"],
         "client_bytes_per_second": cv["bytes_per_second"],
         "steady_window_bytes": steady,
