@@ -18,6 +18,7 @@ fn run(mib: u64, creds: Credentials) -> f64 {
     let size = mib << 20;
     let src = memory::create(size).unwrap();
     let dst = memory::create(size).unwrap();
+    memory::prefer_huge_pages(&dst);
     // Memory a KVM VM maps, as a destination's is.
     let _vm =
         (std::env::var_os("KVM").is_some()).then(|| ferry::kvm::create_machine(&dst).unwrap());

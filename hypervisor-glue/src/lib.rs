@@ -50,6 +50,7 @@ pub mod sched;
 pub mod size;
 pub mod snapshot;
 pub mod stop;
+pub mod teardown;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

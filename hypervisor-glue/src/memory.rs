@@ -75,15 +75,19 @@ pub fn create(size: u64) -> Result<GuestRam, Error> {
         .into_iter()
         .map(|(a, l)| (GuestAddress(a), l as usize))
         .collect();
-    let mem = GuestRam::from_ranges(&ranges).map_err(|source| Error::Map { size, source })?;
+    GuestRam::from_ranges(&ranges).map_err(|source| Error::Map { size, source })
+}
+
+/// Asks the kernel to back `mem` with 2 MiB pages where it can: for a
+/// migration's destination, which writes all of it (a fault per 4 KiB page
+/// costs more than the copying). Not for a VM that boots: it touches a
+/// few pages, and zeroing a 2 MiB page for each costs its boot time.
+pub fn prefer_huge_pages(mem: &GuestRam) {
     for r in mem.iter() {
         // SAFETY: advice on a mapping this process owns, of exactly its
-        // length; it changes how the kernel backs it (2 MiB pages where it
-        // can: a migration's destination writes all of it, and a fault per
-        // 4 KiB page cost more than the copying), never its contents.
+        // length; it changes how the kernel backs it, never its contents.
         unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
     }
-    Ok(mem)
 }
 
 /// Maps guest RAM from a snapshot file, copy-on-write: `ranges` are the

@@ -120,9 +120,31 @@ fn image_end() -> u64 {
     core::ptr::addr_of!(__image_end) as u64
 }
 
+/// The boot hints Ferry's VMM left in the boot info's page, if it is
+/// Ferry's VMM of this ABI.
+fn boot_hints(raw: &RawBootInfo) -> Option<ferry_abi::BootHints> {
+    let page = raw as *const RawBootInfo as u64 & !0xFFF;
+    let at = page + ferry_abi::layout::BOOT_HINTS_OFFSET;
+    // SAFETY: `at` is in the page that holds the boot info, which the
+    // loader mapped (we are reading the boot info through it) and which
+    // the boot info does not reach into (Ferry's VMM checks; another
+    // loader's bytes there fail the magic); the hints are a plain `repr(C)`
+    // struct of integers, valid for any bits.
+    let h = unsafe { core::ptr::read_volatile(at as *const ferry_abi::BootHints) };
+    h.valid().then_some(h)
+}
+
 /// Hermit entry (Ferry's VMM, uhyve). Called from `_start` on the boot stack.
 pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
-    idt::init();
+    // On PVM everything before the switch to native mode is emulated: on
+    // Ferry's word, switch before anything else (but after reading the
+    // code selector, which the switch hides).
+    let cs = idt::code_selector();
+    if boot_hints(raw).is_some_and(|h| h.flags & ferry_abi::BootHints::PVM_NATIVE != 0) {
+        pvm::enter_native_hinted();
+        CPU_MODE.store(1, Ordering::Relaxed);
+    }
+    idt::init(cs);
     let info = BootInfo::from(*raw);
     let fdt = info
         .hardware_info
@@ -140,7 +162,9 @@ pub extern "C" fn hermit_main(raw: &'static RawBootInfo, _cpu_id: u32) -> ! {
     let is_ferry = abi.is_some();
     // Ferry's VMM maps everything with the user bit; uhyve does not (and a
     // VMM of another ABI is refused below, after the tables are mended).
-    enter_native_mode(bootargs, abi == Some(u64::from(ferry_abi::ABI_VERSION)));
+    if CPU_MODE.load(Ordering::Relaxed) == 0 {
+        enter_native_mode(bootargs, abi == Some(u64::from(ferry_abi::ABI_VERSION)));
+    }
     PLATFORM.store(
         if is_ferry {
             Platform::Ferry
@@ -247,7 +271,7 @@ const PVH_MAPPED_END: u64 = 4 << 30;
 /// PVH entry (QEMU). Called from the 32-bit stub after relocation.
 pub extern "C" fn pvh_main(start_info: u64) -> ! {
     PLATFORM.store(Platform::Pvh as u8, Ordering::Relaxed);
-    idt::init();
+    idt::init(idt::code_selector());
     // SAFETY: QEMU passes the physical address of its start info in ebx;
     // the first 4 GiB are identity-mapped.
     let si = unsafe { core::ptr::read(start_info as *const HvmStartInfo) };

@@ -458,6 +458,7 @@ fn drive(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<i32> {
     };
     let end = vm.run(&mailbox);
     drop(handle);
+    vm.end();
     match end {
         Err(e) if !matches!(e, ferry::vm::Error::Signalled(_)) => {
             Err(anyhow::Error::new(e).context("the VM stopped"))

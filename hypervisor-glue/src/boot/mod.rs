@@ -73,6 +73,9 @@ pub struct BootParams<'a> {
     pub tsc_khz: u32,
     /// Number of vCPUs.
     pub cpus: u32,
+    /// Tell the guest to switch to PVM native mode first thing (the host is
+    /// PVM and the guest was not told `pvm.native=0`).
+    pub pvm_native: bool,
 }
 
 /// Loads `image` and writes every boot structure; returns the boot vCPU state.
@@ -87,6 +90,7 @@ pub fn setup(
     write_page_tables(mem)?;
     write_fdt(mem, params)?;
     write_boot_info(mem, &loaded, params)?;
+    write_boot_hints(mem, params)?;
     let cpu = BootCpu {
         rip: loaded.entry,
         rsp: BOOT_STACK_TOP,
@@ -95,6 +99,26 @@ pub fn setup(
         gdt: (GDT_ADDR, 3 * 8 - 1),
     };
     Ok((cpu, loaded))
+}
+
+// The hints share the boot info's page: the boot info must end before them.
+const _: () = assert!(
+    std::mem::size_of::<hermit_entry::boot_info::RawBootInfo>() as u64
+        <= ferry_abi::layout::BOOT_HINTS_OFFSET
+);
+
+fn write_boot_hints(mem: &GuestRam, params: &BootParams<'_>) -> Result<(), Error> {
+    let hints = ferry_abi::BootHints {
+        magic: ferry_abi::BootHints::MAGIC,
+        abi_version: ferry_abi::ABI_VERSION,
+        flags: if params.pvm_native {
+            ferry_abi::BootHints::PVM_NATIVE
+        } else {
+            0
+        },
+    };
+    memory::write_value(mem, ferry_abi::layout::BOOT_HINTS_ADDR, hints)?;
+    Ok(())
 }
 
 /// Null, 64-bit code (ring 0), data.
@@ -257,6 +281,7 @@ mod tests {
             cmdline: &long,
             tsc_khz: 1,
             cpus: 1,
+            pvm_native: false,
         };
         assert!(matches!(write_fdt(&mem, &p), Err(Error::CmdlineTooLong(_))));
     }

@@ -268,7 +268,6 @@ impl Phase {
             _ => None,
         })
     }
-
 }
 
 /// The VM process's link to its receiver.
@@ -379,6 +378,7 @@ pub fn run_session() -> Result<i32, Error> {
     let setup = (|| -> Result<(Incoming, Option<crate::api::ApiHandle>), String> {
         let mem = memory::create(open.config.memory)
             .map_err(|e| format!("cannot give the VM its memory here: {e}"))?;
+        memory::prefer_huge_pages(&mem);
         let identity = Identity {
             id: open.vm.0,
             generation: open.generation,
@@ -515,6 +515,7 @@ pub fn run_session() -> Result<i32, Error> {
     let _ = std::io::stderr().flush();
     let end = vm.run(&mailbox);
     drop(api);
+    vm.end();
     Ok(exit_status(end))
 }
 
@@ -709,6 +710,5 @@ mod tests {
         let p = Phase::new();
         assert!(matches!(p.resolve(), PhaseState::Aborted(_)));
         assert!(!p.ready(), "aborted sessions never become Ready");
-
     }
 }

@@ -256,10 +256,15 @@ impl Vm {
         let fd = kvm::create_vcpu(&machine, 0)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
         trace.mark("create vCPU");
+        // On PVM the guest switches to native mode first thing, on our
+        // word, unless it was told not to.
+        let pvm_native = kvm::cpu_mode(&fd) != kvm::CpuMode::Hardware
+            && !config.guest_args.iter().any(|a| a == "pvm.native=0");
         let params = BootParams {
             cmdline: &cmdline,
             tsc_khz,
             cpus: config.cpus,
+            pvm_native,
         };
         let (boot_cpu, _image) =
             boot::setup(&mem, &image, &params).map_err(|source| Error::Boot {
@@ -691,6 +696,14 @@ impl Vm {
                 n.rx_frames, n.tx_frames, n.dropped, n.interrupts
             );
         }
+    }
+
+    /// Releases the VM at the end of the process: the card (its tap) at
+    /// once, the KVM VM and guest memory after the process has exited (see
+    /// [`crate::teardown`]).
+    pub fn end(mut self) {
+        drop(self.bus.net.take());
+        crate::teardown::defer();
     }
 
     /// Guest memory (a migration's destination writes the last pages

@@ -22,12 +22,46 @@
 #![deny(unsafe_code)]
 
 /// Version of this contract. The VMM writes it into the device tree
-/// (`/ferry,vmm` `abi-version`); the runtime refuses a VMM with another one.
-/// Version 2: the VMM's boot page tables map everything with the user bit
-/// (a guest in PVM native mode needs it; see the runtime's `arch::pvm`).
-pub const ABI_VERSION: u32 = 2;
+/// (`/ferry,vmm` `abi-version`) and into the [`BootHints`]; the runtime
+/// refuses a VMM with another one. Version 2: the VMM's boot page tables
+/// map everything with the user bit (a guest in PVM native mode needs it;
+/// see the runtime's `arch::pvm`). Version 3: the boot hints.
+pub const ABI_VERSION: u32 = 3;
 
 pub mod offload;
+
+/// What Ferry's VMM tells the runtime before the runtime has read anything
+/// else (the device tree, the boot info): the first instructions of a
+/// guest on PVM run emulated (~1 us each) until it switches to native mode,
+/// so the switch comes first, on the VMM's word, instead of after parsing
+/// the device tree (~3,400 emulated instructions for `hello`, most of its
+/// boot). They sit in the second half of the boot info's page
+/// ([`layout::BOOT_HINTS_OFFSET`]), which any loader maps. Another loader
+/// (uhyve) writes none: `magic` does not match and the runtime finds out
+/// the slow way.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootHints {
+    /// [`BootHints::MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u32,
+    /// [`BootHints::PVM_NATIVE`] and friends.
+    pub flags: u32,
+}
+
+impl BootHints {
+    /// "FERRYHNT", little-endian.
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"FERRYHNT");
+    /// The host's KVM is PVM and the guest is to run natively (its
+    /// mappings have the user bit): write PVM's control MSR at once.
+    pub const PVM_NATIVE: u32 = 1;
+
+    /// Whether these are hints from a Ferry VMM of this ABI.
+    pub fn valid(&self) -> bool {
+        self.magic == Self::MAGIC && self.abi_version == ABI_VERSION
+    }
+}
 
 /// Guest-physical layout of the boot structures Ferry's VMM writes.
 ///
@@ -45,6 +79,13 @@ pub mod layout {
     pub const BOOT_INFO_ADDR: u64 = 0x5000;
     /// The clock page ([`crate::ClockPage`]), one 4 KiB page.
     pub const CLOCK_PAGE_ADDR: u64 = 0x6000;
+    /// The boot hints ([`crate::BootHints`]): in the second half of the
+    /// boot info's page, which every loader maps (the runtime reads the
+    /// boot info there), so the runtime may look before it knows which
+    /// loader it has.
+    pub const BOOT_HINTS_ADDR: u64 = BOOT_INFO_ADDR + BOOT_HINTS_OFFSET;
+    /// Where the boot hints are in the boot info's page.
+    pub const BOOT_HINTS_OFFSET: u64 = 0x800;
     /// Top-level page table (PML4); the PDPT follows at +0x1000.
     pub const PML4_ADDR: u64 = 0x10000;
     /// Page directories (2 MiB pages) start here, one per GiB of memory.
@@ -69,7 +110,8 @@ pub mod layout {
         assert!(CLOCK_PAGE_ADDR + 0x1000 <= PML4_ADDR);
         assert!(PD_ADDR < PAGE_TABLES_END && PAGE_TABLES_END < BOOT_STACK_TOP);
         assert!(BOOT_STACK_TOP <= KERNEL_ADDR);
-        assert!(core::mem::size_of::<crate::ClockPage>() <= 4096);
+        assert!(core::mem::size_of::<crate::ClockPage>() <= 0x1000);
+        assert!(core::mem::size_of::<crate::BootHints>() <= 0x1000 - BOOT_HINTS_OFFSET as usize);
     };
 }
 

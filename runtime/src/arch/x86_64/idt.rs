@@ -123,11 +123,20 @@ const EMPTY_GATE: Gate = Gate {
 
 static mut IDT: [Gate; 256] = [EMPTY_GATE; 256];
 
-/// Installs the IDT. Call once, with interrupts off, before anything can fault.
-pub fn init() {
+/// The code selector the loader runs the runtime with. Read it before the
+/// switch to PVM native mode: after it, CS is the host's ring-3 selector,
+/// not the guest's.
+pub fn code_selector() -> u16 {
     let cs: u16;
     // SAFETY: reading CS has no side effects.
     unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs
+}
+
+/// Installs the IDT, its gates on code selector `cs` (see
+/// [`code_selector`]). Call once, with interrupts off, before anything can
+/// fault.
+pub fn init(cs: u16) {
     // SAFETY: single vCPU, interrupts off, called once at boot: nothing else
     // touches IDT; the table of stub addresses is relocated (RELATIVE) data.
     unsafe {

@@ -104,6 +104,19 @@ pub fn enter_native(wanted: bool, user_mapped: bool) -> Mode {
     Mode::Native
 }
 
+/// Switches to native mode on Ferry's VMM's word ([`ferry_abi::BootHints`]):
+/// the host is PVM and the boot mappings have the user bit, so neither the
+/// detection (which needs the IDT, for its #GP) nor the table walk is
+/// needed. The first thing the runtime does, with interrupts off: every
+/// instruction before it is emulated.
+pub fn enter_native_hinted() -> Mode {
+    // SAFETY: the VMM vouched for a PVM host and user-bit mappings (as in
+    // `enter_native`); the PVCS is the same zeroed page of the image.
+    unsafe { super::cpu::wrmsr(MSR_PVM_CONTROL, pvcs_addr()) };
+    NATIVE.store(true, Ordering::Relaxed);
+    Mode::Native
+}
+
 /// Sets the user bit in every present entry of the page tables the
 /// loader built (CR3) and flushes the TLB; returns how many entries it
 /// changed. Native mode runs ring 0 on hardware ring 3, where a
