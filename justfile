@@ -53,6 +53,10 @@ build-failpoints:
     cp target/release/ferry target/release/ferry-failpoints.new && mv -f target/release/ferry-failpoints.new target/release/ferry-failpoints
     cargo build --release --quiet -p ferry
 
+# Make a new service apps/NAME from the template (apps/template); `just run-app NAME` runs it.
+new-app NAME:
+    images/new-app {{NAME}}
+
 # Build an app image into images/out/APP and print its path.
 build-image APP:
     images/build {{APP}}
@@ -198,7 +202,7 @@ lint:
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU, then fuzzing.
 # A test that cannot run here (no KVM, not root, a missing tool) fails; FERRY_ALLOW_SKIP=1 skips it instead, loudly.
 test: setup build build-failpoints
-    for i in hello misbehave echo kv http stream udpcount; do images/build $i >/dev/null; done
+    for i in hello misbehave echo kv http stream udpcount template; do images/build $i >/dev/null; done
     rm -f target/test-skips.log
     target/release/ferry-cluster clean-tests
     cargo test -- --test-threads 2

@@ -290,3 +290,88 @@ fn snapshot_and_restore_are_one_command_each() {
     assert_eq!(fc.redis(&["get", "k"]), "kept");
     assert_eq!(fc.vms(), vec![("hostB".into(), "running".into(), 1)]);
 }
+
+/// Removes a test's app from apps/ (and its image), and puts Cargo.lock
+/// back as it was, when dropped.
+struct TempApp {
+    dir: PathBuf,
+    image: PathBuf,
+    lock: Vec<u8>,
+}
+
+impl Drop for TempApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.image);
+        let _ = std::fs::write(root().join("Cargo.lock"), &self.lock);
+    }
+}
+
+/// A newcomer's path: `just new-app NAME` (images/new-app) makes a service
+/// from the template, it builds without editing the workspace, boots on
+/// Ferry in the cluster and serves a real client.
+#[test]
+fn a_new_app_from_the_template_builds_and_serves() {
+    let mut all = vec![
+        Need::Kvm,
+        Need::Root,
+        Need::Program("ip"),
+        Need::Program("cargo"),
+    ];
+    all.push(Need::Program("rustup"));
+    if !needs("a_new_app_from_the_template", &all) {
+        return;
+    }
+    let name = format!("tpl{}", std::process::id());
+    let _cleanup = TempApp {
+        dir: root().join("apps").join(&name),
+        image: root().join("images/out").join(&name),
+        lock: std::fs::read(root().join("Cargo.lock")).unwrap(),
+    };
+    let out = Command::new(root().join("images/new-app"))
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(root().join("images/build"))
+        .arg(&name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let Some(mut c) = ferry_tests::cluster::for_test("a_new_app_from_the_template", "ft") else {
+        return;
+    };
+    let log = ferry_tests::cluster::log_dir("a_new_app_from_the_template").join("vm.log");
+    c.start_vm("hostA", &image, "64M", &["greeting=hi"], &log, "listening")
+        .unwrap();
+    let (hello, loud) = c
+        .in_ns("client", || {
+            use std::io::{BufRead, BufReader, Write};
+            let s = std::net::TcpStream::connect((VIP, 7000)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut hello = String::new();
+            r.read_line(&mut hello).unwrap();
+            (&s).write_all(b"make me loud\n").unwrap();
+            let mut loud = String::new();
+            r.read_line(&mut loud).unwrap();
+            (hello, loud)
+        })
+        .unwrap();
+    assert!(hello.starts_with("hi! this service has run"), "{hello:?}");
+    assert_eq!(loud, "MAKE ME LOUD\n");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains(&format!("{name}: listening on port 7000"))
+    );
+}

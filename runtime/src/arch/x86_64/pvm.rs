@@ -13,7 +13,7 @@
 //!   interrupt waits for it. Interrupts arrive through the guest's own IDT.
 //! - A store to byte 0 is invisible to the hypervisor until the next trap,
 //!   so the idle path is `byte 0 = 1; hlt` (HLT traps), and an interrupt
-//!   taken between the two resumes after the HLT ([`fixup_halt`]), so a
+//!   taken between the two resumes after the HLT (`fixup_halt`), so a
 //!   wake-up that arrives just before the HLT is never slept through.
 //! - Exits cost ~36 us, in-kernel traps ~17 us, an interrupt ~150 us: the
 //!   drivers batch and suppress notifications accordingly.
