@@ -12,6 +12,18 @@ use serde_json::Value;
 /// `stream-client` arguments that list every gap [`around`] needs.
 pub const CLIENT_ARGS: [&str; 4] = ["--gap-ms", "1", "--max-gaps", "1000000"];
 
+/// A gap for people: the client lists only gaps of 1 ms or more
+/// ([`CLIENT_ARGS`]), so a 0 means "under 1 ms".
+pub fn show(ms: f64) -> String {
+    if ms.is_nan() {
+        "unknown".into()
+    } else if ms < 1.0 {
+        "under 1 ms".into()
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
 /// Gap measures of one migration.
 #[derive(Clone, Copy, Debug)]
 pub struct Gaps {

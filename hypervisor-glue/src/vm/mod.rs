@@ -483,7 +483,9 @@ impl Vm {
             image: self.config.image.clone(),
             memory: self.config.memory,
             pid: std::process::id(),
-            uptime_s: self.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            uptime_s: self
+                .started
+                .map_or(0.0, |t| (t.elapsed().as_secs_f64() * 1e3).round() / 1e3),
             guest_time_ns,
             cpu_mode: kvm::cpu_mode(self.vcpu.fd()).name().into(),
             kvm,

@@ -166,21 +166,28 @@ fn main() -> Result<()> {
     )?;
     println!("\n== client-side report ({} s of streaming)", a.seconds);
     for m in &per_migration {
+        let gap = m["client_max_gap_ms"].as_f64().unwrap_or(0.0);
+        let own = m["own_gap_ms"].as_f64().unwrap_or(f64::NAN);
+        let added = m["added_ms"].as_f64().unwrap_or(f64::NAN);
         println!(
-            "  {} -> {} at {:.1} s: largest gap between arrivals {:.1} ms (the stream's own, no migration: {:.1} ms; added {:.1} ms); VMM-measured downtime {:.2} ms; {} frames captured",
+            "  {} -> {} at {:.1} s: largest gap between arrivals {} (the stream's own, no migration: {}; added {}); VMM-measured downtime {:.2} ms; {} frames captured",
             m["from"].as_str().unwrap_or(""),
             m["to"].as_str().unwrap_or(""),
             m["at_s"].as_f64().unwrap_or(0.0),
-            m["client_max_gap_ms"].as_f64().unwrap_or(0.0),
-            m["own_gap_ms"].as_f64().unwrap_or(f64::NAN),
-            m["added_ms"].as_f64().unwrap_or(f64::NAN),
+            gaps::show(gap),
+            gaps::show(own),
+            if gap < 1.0 {
+                "nothing measurable".to_string()
+            } else {
+                format!("{added:.1} ms")
+            },
             m["vmm_downtime_ms"].as_f64().unwrap_or(0.0),
             m["captured_frames"]
         );
     }
     println!(
-        "  largest gap over the whole run: {:.1} ms",
-        cv["max_gap_ms"].as_f64().unwrap_or(0.0)
+        "  largest gap over the whole run: {}",
+        gaps::show(cv["max_gap_ms"].as_f64().unwrap_or(0.0))
     );
     println!(
         "  stream: {bytes_verified} bytes verified ({:.2} MB/s); echo: {echo_verified} bytes verified",
