@@ -1,4 +1,13 @@
-"""Plots target/bench/migrate.json (from bench-migrate) into docs/."""
+"""Plots target/bench/migrate.json (from bench-migrate) into docs/, one
+question per plot, from the same run as docs/bench-migrate.md:
+
+- bench-migrate-delay.png: how long does the client wait at a migration,
+  by image size? (median and range of the runs, capture on)
+- bench-migrate-throughput.png: what does the client receive around a
+  move? (the largest image, 100 ms windows, pre-copy and pause marked)
+- bench-migrate-window.png: does the client's TCP sender back off? (its
+  upstream cwnd around the move, one small panel per image size)
+"""
 import json
 import sys
 
@@ -8,62 +17,98 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 rows = json.load(open(sys.argv[1] if len(sys.argv) > 1 else "target/bench/migrate.json"))
-fig, ax = plt.subplots(figsize=(7, 4))
-for rate in ("120M", "full"):
-    for cap in (True, False):
-        pts = [r for r in rows if r["rate"] == rate and r["capture"] == cap and r["runs"]]
-        xs = [r["size_mib"] for r in pts]
-        ax.plot(xs, [r["migration_gap_ms_median"] for r in pts], marker="o",
-                label=f"client gap, {rate}, capture {'on' if cap else 'off'}")
-pts = [r for r in rows if r["rate"] == "120M" and r["capture"] and r["runs"]]
-ax.plot([r["size_mib"] for r in pts], [r["own_gap_ms_median"] for r in pts], "k:", marker="s",
-        label="the stream's own gap, no migration (120M)")
-ax.plot([r["size_mib"] for r in pts], [r["downtime_ms_median"] for r in pts], "k--", marker="x", label="VMM downtime")
-ax.set_xscale("log")
-ax.set_xlabel("image size (MiB)")
-ax.set_ylabel("ms")
-ax.set_title("Migration delay against image size (cf. TCPmig Fig. 5)")
-ax.legend(fontsize=7)
+rows = [r for r in rows if r.get("runs")]
+sizes = sorted({r["size_mib"] for r in rows})
+loads = [l for l in ("120M", "full") if any(r["rate"] == l for r in rows)] or sorted({r["rate"] for r in rows})
+
+
+def label(size):
+    return f"{size // 1024} GiB" if size >= 1024 and size % 1024 == 0 else f"{size} MB"
+
+
+def runs(size, rate, capture=True):
+    for r in rows:
+        if r["size_mib"] == size and r["rate"] == rate and r["capture"] == capture:
+            return r["detail"]
+    return []
+
+
+# 1. The wait at a migration, by size.
+fig, ax = plt.subplots(figsize=(8, 4.2))
+x = list(range(len(sizes)))
+series = [(f"client gap, {l} load", l, "migration_gap_ms", "o") for l in loads]
+series.append(("VMM downtime (pause to running there), 120M", loads[0], "downtime_ms", "s"))
+width = 0.8 / len(series)
+for i, (name, rate, key, marker) in enumerate(series):
+    xs, med, lo, hi = [], [], [], []
+    for j, s in enumerate(sizes):
+        vals = sorted(d[key] for d in runs(s, rate) if d.get(key) is not None)
+        if not vals:
+            continue
+        m = vals[len(vals) // 2]
+        xs.append(j - 0.4 + width * (i + 0.5))
+        med.append(m)
+        lo.append(m - vals[0])
+        hi.append(vals[-1] - m)
+    ax.errorbar(xs, med, yerr=[lo, hi], fmt=marker, capsize=3, label=name)
+own = []
+for s in sizes:
+    vals = sorted(d["own_gap_ms"] for d in runs(s, loads[0]) if d.get("own_gap_ms") is not None)
+    own.append(vals[len(vals) // 2] if vals else float("nan"))
+ax.plot(x, own, "k:", label=f"the stream's own largest gap, no migration ({loads[0]})")
+ax.set_xticks(x)
+ax.set_xticklabels([label(s) for s in sizes])
+ax.set_xlabel("image size (guest memory touched)")
+ax.set_ylabel("ms (median; bars: fastest to slowest run)")
+ax.set_title("How long the client waits at a live migration (capture on; cf. TCPmig Fig. 5)")
+ax.set_ylim(bottom=0)
+ax.legend(fontsize=7, loc="upper left")
 fig.tight_layout()
 fig.savefig("docs/bench-migrate-delay.png", dpi=120)
 
-big = max(r["size_mib"] for r in rows)
-fig, ax = plt.subplots(figsize=(7, 4))
-for r in rows:
-    if r["size_mib"] != big or not r["detail"]:
+# 2. Throughput around the move, largest image, 120M, capture on.
+big = sizes[-1]
+fig, ax = plt.subplots(figsize=(8, 4))
+for rate in loads:
+    d = (runs(big, rate) or [None])[0]
+    if not d:
         continue
-    d = r["detail"][0]
+    at, total, down = d["migration_at_s"], d["total_ms"] / 1e3, d["downtime_ms"] / 1e3
     w = d["windows"]
-    ax.plot([i * 0.1 for i in range(len(w))], [b * 10 / 1e6 for b in w],
-            label=f"{r['rate']}, capture {'on' if r['capture'] else 'off'}")
-    ax.axvline(d["migration_at_s"], color="grey", lw=0.5)
-ax.set_xlabel("time (s)")
-ax.set_ylabel("client throughput (MB/s, 100 ms windows)")
-ax.set_title(f"Throughput around a migration, {big} MiB image (cf. TCPmig Fig. 6)")
+    t = [i * 0.1 - at for i in range(len(w))]
+    ax.step(t, [b * 10 / 1e6 for b in w], where="post", label=f"{rate} load")
+    ax.axvspan(0, total - down, color="tab:blue" if rate == loads[0] else "tab:orange", alpha=0.08)
+    ax.axvline(total - down, color="red", lw=0.8)
+ax.text(0.01, 0.02, "shaded: pre-copy (the VM runs); red line: the pause", transform=ax.transAxes, fontsize=7)
+ax.set_xlabel("s from the start of the migration")
+ax.set_ylabel("client throughput, MB/s (100 ms windows)")
+ax.set_title(f"What the client receives around a migration, {label(big)} image, capture on")
+ax.set_ylim(bottom=0)
 ax.legend(fontsize=7)
 fig.tight_layout()
 fig.savefig("docs/bench-migrate-throughput.png", dpi=120)
-print("plots: docs/bench-migrate-delay.png docs/bench-migrate-throughput.png")
 
-# Fig. 6: the client's windows around the migration, one run per size
-# (120M, capture on): the upstream sender's cwnd and the stream's windows.
-fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-for r in rows:
-    if r["rate"] != "120M" or not r["capture"] or not r["detail"]:
-        continue
-    d = r["detail"][0]
-    s = d.get("tcp", {}).get("samples", [])
-    if not s:
-        continue
-    at = d["migration_at_s"]
-    t = [(x["t"] - at) * 1e3 for x in s]
-    ax1.plot(t, [x.get("echo_cwnd") for x in s], label=f"{r['size_mib']} MiB")
-    ax2.plot(t, [(x.get("snd_wnd") or 0) / 1024 for x in s], label=f"{r['size_mib']} MiB")
-ax1.set_ylabel("client cwnd, upstream (segments)")
-ax2.set_ylabel("service's advertised window (KiB)")
-ax2.set_xlabel("ms from the migration's start")
-ax1.set_title("The client's TCP windows around a migration, 120 MB/s (cf. TCPmig Fig. 6)")
-ax1.legend(fontsize=7)
+# 3. The client's upstream cwnd around the move: small multiples.
+n = len(sizes)
+cols = min(3, n)
+rowsn = (n + cols - 1) // cols
+fig, axes = plt.subplots(rowsn, cols, figsize=(3.2 * cols, 2.4 * rowsn), sharey=True, squeeze=False)
+for k, s in enumerate(sizes):
+    ax = axes[k // cols][k % cols]
+    d = (runs(s, loads[0]) or [None])[0]
+    samples = (d or {}).get("tcp", {}).get("samples", []) if d else []
+    if samples:
+        at, total, down = d["migration_at_s"], d["total_ms"] / 1e3, d["downtime_ms"] / 1e3
+        t = [x["t"] - at for x in samples]
+        ax.plot(t, [x.get("echo_cwnd") for x in samples], lw=0.8)
+        ax.axvline(total - down, color="red", lw=0.8)
+    ax.set_title(label(s), fontsize=9)
+    ax.tick_params(labelsize=7)
+for k in range(n, rowsn * cols):
+    axes[k // cols][k % cols].axis("off")
+fig.supxlabel("s from the start of the migration (red: the pause)", fontsize=8)
+fig.supylabel("client's upstream cwnd (segments)", fontsize=8)
+fig.suptitle("Does the client's TCP back off at a migration? (120 MB/s, capture on; cf. TCPmig Fig. 6)", fontsize=9)
 fig.tight_layout()
 fig.savefig("docs/bench-migrate-window.png", dpi=120)
-print("plot: docs/bench-migrate-window.png")
+print("plots: docs/bench-migrate-delay.png docs/bench-migrate-throughput.png docs/bench-migrate-window.png")
