@@ -175,6 +175,9 @@ fuzz SECONDS="20":
     fi
     mkdir -p target/fuzz
     logs=$(pwd)/target/fuzz
+    # Seeds: real images for the ELF loader (random bytes rarely parse).
+    mkdir -p hypervisor-glue/fuzz/corpus/elf_image
+    for i in images/out/hello images/out/echo; do [ -f "$i" ] && cp "$i" hypervisor-glue/fuzz/corpus/elf_image/ || true; done
     cd hypervisor-glue
     targets=$(cargo +nightly fuzz list)
     [ -n "$targets" ] || { echo "fuzz: error: no fuzz targets found" >&2; exit 1; }
@@ -207,4 +210,4 @@ test: setup build build-failpoints
     target/release/ferry-cluster clean-tests
     cargo test -- --test-threads 2
     if [ -s target/test-skips.log ]; then echo "test: $(wc -l < target/test-skips.log) tests were SKIPPED (FERRY_ALLOW_SKIP=1):"; cat target/test-skips.log; fi
-    just fuzz 20
+    just fuzz 12

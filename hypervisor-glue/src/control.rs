@@ -8,7 +8,6 @@
 //! VM is paused. JSON exists only at the socket (`crate::api`).
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
@@ -43,12 +42,16 @@ pub enum Command {
     Pause,
     /// Run again; guest time goes on by the real time that passed.
     Resume,
-    /// Write a snapshot (pausing if running), then do `then`.
+    /// Write a snapshot (pausing if running) into `file`, signed with
+    /// `key` if given, then do `then`.
     Snapshot {
-        /// Where.
-        path: PathBuf,
+        /// The file to write (the caller made it; the VMM never opens a
+        /// path it is given).
+        file: std::fs::File,
         /// What after.
         then: After,
+        /// The host key to sign it with.
+        key: Option<crate::migration::key::Psk>,
     },
     /// End the VM.
     Stop,
@@ -102,6 +105,8 @@ pub struct SourceContext {
     pub config: ConfigState,
     /// The VM's identity and current generation.
     pub identity: Identity,
+    /// The CPU features the guest booted with.
+    pub cpu: crate::kvm::CpuFeatures,
 }
 
 /// A VM's status, as `ferry status` shows it.
@@ -136,6 +141,10 @@ pub struct Status {
     /// Guest console bytes the host output did not take (a closed
     /// terminal).
     pub console_lost_bytes: u64,
+    /// Guest console bytes dropped for going over the console's rate.
+    pub console_dropped_bytes: u64,
+    /// The VMM's confinement: seccomp, capabilities, jail.
+    pub lockdown: String,
 }
 
 /// The vCPU's KVM counters.
@@ -176,6 +185,9 @@ pub struct NetStatus {
     pub captured: u64,
     /// Captured frames dropped as ones the source had already read.
     pub duplicates: u64,
+    /// Frames the guest sent that were refused (another source MAC or
+    /// address, not IPv4/ARP, offload fields not matching the headers).
+    pub tx_refused: u64,
 }
 
 struct Job {

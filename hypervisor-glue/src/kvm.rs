@@ -345,6 +345,9 @@ pub enum StateError {
          (not a PVM host, or another PVM ABI)"
     )]
     PvmNative,
+    /// A saved MSR that KVM does not list (nor is PVM's control MSR).
+    #[error("the saved state sets MSR {0:#x}, which this host's KVM does not list; refused")]
+    NotListed(u32),
     /// Too many MSRs in a snapshot.
     #[error("snapshot lists {0} MSRs; at most {MAX_MSRS} are accepted")]
     TooManyMsrs(usize),
@@ -443,16 +446,40 @@ fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
     Ok(msrs)
 }
 
-fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
+/// The MSRs KVM lists (less the TSC, which cannot be moved here), asked
+/// once per process: the list never changes, and asking costs an ioctl in
+/// the pause of every migration.
+fn listed_msrs(kvm: &Kvm) -> Result<&'static [u32], StateError> {
+    static LIST: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    if let Some(l) = LIST.get() {
+        return Ok(l);
+    }
     let list = kvm
         .get_msr_index_list()
         .map_err(io("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut indices: Vec<u32> = list
+    let v = list
         .as_slice()
         .iter()
         .copied()
         .filter(|&i| i != MSR_IA32_TSC)
         .collect();
+    Ok(LIST.get_or_init(|| v))
+}
+
+/// Whether a saved state may set MSR `index`: one KVM lists, or PVM's
+/// control MSR (which the list leaves out).
+fn msr_allowed(kvm: &Kvm, index: u32) -> Result<bool, StateError> {
+    Ok(index == MSR_PVM_CONTROL || listed_msrs(kvm)?.contains(&index))
+}
+
+fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
+    // The listed MSRs this vCPU lets us read, found on the first save (KVM
+    // stops at the first it cannot read: drop that one, retry) and kept.
+    static READABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    let mut indices: Vec<u32> = match READABLE.get() {
+        Some(r) => r.clone(),
+        None => listed_msrs(kvm)?.to_vec(),
+    };
     loop {
         let entries: Vec<kvm_msr_entry> = indices
             .iter()
@@ -465,9 +492,9 @@ fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateEr
             Msrs::from_entries(&entries).map_err(|_| StateError::TooManyMsrs(entries.len()))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(io("KVM_GET_MSRS"))?;
         if n == indices.len() {
+            let _ = READABLE.set(indices);
             return Ok(msrs.as_slice().iter().map(|e| (e.index, e.data)).collect());
         }
-        // KVM stops at the first MSR it cannot read: drop that one, retry.
         indices.remove(n);
     }
 }
@@ -490,9 +517,16 @@ pub fn save_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
 /// Restores a vCPU created by [`create_vcpu`] (CPUID set) from `s`. An
 /// armed TSC deadline is set to fire at once: the host's TSC is not the
 /// one it was armed against, and the guest re-arms it from its clock page.
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+pub fn restore_vcpu(kvm: &Kvm, vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     if s.msrs.len() > MAX_MSRS {
         return Err(StateError::TooManyMsrs(s.msrs.len()));
+    }
+    // Only MSRs this KVM lists (and PVM's control MSR): a snapshot or a
+    // migration stream does not get to poke any other index.
+    for &(index, _) in &s.msrs {
+        if !msr_allowed(kvm, index)? {
+            return Err(StateError::NotListed(index));
+        }
     }
     let mp: kvm_bindings::kvm_mp_state = pod_from("kvm_mp_state", &s.mp_state)?;
     let regs: kvm_bindings::kvm_regs = pod_from("kvm_regs", &s.regs)?;
@@ -540,6 +574,100 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     vcpu.set_vcpu_events(&events)
         .map_err(io("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
+}
+
+/// The CPU features a guest sees that its code may rely on, as feature
+/// words of CPUID: leaf 1 ECX and EDX, leaf 7 subleaf 0 EBX, ECX and EDX,
+/// leaf 0x80000001 ECX and EDX. A guest keeps the features of the host it
+/// booted on wherever it moves; a host that lacks one cannot take it.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct CpuFeatures {
+    /// The seven words, in the order above.
+    pub words: [u32; 7],
+}
+
+/// The features checked, by word and bit, with their names.
+const FEATURE_NAMES: &[(usize, u32, &str)] = &[
+    (0, 0, "sse3"),
+    (0, 1, "pclmulqdq"),
+    (0, 9, "ssse3"),
+    (0, 12, "fma"),
+    (0, 13, "cx16"),
+    (0, 19, "sse4.1"),
+    (0, 20, "sse4.2"),
+    (0, 22, "movbe"),
+    (0, 23, "popcnt"),
+    (0, 25, "aes"),
+    (0, 26, "xsave"),
+    (0, 28, "avx"),
+    (0, 29, "f16c"),
+    (0, 30, "rdrand"),
+    (1, 0, "fpu"),
+    (1, 23, "mmx"),
+    (1, 25, "sse"),
+    (1, 26, "sse2"),
+    (2, 0, "fsgsbase"),
+    (2, 3, "bmi1"),
+    (2, 5, "avx2"),
+    (2, 8, "bmi2"),
+    (2, 9, "erms"),
+    (2, 16, "avx512f"),
+    (2, 17, "avx512dq"),
+    (2, 18, "rdseed"),
+    (2, 19, "adx"),
+    (2, 28, "avx512cd"),
+    (2, 29, "sha"),
+    (2, 30, "avx512bw"),
+    (2, 31, "avx512vl"),
+    (3, 1, "avx512vbmi"),
+    (3, 9, "vaes"),
+    (3, 10, "vpclmulqdq"),
+    (3, 11, "avx512vnni"),
+    (5, 0, "lahf_lm"),
+    (5, 5, "lzcnt"),
+    (6, 20, "nx"),
+    (6, 27, "rdtscp"),
+    (6, 29, "lm"),
+];
+
+impl CpuFeatures {
+    /// The features `self` has that `host` lacks, by name.
+    pub fn missing_on(&self, host: &CpuFeatures) -> Vec<&'static str> {
+        FEATURE_NAMES
+            .iter()
+            .filter(|&&(w, b, _)| self.words[w] >> b & 1 == 1 && host.words[w] >> b & 1 == 0)
+            .map(|&(_, _, name)| name)
+            .collect()
+    }
+}
+
+/// This host's CPU features as Ferry gives them to a guest it boots.
+pub fn host_cpu_features(kvm: &Kvm) -> Result<CpuFeatures, Error> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::GetSupportedCpuid)?;
+    let mut f = CpuFeatures::default();
+    for e in cpuid.as_slice() {
+        match (e.function, e.index) {
+            (1, _) => {
+                f.words[0] = e.ecx;
+                f.words[1] = e.edx;
+            }
+            (7, 0) => {
+                f.words[2] = e.ebx;
+                f.words[3] = e.ecx;
+                f.words[4] = e.edx;
+            }
+            (0x8000_0001, _) => {
+                f.words[5] = e.ecx;
+                f.words[6] = e.edx;
+            }
+            _ => {}
+        }
+    }
+    Ok(f)
 }
 
 /// Saves the in-kernel PICs and IOAPIC.

@@ -7,6 +7,8 @@
 //! - [`clock`]: the clock page through which guest time survives pauses and moves;
 //! - [`net`]: a VM's network settings, validated;
 //! - [`devices`]: what the guest reaches by I/O (the console, PCI, virtio-net on a tap);
+//! - [`lockdown`]: least privilege once set up: a jail, capabilities
+//!   dropped, a seccomp filter per thread;
 //! - [`vcpu`]: the run loop, turning KVM exits into hypercalls or clear
 //!   guest faults; [`kick`] gets it out of KVM_RUN;
 //!   [`stop`]: SIGINT/SIGTERM/SIGHUP;
@@ -39,10 +41,12 @@ pub mod boot;
 pub mod clock;
 pub mod control;
 pub mod devices;
+pub mod failpoint;
 pub mod id;
 pub mod kick;
 pub mod kvm;
 pub mod lifecycle;
+pub mod lockdown;
 pub mod memory;
 pub mod migration;
 pub mod net;

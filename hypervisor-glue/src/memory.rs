@@ -152,6 +152,25 @@ pub unsafe fn region_slices(mem: &GuestRam) -> Vec<&[u8]> {
         .collect()
 }
 
+/// Guest memory as mutable byte slices, region after region.
+///
+/// # Safety
+///
+/// Nothing else may read or write guest memory while the slices live (no
+/// vCPU runs, no device works on it).
+// Guest memory is a shared mapping, written through `&GuestRam` everywhere
+// (vm-memory's model); the safety contract stands in for `&mut`.
+#[allow(clippy::mut_from_ref)]
+pub unsafe fn region_slices_mut(mem: &GuestRam) -> Vec<&mut [u8]> {
+    mem.iter()
+        .map(|r| {
+            // SAFETY: the region maps `len` bytes at `as_ptr()` for as long
+            // as `mem` lives; the caller guarantees nobody else touches them.
+            unsafe { std::slice::from_raw_parts_mut(r.as_ptr(), r.len() as usize) }
+        })
+        .collect()
+}
+
 /// The end of the last RAM range (one past the highest RAM address).
 pub fn ram_end(mem: &GuestRam) -> u64 {
     mem.iter()

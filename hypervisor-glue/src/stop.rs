@@ -59,28 +59,26 @@ pub fn install() -> std::io::Result<()> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    std::thread::Builder::new()
-        .name("ferry-signals".into())
-        .spawn(move || {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+    crate::lockdown::spawn(crate::lockdown::Role::Signals, "ferry-signals", move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is a valid signal set and `sig` a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        REQUESTED.store(sig, Ordering::Release);
+        if let Some(k) = watched().lock().expect("stop lock").as_ref() {
+            k.request();
+        }
+        // No vCPU loop to notice within a second (a `ferry receive`
+        // still waiting for its VM, say): end the process directly.
+        for _ in 0..100 {
+            std::thread::sleep(Duration::from_millis(10));
+            if SEEN.load(Ordering::Acquire) {
                 return;
             }
-            REQUESTED.store(sig, Ordering::Release);
-            if let Some(k) = watched().lock().expect("stop lock").as_ref() {
-                k.request();
-            }
-            // No vCPU loop to notice within a second (a `ferry receive`
-            // still waiting for its VM, say): end the process directly.
-            for _ in 0..100 {
-                std::thread::sleep(Duration::from_millis(10));
-                if SEEN.load(Ordering::Acquire) {
-                    return;
-                }
-            }
-            eprintln!("ferry: stopped by signal {sig}");
-            std::process::exit(128 + sig);
-        })?;
+        }
+        eprintln!("ferry: stopped by signal {sig}");
+        std::process::exit(128 + sig);
+    })?;
     Ok(())
 }

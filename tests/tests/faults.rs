@@ -80,17 +80,22 @@ fn rejects_an_elf_without_the_hermit_note() {
     );
 }
 
-/// The hello image with its last loadable segment grown to `memsz` bytes.
-fn hello_with_bss(memsz: u64) -> PathBuf {
-    let mut b = std::fs::read(image("hello")).unwrap();
+/// Where an ELF file's last PT_LOAD program header is.
+fn last_load(b: &[u8]) -> usize {
     let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
     let phnum = u16::from_le_bytes([b[56], b[57]]) as usize;
-    let last_load = (0..phnum)
+    (0..phnum)
         .rev()
         .map(|i| phoff + i * 56)
         .find(|&o| b[o..o + 4] == [1, 0, 0, 0])
-        .unwrap();
-    b[last_load + 40..last_load + 48].copy_from_slice(&memsz.to_le_bytes());
+        .unwrap()
+}
+
+/// The hello image with its last loadable segment grown to `memsz` bytes.
+fn hello_with_bss(memsz: u64) -> PathBuf {
+    let mut b = std::fs::read(image("hello")).unwrap();
+    let at = last_load(&b);
+    b[at + 40..at + 48].copy_from_slice(&memsz.to_le_bytes());
     scratch("huge-bss", &b)
 }
 
@@ -102,6 +107,22 @@ fn rejects_an_image_larger_than_memory() {
     let p = hello_with_bss(100 << 20);
     let out = ferry(&["run", "--memory", "64M", p.to_str().unwrap()]);
     assert_ferry_error(&out, "pass a larger --memory");
+}
+
+/// A last segment whose size wraps the address space (memsz near 2^64
+/// minus its address) is a clear error, exit 125, not a panic (101).
+#[test]
+fn rejects_a_segment_that_wraps_the_address_space() {
+    let b = std::fs::read(image("hello")).unwrap();
+    let last_load = last_load(&b);
+    let vaddr = u64::from_le_bytes(b[last_load + 16..last_load + 24].try_into().unwrap());
+    for memsz in [u64::MAX - vaddr, u64::MAX - vaddr + 1, u64::MAX] {
+        let mut c = b.clone();
+        c[last_load + 40..last_load + 48].copy_from_slice(&memsz.to_le_bytes());
+        let p = scratch("wrapping-segment", &c);
+        let out = ferry(&["run", p.to_str().unwrap()]);
+        assert_ferry_error(&out, "reach past");
+    }
 }
 
 #[test]

@@ -265,7 +265,7 @@ fn bad_snapshot_files_are_refused_clearly() {
         .arg(image("hello"))
         .arg("--api")
         .arg(&api)
-        .args(["--", "sleep-ms=60000"])
+        .args(["--", "sleep-ms=2000"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -274,38 +274,167 @@ fn bad_snapshot_files_are_refused_clearly() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let good = dir.join("good.snap");
-    ferry_ctl(
-        &[
+    let signed = dir.join("signed.snap");
+    let key = dir.join("snap.key");
+    let other_key = dir.join("other.key");
+    for k in [&key, &other_key] {
+        let _ = std::fs::remove_file(k);
+        let st = std::process::Command::new(ferry_tests::ferry_bin())
+            .args(["keygen", "--out"])
+            .arg(k)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    let snap = |out: &Path, then: &str, key: Option<&Path>| {
+        let mut args = vec![
             "snapshot",
             "--json",
             "--then",
-            "stop",
+            then,
             "--out",
-            good.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ];
+        if let Some(k) = key {
+            args.extend(["--key", k.to_str().unwrap()]);
+        }
+        args.push("--api");
+        ferry_ctl(&args, &api).unwrap()
+    };
+    snap(&good, "pause", None);
+    // A snapshot into a directory that does not exist fails and says so.
+    let e = ferry_ctl(
+        &[
+            "snapshot",
+            "--out",
+            dir.join("no/such/dir.snap").to_str().unwrap(),
             "--api",
         ],
         &api,
-    )
-    .unwrap();
+    );
+    assert!(
+        e.unwrap_err()
+            .to_string()
+            .contains("cannot create a file in")
+    );
+    snap(&signed, "stop", Some(&key));
     vm.wait().unwrap();
+    // One that fails (the VM is gone) leaves nothing behind either.
+    assert!(
+        ferry_ctl(
+            &[
+                "snapshot",
+                "--out",
+                dir.join("late.snap").to_str().unwrap(),
+                "--api"
+            ],
+            &api
+        )
+        .is_err()
+    );
+    assert!(!dir.join("late.snap").exists());
+    // Nothing but the two snapshots was left in the directory (no
+    // half-written temporaries), and they are private.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&good).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let bytes = std::fs::read(&good).unwrap();
-    let restore = |data: &[u8], name: &str| -> (i32, String) {
+    let restore_with = |data: &[u8], name: &str, mode: u32, key: Option<&Path>| -> (i32, String) {
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
-        let out = std::process::Command::new(ferry_tests::ferry_bin())
-            .arg("restore")
-            .arg(&p)
-            .output()
-            .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = std::process::Command::new(ferry_tests::ferry_bin());
+        cmd.arg("restore").arg(&p);
+        if let Some(k) = key {
+            cmd.arg("--key").arg(k);
+        }
+        let out = cmd.stdout(std::process::Stdio::null()).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
+    let restore = |data: &[u8], name: &str| restore_with(data, name, 0o600, None);
+    // A state that sets an MSR this host's KVM does not list, or that
+    // needs CPU features this host lacks: refused, by name.
+    let forged = |edit: &dyn Fn(&mut ferry::snapshot::VmState)| -> Vec<u8> {
+        let s = ferry::snapshot::Snapshot::open(&good, false).unwrap();
+        let mut state = s.state.clone();
+        edit(&mut state);
+        let mem = &bytes[s.header.memory_offset as usize..];
+        let p = dir.join("forged.tmp");
+        let f = std::fs::File::create(&p).unwrap();
+        ferry::snapshot::write(&f, &state, &[mem], None).unwrap();
+        std::fs::read(&p).unwrap()
+    };
+    let msr = forged(&|st| st.vcpu.msrs.push((0xdead_0001, 0)));
+    let (code, err) = restore(&msr, "unlisted-msr");
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains("MSR 0xdead0001, which this host's KVM does not list"),
+        "{err}"
+    );
+    let cpu = forged(&|st| st.cpu.words = [u32::MAX; 7]);
+    let (code, err) = restore(&cpu, "cpu-features");
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("lacks"), "{err}");
+    // Signed snapshots: checked with their key, and then from anyone.
+    let sbytes = std::fs::read(&signed).unwrap();
+    let mut s_flipped = sbytes.clone();
+    let at = sbytes.len() - 4096 * 3 + 5;
+    s_flipped[at] ^= 0x20;
+    for (data, name, mode, k, want) in [
+        (
+            &bytes[..],
+            "exposed",
+            0o666,
+            None,
+            "group or others may write it",
+        ),
+        (
+            &bytes[..],
+            "unsigned-with-key",
+            0o600,
+            Some(&key),
+            "not signed",
+        ),
+        (
+            &sbytes[..],
+            "other-key",
+            0o600,
+            Some(&other_key),
+            "MAC does not verify",
+        ),
+        (
+            &s_flipped[..],
+            "signed-flipped",
+            0o644,
+            Some(&key),
+            "MAC does not verify",
+        ),
+    ] {
+        let (code, err) = restore_with(data, name, mode, k.map(|k| k.as_path()));
+        assert_eq!(code, 125, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+    }
+    // The signed one, writable by others, restores with its key (the
+    // guest's memory is what the MAC covered) and runs to its end.
+    let (code, err) = restore_with(&sbytes, "signed-ok", 0o666, Some(&key));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restored VM"), "{err}");
     let mut other_version = bytes.clone();
     other_version[8] = 9;
     let mut flipped_state = bytes.clone();
-    flipped_state[100] ^= 1;
+    flipped_state[200] ^= 1;
     let mut flipped_memory = bytes.clone();
     let at = bytes.len() - 4096 * 3 + 5;
     flipped_memory[at] ^= 0x20;

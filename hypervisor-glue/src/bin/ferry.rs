@@ -63,6 +63,103 @@ impl CredArgs {
     }
 }
 
+/// Least privilege for a VM process (see docs/hardening.md).
+#[derive(clap::Args, Debug, Clone)]
+struct Hardening {
+    /// Seccomp filters, one per thread, by what it does: a system call
+    /// outside them ends the VMM with a line naming it. `off` is for
+    /// debugging only.
+    #[arg(long, value_enum, default_value = "on")]
+    seccomp: OnOff,
+    /// Once set up, confine the VMM: chroot into DIR (root's, writable by
+    /// nobody else) and run as --uid/--gid with no capabilities. The VM's
+    /// files all come in as descriptors, so DIR may be empty.
+    #[arg(long, value_name = "DIR", requires_all = ["uid", "gid"])]
+    jail: Option<PathBuf>,
+    /// The user a jailed VMM runs as (not 0).
+    #[arg(long, requires = "jail")]
+    uid: Option<u32>,
+    /// The group a jailed VMM runs as (not 0).
+    #[arg(long, requires = "jail")]
+    gid: Option<u32>,
+    /// Members of this group (name or number) may use the control socket
+    /// too: it is made mode 0660 and owned by the group.
+    #[arg(long, value_name = "GROUP")]
+    api_group: Option<String>,
+}
+
+/// On or off.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+impl Hardening {
+    fn policy(&self) -> ferry::lockdown::Policy {
+        ferry::lockdown::Policy {
+            seccomp: self.seccomp == OnOff::On,
+            jail: self.jail.clone().map(|dir| ferry::lockdown::Jail {
+                dir,
+                uid: self.uid.unwrap_or(0),
+                gid: self.gid.unwrap_or(0),
+            }),
+        }
+    }
+
+    /// Applies the policy's first half (handlers, checks): first thing.
+    fn configure(&self) -> anyhow::Result<()> {
+        ferry::lockdown::configure(self.policy())?;
+        Ok(())
+    }
+
+    /// The group id of --api-group.
+    fn api_gid(&self) -> anyhow::Result<Option<u32>> {
+        let Some(g) = &self.api_group else {
+            return Ok(None);
+        };
+        if let Ok(n) = g.parse::<u32>() {
+            return Ok(Some(n));
+        }
+        let name = std::ffi::CString::new(g.as_str()).context("--api-group")?;
+        // SAFETY: getgrnam reads the group database; the result is used at
+        // once, on this thread, before anything else calls it.
+        let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+        if gr.is_null() {
+            anyhow::bail!("--api-group {g}: no such group");
+        }
+        // SAFETY: non-null, so it points at a valid group entry.
+        Ok(Some(unsafe { (*gr).gr_gid }))
+    }
+
+    /// The arguments that hand this policy to a `ferry __session`.
+    fn as_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--seccomp".into(),
+            match self.seccomp {
+                OnOff::On => "on".into(),
+                OnOff::Off => "off".into(),
+            },
+        ];
+        if let (Some(d), Some(u), Some(g)) = (&self.jail, self.uid, self.gid) {
+            a.extend([
+                "--jail".into(),
+                d.display().to_string(),
+                "--uid".into(),
+                u.to_string(),
+                "--gid".into(),
+                g.to_string(),
+            ]);
+        }
+        if let Some(g) = &self.api_group {
+            a.extend(["--api-group".into(), g.clone()]);
+        }
+        a
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot an image and run it until the guest exits.
@@ -89,6 +186,8 @@ enum Command {
         /// turns TCP segmentation offload off.
         #[arg(long = "guest-arg", value_name = "KEY=VALUE")]
         guest_args: Vec<String>,
+        #[command(flatten)]
+        hardening: Hardening,
         /// Arguments for the application, after `--` (e.g. `-- exit=3`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -112,8 +211,16 @@ enum Command {
         /// Do not check the memory image's digest (the header and the VM
         /// state are always checked): restore time then does not grow with
         /// memory size. For files you trust, e.g. written here a moment ago.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "key")]
         no_verify_memory: bool,
+        /// Check the snapshot's signature with this key (the one it was
+        /// written with: `ferry snapshot --key`). A signed snapshot may come
+        /// from anywhere; an unsigned one must be yours and not writable by
+        /// others.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        hardening: Hardening,
     },
     /// Show a running VM's state: running, paused or being moved (and
     /// where), its identity and generation, uptime, network and counters.
@@ -146,7 +253,10 @@ enum Command {
     /// Write a snapshot of a running or paused VM.
     ///
     /// The VM is paused while its state and memory are written (zero pages
-    /// are holes in the file), then resumed, left paused, or stopped.
+    /// are holes in the file), then resumed, left paused, or stopped. The
+    /// file is written under a temporary name (mode 0600) and renamed into
+    /// place only when complete: a failed snapshot leaves no file, and an
+    /// existing one is replaced only by a whole one.
     Snapshot {
         /// The VM's control socket.
         #[arg(long)]
@@ -154,6 +264,10 @@ enum Command {
         /// The snapshot file to write (replaced if it exists).
         #[arg(long)]
         out: PathBuf,
+        /// Sign the snapshot with this key (a `ferry keygen` file), so that
+        /// `ferry restore --key` can tell it was not changed.
+        #[arg(long)]
+        key: Option<PathBuf>,
         /// What the VM does afterwards.
         #[arg(long, value_enum, default_value = "resume")]
         then: Then,
@@ -228,6 +342,9 @@ enum Command {
         /// what capture saves).
         #[arg(long)]
         no_capture: bool,
+        /// Arriving VMs run with these (each in its own process).
+        #[command(flatten)]
+        hardening: Hardening,
     },
     /// Settle a migration whose end is in doubt (Commit sent, no answer).
     ///
@@ -268,7 +385,10 @@ enum Command {
     },
     /// (internal) the process of a VM arriving by migration.
     #[command(name = "__session", hide = true)]
-    Session,
+    Session {
+        #[command(flatten)]
+        hardening: Hardening,
+    },
 }
 
 /// What a VM does after its snapshot.
@@ -369,6 +489,60 @@ fn ask(api: &Path, req: &Request) -> anyhow::Result<Value> {
     Ok(answer)
 }
 
+/// Has the VM write a snapshot into a new private file next to `out`,
+/// then makes it durable and renames it into place. Nothing is left
+/// behind on failure, and an existing `out` is only ever replaced whole.
+fn write_snapshot(api: &Path, out: &Path, then: After, key: Option<&Psk>) -> anyhow::Result<Value> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = out.parent().context("the snapshot path has no directory")?;
+    let name = out
+        .file_name()
+        .context("the snapshot path has no file name")?
+        .to_string_lossy();
+    if out.is_dir() {
+        anyhow::bail!("{} is a directory", out.display());
+    }
+    let tag: [u8; 6] = ferry::id::random_bytes();
+    let tmp = dir.join(format!(
+        ".{name}.{}.partial",
+        tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let result = (|| {
+        let answer = api::call_with_file(
+            api,
+            &Request::Snapshot {
+                then,
+                key: key.map(Psk::to_hex),
+            },
+            &file,
+        )
+        .map_err(anyhow::Error::msg)?;
+        if answer["ok"] != true {
+            anyhow::bail!("{}", answer["error"].as_str().unwrap_or("the VM refused"));
+        }
+        file.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("cannot move the snapshot to {}", out.display()))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(answer)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn print_json(v: &Value) {
     println!("{v}");
 }
@@ -428,24 +602,35 @@ fn print_status(v: &Value) {
                 g("captured"),
                 g("duplicates")
             );
+            println!(
+                "            refused from the guest {} (another source MAC or address, not IPv4/ARP, bad offload fields)",
+                g("tx_refused")
+            );
         }
         None => println!("network:    none"),
     }
+    println!("confined:   {}", s("lockdown"));
     if n("console_lost_bytes") > 0 {
         println!(
             "console:    {} bytes of guest output lost (the output was closed)",
             n("console_lost_bytes")
         );
     }
+    if n("console_dropped_bytes") > 0 {
+        println!(
+            "console:    {} bytes of guest output dropped (more than the console's rate)",
+            n("console_dropped_bytes")
+        );
+    }
 }
 
 /// Runs a created or restored VM to its end: the guest's exit status, or 0
 /// when a control request stopped it (or it moved away), or 128+signal.
-fn drive(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<i32> {
+fn drive(mut vm: Vm, api: Option<PathBuf>, api_gid: Option<u32>) -> anyhow::Result<i32> {
     let mailbox = Mailbox::new();
     let handle = match &api {
         Some(path) => Some(
-            Api::bind(path)
+            Api::bind(path, api_gid)
                 .and_then(|a| {
                     a.serve(
                         mailbox.clone(),
@@ -456,6 +641,11 @@ fn drive(mut vm: Vm, api: Option<PathBuf>) -> anyhow::Result<i32> {
         ),
         None => None,
     };
+    // Everything is open: from here on, least privilege.
+    ferry::lockdown::lock(
+        ferry::lockdown::Role::Vcpu,
+        handle.as_ref().map(|h| h.dir_fd()),
+    )?;
     let end = vm.run(&mailbox);
     drop(handle);
     vm.end();
@@ -493,22 +683,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Snapshot {
             api,
             out,
+            key,
             then,
             json,
         } => {
             let out = std::path::absolute(&out).context("the snapshot path")?;
+            let key = match key {
+                Some(k) => Some(Psk::from_file(&k)?),
+                None => None,
+            };
             let then = match then {
                 Then::Resume => After::Resume,
                 Then::Pause => After::Pause,
                 Then::Stop => After::Stop,
             };
-            let v = ask(
-                &api,
-                &Request::Snapshot {
-                    path: out.clone(),
-                    then,
-                },
-            )?;
+            let v = write_snapshot(&api, &out, then, key.as_ref())?;
             if json {
                 print_json(&v);
             } else {
@@ -622,8 +811,18 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             expect,
             once,
             no_capture,
+            hardening,
         } => {
             let creds = creds.credentials("the migration channel")?;
+            // Checked here, applied by each arriving VM's process.
+            if let Some(j) = &hardening.jail {
+                ferry::lockdown::check_jail(&ferry::lockdown::Jail {
+                    dir: j.clone(),
+                    uid: hardening.uid.unwrap_or(0),
+                    gid: hardening.gid.unwrap_or(0),
+                })?;
+            }
+            hardening.api_gid()?;
             let listener = std::net::TcpListener::bind(&listen)
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let r = Receiver::new(Settings {
@@ -636,21 +835,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 expect,
                 once,
                 capture: !no_capture,
+                session_args: hardening.as_args(),
             });
             receiver::install_signals(once, r.clone()).context("cannot install signal handling")?;
             Ok(r.serve(listener)?)
         }
-        Command::Session => ferry::migration::dest::run_session().map_err(anyhow::Error::new),
+        Command::Session { hardening } => {
+            hardening.configure()?;
+            let api_gid = hardening.api_gid()?;
+            ferry::migration::dest::run_session(api_gid).map_err(anyhow::Error::new)
+        }
         Command::Restore {
             file,
             tap,
             api,
             no_verify_memory,
+            key,
+            hardening,
         } => {
+            hardening.configure()?;
+            let api_gid = hardening.api_gid()?;
+            let key = match key {
+                Some(k) => Some(Psk::from_file(&k)?),
+                None => None,
+            };
             ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));
-            let vm = Vm::restore(&file, tap.as_deref(), console, !no_verify_memory)
-                .context("cannot restore the VM")?;
+            let vm = Vm::restore(
+                &file,
+                tap.as_deref(),
+                console,
+                !no_verify_memory,
+                key.as_ref(),
+            )
+            .context("cannot restore the VM")?;
+            drop(key);
             let id = vm.identity();
             eprintln!(
                 "ferry: restored VM {} (generation {}) from {}{}{}",
@@ -664,7 +883,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     .map(|a| format!("; control socket {}", a.display()))
                     .unwrap_or_default()
             );
-            drive(vm, api)
+            drive(vm, api, api_gid)
         }
         Command::Run {
             image,
@@ -673,8 +892,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             net,
             api,
             guest_args,
+            hardening,
             args,
         } => {
+            hardening.configure()?;
+            let api_gid = hardening.api_gid()?;
             let config = VmConfig {
                 image,
                 memory,
@@ -686,7 +908,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));
             let vm = Vm::create(&config, console).context("cannot start the VM")?;
-            drive(vm, api)
+            drive(vm, api, api_gid)
         }
     }
 }

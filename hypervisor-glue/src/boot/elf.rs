@@ -39,6 +39,9 @@ const PHDR_SIZE: usize = 56;
 const MAX_PHDRS: usize = 64;
 const MAX_RELOCATIONS: usize = 1 << 20;
 const MAX_NOTE_BYTES: usize = 64 * 1024;
+/// Highest address an image may reach (guest RAM below the MMIO hole is
+/// less): bounds every sum of addresses and sizes that follows.
+const MAX_IMAGE_END: u64 = 1 << 32;
 
 /// What is wrong with an image.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -229,9 +232,15 @@ impl<'a> Image<'a> {
                 )));
             }
             file_range(file, p.offset, p.filesz, &format!("segment {i}"))?;
-            p.vaddr
-                .checked_add(p.memsz)
-                .ok_or_else(|| malformed(format!("segment {i}: address overflows")))?;
+            match p.vaddr.checked_add(p.memsz) {
+                Some(end) if end <= MAX_IMAGE_END => {}
+                _ => {
+                    return Err(malformed(format!(
+                        "segment {i}: {:#x} bytes at {:#x} reach past {MAX_IMAGE_END:#x}",
+                        p.memsz, p.vaddr
+                    )));
+                }
+            }
         }
         let start = loads.iter().map(|p| p.vaddr).min().expect("non-empty");
         let end = loads
@@ -295,8 +304,13 @@ impl<'a> Image<'a> {
             let data = &self.file[p.offset as usize..(p.offset + p.filesz) as usize];
             memory::write(mem, base + p.vaddr, data)?;
             // Fresh guest memory is zero, but be explicit: .bss must be.
-            let zeros = vec![0u8; (p.memsz - p.filesz) as usize];
-            memory::write(mem, base + p.vaddr + p.filesz, &zeros)?;
+            const ZEROS: [u8; 4096] = [0; 4096];
+            let (mut at, end) = (base + p.vaddr + p.filesz, base + p.vaddr + p.memsz);
+            while at < end {
+                let n = (end - at).min(ZEROS.len() as u64);
+                memory::write(mem, at, &ZEROS[..n as usize])?;
+                at += n;
+            }
         }
         if self.relocatable {
             self.relocate(mem, base)?;
@@ -506,6 +520,27 @@ mod tests {
             Image::parse(&f).unwrap_err(),
             Error::HermitVersion { found: 3 }
         );
+    }
+
+    /// A segment whose end wraps or lies beyond any guest RAM is refused,
+    /// not a panic or a huge allocation.
+    #[test]
+    fn rejects_segments_reaching_past_the_address_space() {
+        for (vaddr, memsz) in [
+            (0u64, u64::MAX - 0x10),
+            (0x1000, u64::MAX - 0x1000),
+            (0, MAX_IMAGE_END + 1),
+            (u64::MAX - 0x800, 0x1000),
+        ] {
+            let mut f = image();
+            f[64 + 16..64 + 24].copy_from_slice(&vaddr.to_le_bytes());
+            f[64 + 40..64 + 48].copy_from_slice(&memsz.to_le_bytes());
+            let e = Image::parse(&f).unwrap_err();
+            assert!(
+                matches!(e, Error::Malformed(ref m) if m.contains("reach past")),
+                "{vaddr:#x}+{memsz:#x}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! `rdi`; both the block and the buffer are read through bounds-checked
 //! guest-memory accesses, and `len` is capped at
 //! [`ferry_abi::SERIAL_WRITE_MAX`].
+//!
+//! The output reaches an operator's terminal or log, so the guest does not
+//! get to drive it: control characters (but newline and tab) are written
+//! as `\xNN`, a line the guest starts with `ferry:` gets a `[guest] `
+//! prefix (it cannot pass for Ferry's own messages), and past
+//! [`RATE`] bytes a second (after a [`BURST`]) output is dropped, counted,
+//! and said once a second.
 
 use std::io::Write;
 
@@ -39,11 +46,29 @@ pub struct ConsoleState {
     pub bytes_written: u64,
 }
 
+/// Guest output passed per second, bytes (after [`BURST`]).
+pub const RATE: u64 = 256 << 10;
+/// Guest output passed at once before [`RATE`] applies, bytes.
+pub const BURST: u64 = 1 << 20;
+/// What a guest line may not start with.
+const OURS: &[u8] = b"ferry:";
+
 /// The console device.
 pub struct Console {
     out: Box<dyn Write + Send>,
     bytes_written: u64,
     lost: u64,
+    /// Dropped by the rate limit.
+    dropped: u64,
+    /// Output the rate allows now, bytes.
+    allowance: f64,
+    refilled: std::time::Instant,
+    /// Dropped since the last notice, and when that was.
+    unsaid: u64,
+    said: std::time::Instant,
+    /// The start of the current line while it could still be `ferry:`.
+    head: Vec<u8>,
+    at_line_start: bool,
 }
 
 impl std::fmt::Debug for Console {
@@ -57,11 +82,7 @@ impl std::fmt::Debug for Console {
 impl Console {
     /// A console writing to `out`.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Console {
-            out,
-            bytes_written: 0,
-            lost: 0,
-        }
+        Console::with(out, 0)
     }
 
     /// Handles the write-buffer hypercall with parameter block at `params`.
@@ -83,10 +104,91 @@ impl Console {
         self.emit(&[byte])
     }
 
-    /// Writes guest output. An output that fails (a terminal that was
-    /// closed, a full disk) loses the bytes, which are counted: it never
-    /// ends the VM.
+    fn with(out: Box<dyn Write + Send>, bytes_written: u64) -> Self {
+        let now = std::time::Instant::now();
+        Console {
+            out,
+            bytes_written,
+            lost: 0,
+            dropped: 0,
+            allowance: BURST as f64,
+            refilled: now,
+            unsaid: 0,
+            said: now,
+            head: Vec::new(),
+            at_line_start: true,
+        }
+    }
+
+    /// Writes guest output, made safe for a terminal and within the rate.
+    /// An output that fails (a terminal that was closed, a full disk) loses
+    /// the bytes, which are counted: it never ends the VM.
     fn emit(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.bytes_written += bytes.len() as u64;
+        let now = std::time::Instant::now();
+        let add = now.duration_since(self.refilled).as_secs_f64() * RATE as f64;
+        self.allowance = (self.allowance + add).min(BURST as f64);
+        self.refilled = now;
+        let len = bytes.len() as f64;
+        if len > self.allowance {
+            self.dropped += bytes.len() as u64;
+            self.unsaid += bytes.len() as u64;
+            if now.duration_since(self.said) >= std::time::Duration::from_secs(1) {
+                let note = format!(
+                    "\n[ferry: {} bytes of guest output dropped: more than {} KiB/s]\n",
+                    self.unsaid,
+                    RATE >> 10
+                );
+                self.put(note.as_bytes());
+                self.unsaid = 0;
+                self.said = now;
+            }
+            return Ok(());
+        }
+        self.allowance -= len;
+        let safe = self.clean(bytes);
+        self.put(&safe);
+        Ok(())
+    }
+
+    /// `bytes` with control characters escaped and `ferry:` at a line's
+    /// start prefixed; a line start still undecided waits in `head`.
+    fn clean(&mut self, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(bytes.len() + 8);
+        for &b in bytes {
+            if self.at_line_start {
+                self.head.push(b);
+                let decided = b == b'\n' || !OURS.starts_with(&self.head) || self.head == OURS;
+                if !decided {
+                    continue;
+                }
+                if self.head == OURS {
+                    out.extend_from_slice(b"[guest] ");
+                }
+                self.at_line_start = false;
+                for c in std::mem::take(&mut self.head) {
+                    self.escape_into(c, &mut out);
+                }
+                continue;
+            }
+            self.escape_into(b, &mut out);
+        }
+        out
+    }
+
+    fn escape_into(&mut self, b: u8, out: &mut Vec<u8>) {
+        match b {
+            b'\n' => {
+                out.push(b);
+                self.at_line_start = true;
+            }
+            b'\t' => out.push(b),
+            0..=0x1F | 0x7F => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
         if self
             .out
             .write_all(bytes)
@@ -95,8 +197,11 @@ impl Console {
         {
             self.lost += bytes.len() as u64;
         }
-        self.bytes_written += bytes.len() as u64;
-        Ok(())
+    }
+
+    /// Guest output bytes dropped for going over the rate.
+    pub fn dropped_bytes(&self) -> u64 {
+        self.dropped
     }
 
     /// Guest output bytes that the host output did not take.
@@ -122,11 +227,7 @@ impl super::Persist for Console {
     }
 
     fn restore(out: Box<dyn Write + Send>, state: &ConsoleState) -> Result<Self, Self::Error> {
-        Ok(Console {
-            out,
-            bytes_written: state.bytes_written,
-            lost: 0,
-        })
+        Ok(Console::with(out, state.bytes_written))
     }
 }
 
@@ -191,6 +292,27 @@ mod tests {
         params(&mem, 0x1000, u64::MAX, u64::MAX);
         assert!(c.write_buffer(&mem, 0x1000).is_err());
         assert!(sink.0.lock().unwrap().is_empty());
+    }
+
+    /// Control characters are escaped, a guest line cannot pass for
+    /// Ferry's, and a flood is cut at the rate and said.
+    #[test]
+    fn guest_output_is_made_safe_and_bounded() {
+        let sink = Sink::default();
+        let mut c = Console::new(Box::new(sink.clone()));
+        c.emit(b"ok\x1b[31mred\x07\n").unwrap();
+        c.emit(b"fer").unwrap();
+        c.emit(b"ry: error: forged\n").unwrap();
+        c.emit(b"ferryman\n").unwrap();
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "ok\\x1b[31mred\\x07\n[guest] ferry: error: forged\nferryman\n"
+        );
+        let flood = vec![b'a'; (BURST + RATE) as usize];
+        c.emit(&flood).unwrap();
+        assert!(c.dropped_bytes() >= BURST, "{}", c.dropped_bytes());
+        assert!(c.save().bytes_written >= flood.len() as u64);
     }
 
     /// An output that fails (a closed terminal) loses the guest's bytes,

@@ -283,7 +283,8 @@ impl Ipc {
 /// Runs a session handed over by the receiver (fds [`STREAM_FD`] and
 /// [`IPC_FD`]) and, if it commits, the VM, to its end. Returns the
 /// process's exit status.
-pub fn run_session() -> Result<i32, Error> {
+/// `api_gid`: the group that may use the arriving VM's control socket too.
+pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     crate::stop::install().map_err(|e| Error::Local(format!("signal handling: {e}")))?;
     // SAFETY: the receiver started this process with these two fds open
     // for it and nothing else owns them.
@@ -322,9 +323,10 @@ pub fn run_session() -> Result<i32, Error> {
         let (phase, ipc) = (phase.clone(), ipc.clone());
         let generation = h.open.generation;
         let wake = wake.clone();
-        std::thread::Builder::new()
-            .name("ferry-session-ipc".into())
-            .spawn(move || {
+        crate::lockdown::spawn(
+            crate::lockdown::Role::Session,
+            "ferry-session-ipc",
+            move || {
                 let mut b = [0u8; 64];
                 while let Ok(n) = ipc.0.recv(&mut b) {
                     if n == 0 || b[0] != TAG_RESOLVE {
@@ -352,8 +354,9 @@ pub fn run_session() -> Result<i32, Error> {
                     };
                     let _ = ipc.0.send(&encode_answer(&answer));
                 }
-            })
-            .map_err(|e| Error::Local(format!("a thread: {e}")))?;
+            },
+        )
+        .map_err(|e| Error::Local(format!("a thread: {e}")))?;
     }
 
     let open = h.open.clone();
@@ -383,11 +386,12 @@ pub fn run_session() -> Result<i32, Error> {
             id: open.vm.0,
             generation: open.generation,
         };
-        let incoming = Incoming::new(&open.config, identity, mem, h.tap.as_deref())
+        let cpu = crate::kvm::CpuFeatures { words: open.cpu };
+        let incoming = Incoming::new(&open.config, identity, Some(cpu), mem, h.tap.as_deref())
             .map_err(|e| format!("cannot set the VM up here: {e}"))?;
         let api = match &h.api {
             Some(p) => Some(
-                Api::bind(p)
+                Api::bind(p, api_gid)
                     .and_then(|a| {
                         a.serve(mailbox.clone(), super::source::Source::new(mailbox.clone()))
                     })
@@ -397,6 +401,15 @@ pub fn run_session() -> Result<i32, Error> {
         };
         Ok((incoming, api))
     })();
+    // Everything this process opens is open: least privilege from here.
+    let setup = setup.and_then(|(incoming, api)| {
+        crate::lockdown::lock(
+            crate::lockdown::Role::Vcpu,
+            api.as_ref().map(|a| a.dir_fd()),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok((incoming, api))
+    });
     let (incoming, api) = match setup {
         Ok(x) => x,
         Err(reason) => {
@@ -546,6 +559,129 @@ pub fn exit_status(end: Result<End, crate::vm::Error>) -> i32 {
     }
 }
 
+/// Where a destination is in receiving a VM: the order the source must
+/// keep. Anything else ends the session as a protocol error.
+///
+/// ```text
+/// Copying --StartCapture--> Capturing --State--> Loaded --Done--> (finished)
+///    Pages: in any of the three;  Abort: anywhere (the source gave up)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Receiving {
+    /// Pre-copy rounds; the VM runs at the source.
+    Copying,
+    /// Frames for the VM are captured; it stops at the source; its state
+    /// comes next.
+    Capturing,
+    /// The state is loaded (the VM is here, paused); the last pages, then
+    /// Done, come.
+    Loaded,
+}
+
+/// What receiving does to the VM being built (a trait so the order can be
+/// checked, and fuzzed, without KVM).
+pub trait Arrival {
+    /// Writes a run of pages into guest memory.
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// The VM stops at the source next: capture its frames from now on.
+    fn start_capture(&mut self) -> Result<(), Error>;
+    /// Decodes and loads the VM's state (the VM is then here, paused).
+    fn load(&mut self, state: &[u8]) -> Result<(), Error>;
+}
+
+/// What follows a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for the next one.
+    Wait,
+    /// Say that capture is on, then wait.
+    CaptureOn,
+    /// Everything arrived: the VM waits for Ready and Commit.
+    Finished,
+}
+
+impl Receiving {
+    /// Takes one message from the source.
+    pub fn on(&mut self, msg: Message<'_>, vm: &mut dyn Arrival) -> Result<Next, Error> {
+        match (*self, msg) {
+            (_, Message::Pages(pages)) => {
+                for (gpa, data) in pages.iter() {
+                    vm.write(gpa, data)
+                        .map_err(|e| Error::Protocol(format!("page outside guest memory: {e}")))?;
+                }
+                Ok(Next::Wait)
+            }
+            (Receiving::Copying, Message::StartCapture) => {
+                vm.start_capture()?;
+                *self = Receiving::Capturing;
+                Ok(Next::CaptureOn)
+            }
+            (Receiving::Capturing, Message::State(bytes)) => {
+                vm.load(bytes)?;
+                *self = Receiving::Loaded;
+                Ok(Next::Wait)
+            }
+            (Receiving::Loaded, Message::Done) => Ok(Next::Finished),
+            (_, Message::Abort { reason }) => Err(Error::Peer(reason)),
+            (at, m) => Err(Error::Protocol(format!(
+                "unexpected {} while {}",
+                m.name(),
+                match at {
+                    Receiving::Copying => "copying memory",
+                    Receiving::Capturing => "waiting for the VM's state",
+                    Receiving::Loaded => "receiving the last pages",
+                }
+            ))),
+        }
+    }
+}
+
+/// The real [`Arrival`]: the VM being set up, then the loaded VM.
+struct Building {
+    incoming: Option<Incoming>,
+    loaded: Option<Vm>,
+    console: Option<Console>,
+    capture: bool,
+}
+
+impl Arrival for Building {
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let mem = match (&self.incoming, &self.loaded) {
+            (Some(i), _) => i.memory(),
+            (None, Some(vm)) => vm.memory(),
+            (None, None) => return Err("no VM".into()),
+        };
+        memory::write(mem, gpa, data).map_err(|e| e.to_string())
+    }
+
+    fn start_capture(&mut self) -> Result<(), Error> {
+        if self.capture
+            && let Some(i) = self.incoming.as_mut()
+        {
+            i.start_capture();
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        failpoint::hit("dst-state");
+        let state = crate::snapshot::decode_state("the migration stream", bytes)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        // The state needs no page contents: it loads while the last pages
+        // are still coming.
+        let incoming = self.incoming.take().ok_or(Error::Local("no VM".into()))?;
+        let console = self
+            .console
+            .take()
+            .ok_or(Error::Local("no console".into()))?;
+        let vm = incoming
+            .finish(&state, console)
+            .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
+        self.loaded = Some(vm);
+        Ok(())
+    }
+}
+
 /// Receives memory, capture and the state, and loads the VM (paused).
 /// `status` gets what `ferry status` should say on the way.
 fn receive(
@@ -561,40 +697,27 @@ fn receive(
     let mut background = Some(crate::sched::Background::enter());
     let mut urgent = None;
     let mut first_pages = true;
-    // Before the state: the VM being set up; after it: the VM, paused,
-    // whose last pages are still coming.
-    let mut incoming = Some(incoming);
-    let mut console = Some(console);
-    let mut loaded: Option<Vm> = None;
+    let mut vm = Building {
+        incoming: Some(incoming),
+        loaded: None,
+        console: Some(console),
+        capture: h.capture,
+    };
+    let mut at = Receiving::Copying;
     loop {
         if let PhaseState::Aborted(why) = phase.state.lock().expect("phase").clone() {
             return Err(Error::Local(why));
         }
-        match ch.recv()? {
-            Message::Pages(pages) => {
-                let mem = match (&incoming, &loaded) {
-                    (Some(i), _) => i.memory(),
-                    (None, Some(vm)) => vm.memory(),
-                    _ => unreachable!("one of them"),
-                };
-                for (gpa, data) in pages.iter() {
-                    memory::write(mem, gpa, data)
-                        .map_err(|e| Error::Protocol(format!("page outside guest memory: {e}")))?;
-                }
-                if first_pages {
-                    first_pages = false;
-                    cut_at(ch, "dst-precopy");
-                }
-            }
-            Message::StartCapture if incoming.is_some() => {
-                // The source stops the VM next: the rest is downtime.
-                drop(background.take());
-                urgent = Some(crate::sched::Urgent::enter());
-                if h.capture
-                    && let Some(i) = incoming.as_mut()
-                {
-                    i.start_capture();
-                }
+        let msg = ch.recv()?;
+        let pages = matches!(msg, Message::Pages(_));
+        if matches!(msg, Message::StartCapture) && at == Receiving::Copying {
+            // The source stops the VM next: the rest is downtime.
+            drop(background.take());
+            urgent = Some(crate::sched::Urgent::enter());
+        }
+        match at.on(msg, &mut vm)? {
+            Next::Wait => {}
+            Next::CaptureOn => {
                 ch.send(&Message::CaptureOn)?;
                 cut_at(ch, "dst-capture-on");
                 status(format!(
@@ -602,30 +725,15 @@ fn receive(
                     h.open.source
                 ));
             }
-            Message::State(bytes) if incoming.is_some() => {
-                failpoint::hit("dst-state");
-                let state = crate::snapshot::decode_state("the migration stream", bytes)
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
-                // The state needs no page contents: it loads while the last
-                // pages are still coming.
-                let vm = incoming
-                    .take()
-                    .expect("checked")
-                    .finish(&state, console.take().expect("once"))
-                    .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
-                loaded = Some(vm);
-            }
-            Message::Done if loaded.is_some() => {
+            Next::Finished => {
                 // Still urgent: the VM waits for Ready, Commit and resume.
-                return Ok((loaded.take().expect("checked"), urgent.take()));
+                let loaded = vm.loaded.take().ok_or(Error::Local("no VM".into()))?;
+                return Ok((loaded, urgent.take()));
             }
-            Message::Abort { reason } => return Err(Error::Peer(reason)),
-            m => {
-                return Err(Error::Protocol(format!(
-                    "unexpected {} while receiving the VM",
-                    m.name()
-                )));
-            }
+        }
+        if pages && first_pages {
+            first_pages = false;
+            cut_at(ch, "dst-precopy");
         }
     }
 }
@@ -652,6 +760,7 @@ mod tests {
                     image: "x".into(),
                     net: None,
                 },
+                cpu: [9; 7],
                 commit_wait_ms: 2500,
                 source: "a".into(),
             },
@@ -684,6 +793,84 @@ mod tests {
 
     /// READY is left once: whichever of Commit, a resolve question, an
     /// abort comes first decides, and the others change nothing.
+    /// A VM in a flat buffer: what the order checks need.
+    struct Flat {
+        mem: Vec<u8>,
+        loads: usize,
+        captures: usize,
+    }
+
+    impl Arrival for Flat {
+        fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+            let end = (gpa as usize).checked_add(data.len()).ok_or("wraps")?;
+            self.mem
+                .get_mut(gpa as usize..end)
+                .ok_or_else(|| format!("{gpa:#x} is outside"))?
+                .copy_from_slice(data);
+            Ok(())
+        }
+        fn start_capture(&mut self) -> Result<(), Error> {
+            self.captures += 1;
+            Ok(())
+        }
+        fn load(&mut self, _: &[u8]) -> Result<(), Error> {
+            self.loads += 1;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_source_must_keep_the_order() {
+        let flat = || Flat {
+            mem: vec![0; 8192],
+            loads: 0,
+            captures: 0,
+        };
+        let mut vm = flat();
+        let mut at = Receiving::Copying;
+        assert_eq!(
+            at.on(Message::StartCapture, &mut vm).unwrap(),
+            Next::CaptureOn
+        );
+        assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Wait);
+        assert_eq!(at.on(Message::Done, &mut vm).unwrap(), Next::Finished);
+        assert_eq!((vm.captures, vm.loads), (1, 1));
+        // Out of order: refused, and nothing is loaded twice.
+        for script in [
+            &[Message::State(b"s")][..],
+            &[Message::Done],
+            &[Message::StartCapture, Message::Done],
+            &[Message::StartCapture, Message::StartCapture],
+            &[
+                Message::StartCapture,
+                Message::State(b"s"),
+                Message::State(b"s"),
+            ],
+            &[Message::Ready],
+            &[Message::Commit {
+                session: crate::id::SessionId([0; 16]),
+                generation: 1,
+            }],
+        ] {
+            let (mut vm, mut at) = (flat(), Receiving::Copying);
+            let mut failed = false;
+            for m in script.iter().cloned() {
+                if let Err(e) = at.on(m, &mut vm) {
+                    assert!(matches!(e, Error::Protocol(_)), "{e}");
+                    failed = true;
+                    break;
+                }
+            }
+            assert!(failed, "{script:?} was accepted");
+            assert!(vm.loads <= 1 && vm.captures <= 1);
+        }
+        let mut at = Receiving::Capturing;
+        assert!(matches!(
+            at.on(Message::Abort { reason: "x".into() }, &mut flat()),
+            Err(Error::Peer(_))
+        ));
+    }
+
     #[test]
     fn ready_is_left_exactly_once() {
         let p = Phase::new();

@@ -52,7 +52,7 @@
 
 pub mod channel;
 pub mod dest;
-pub mod failpoint;
+pub use crate::failpoint;
 pub mod key;
 pub mod receiver;
 pub mod source;

@@ -67,6 +67,8 @@ pub struct Settings {
     pub once: bool,
     /// Capture frames while VMs move.
     pub capture: bool,
+    /// Arguments for each arriving VM's process (its lockdown policy).
+    pub session_args: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -366,7 +368,9 @@ impl Receiver {
         let stream_fd: OwnedFd = stream.into();
         let exe = std::env::current_exe()?;
         let mut cmd = std::process::Command::new(exe);
-        cmd.arg("__session").stdin(std::process::Stdio::null());
+        cmd.arg("__session")
+            .args(&self.s.session_args)
+            .stdin(std::process::Stdio::null());
         let (sfd, ifd) = (stream_fd.as_raw_fd(), theirs.as_raw_fd());
         // SAFETY: between fork and exec the closure calls only
         // async-signal-safe functions (setsid, dup2, fcntl) on fds this

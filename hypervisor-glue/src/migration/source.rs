@@ -339,6 +339,7 @@ impl Source {
             vm: ctx.identity.vm(),
             generation,
             config: ctx.config.clone(),
+            cpu: ctx.cpu.words,
             commit_wait_ms: (deadline_budget + COMMIT_WAIT_SLACK).as_millis() as u32,
             source: super::host_name(),
         }))?;
@@ -583,6 +584,7 @@ impl Source {
         let _ = std::thread::Builder::new()
             .name("ferry-resolve".into())
             .spawn(move || {
+                crate::lockdown::enter(crate::lockdown::Role::Api);
                 loop {
                     std::thread::sleep(RESOLVE_EVERY);
                     if me.doubt.lock().expect("doubt").is_none() || me.mailbox.closed() {
@@ -731,15 +733,38 @@ fn ask(d: &Doubt) -> Result<Outcome, Error> {
     }
 }
 
-/// The credentials a migration request names.
-fn credentials(req: &MigrateRequest) -> Result<Credentials, String> {
-    match (&req.key, req.insecure) {
-        (Some(_), true) => Err("give a key or insecure, not both".into()),
-        (None, false) => Err("a key is required (or insecure)".into()),
-        (None, true) => Ok(Credentials::Insecure),
-        (Some(k), false) => super::key::Psk::from_hex(k)
-            .map(Credentials::Key)
-            .ok_or_else(|| "the key is not 64 hex digits".into()),
+/// Longest destination address accepted (`host:port`).
+const MAX_ADDRESS: usize = 255;
+
+impl Params {
+    /// Checks a migration request from the control socket and makes its
+    /// parameters.
+    pub fn from_request(req: &MigrateRequest) -> Result<Params, String> {
+        let creds = match (&req.key, req.insecure) {
+            (Some(_), true) => return Err("give a key or insecure, not both".into()),
+            (None, false) => return Err("a key is required (or insecure)".into()),
+            (None, true) => Credentials::Insecure,
+            (Some(k), false) => super::key::Psk::from_hex(k)
+                .map(Credentials::Key)
+                .ok_or("the key is not 64 hex digits")?,
+        };
+        if !(1..=60_000).contains(&req.downtime_ms) || req.margin_ms > 600_000 {
+            return Err("downtime_ms must be 1 to 60000 and margin_ms at most 600000".into());
+        }
+        if req.to.is_empty()
+            || req.to.len() > MAX_ADDRESS
+            || req.to.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(format!(
+                "the destination must be host:port (at most {MAX_ADDRESS} characters, no spaces)"
+            ));
+        }
+        Ok(Params {
+            to: req.to.clone(),
+            creds,
+            downtime: Duration::from_millis(req.downtime_ms),
+            margin: Duration::from_millis(req.margin_ms),
+        })
     }
 }
 
@@ -749,20 +774,9 @@ impl Migrator for Source {
         req: &MigrateRequest,
         progress: &mut dyn FnMut(Value) -> bool,
     ) -> Value {
-        let creds = match credentials(req) {
-            Ok(c) => c,
+        let params = match Params::from_request(req) {
+            Ok(p) => p,
             Err(e) => return crate::api::error(e),
-        };
-        if !(1..=60_000).contains(&req.downtime_ms) || req.margin_ms > 600_000 {
-            return crate::api::error(
-                "downtime_ms must be 1 to 60000 and margin_ms at most 600000",
-            );
-        }
-        let params = Params {
-            to: req.to.clone(),
-            creds,
-            downtime: Duration::from_millis(req.downtime_ms),
-            margin: Duration::from_millis(req.margin_ms),
         };
         match self.run(&params, progress) {
             Ok(v) => v,

@@ -197,6 +197,9 @@ pub struct Open {
     pub generation: u64,
     /// What the destination must build.
     pub config: ConfigState,
+    /// The CPU features the guest booted with (CPUID feature words; a
+    /// destination that lacks one refuses the VM).
+    pub cpu: [u32; 7],
     /// How long the destination waits for Commit once Ready, in ms.
     pub commit_wait_ms: u32,
     /// The source host's name (for messages).
@@ -473,6 +476,9 @@ impl<'a> Message<'a> {
                 w.raw(&o.vm.0);
                 w.u64(o.generation);
                 put_config(&mut w, &o.config);
+                for x in o.cpu {
+                    w.u32(x);
+                }
                 w.u32(o.commit_wait_ms);
                 w.string(&o.source);
             }
@@ -546,6 +552,13 @@ impl<'a> Message<'a> {
                 vm: VmId(r.array("VM identity")?),
                 generation: r.u64("generation")?,
                 config: get_config(&mut r)?,
+                cpu: {
+                    let mut c = [0u32; 7];
+                    for x in c.iter_mut() {
+                        *x = r.u32("CPU features")?;
+                    }
+                    c
+                },
                 commit_wait_ms: r.u32("commit wait")?,
                 source: r.string("source host")?,
             }),
@@ -770,6 +783,7 @@ mod tests {
                 vm,
                 generation: 3,
                 config: config(),
+                cpu: [1, 2, 3, 4, 5, 6, 7],
                 commit_wait_ms: 2000,
                 source: "hostA".into(),
             }),
@@ -781,6 +795,7 @@ mod tests {
                     net: None,
                     ..config()
                 },
+                cpu: [0; 7],
                 commit_wait_ms: 1,
                 source: String::new(),
             }),
@@ -859,6 +874,7 @@ mod tests {
                 net: None,
                 ..config()
             },
+            cpu: [0; 7],
             commit_wait_ms: 1,
             source: String::new(),
         })

@@ -1,16 +1,29 @@
 //! Snapshots: the whole VM in one file, and the format of that file.
 //!
 //! ```text
-//! offset 0        header (64 bytes)
+//! offset 0        header (128 bytes)
 //!                   magic "FERRYSNP" | format version u32 | flags u32
 //!                   state_len u64 | memory_offset u64 | memory_len u64
-//!                   state digest u64 | memory digest u64 | header digest u64
-//! 64              VmState, archived with rkyv (validated with bytecheck)
+//!                   state digest u64 | memory digest u64
+//!                   MAC [32] | reserved [32] | header digest u64
+//! 128             VmState, archived with rkyv (validated with bytecheck)
 //! memory_offset   guest memory, region after region, page aligned; pages
 //!                 of zeros are holes (a sparse file), so they cost nothing
 //! ```
 //!
-//! Digests are XXH3-64. Everything is checked before anything is used:
+//! Digests are XXH3-64: they catch damage, not tampering. A snapshot
+//! written with a host key (flag bit 0) also carries an HMAC-SHA256 of the
+//! state, the memory and the header's fields before the MAC; restoring
+//! with the key refuses a file whose MAC does not verify, and copies the
+//! memory it verified instead of mapping the file.
+//!
+//! Files are the caller's: `write` fills a file it is given (the `ferry
+//! snapshot` command creates it, mode 0600, never following a symlink or
+//! replacing a file, and renames it into place), and restore refuses a file
+//! that another user owns or that group or others may write (its pages,
+//! mapped copy-on-write, would otherwise change under the guest).
+//!
+//! Everything is checked before anything is used:
 //! the magic and version, every length against the file's size and against
 //! fixed bounds, each digest, the archive's structure, and then the state's
 //! meaning (memory layout, sizes of KVM structures) by whoever restores it.
@@ -19,7 +32,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
@@ -28,15 +41,22 @@ use crate::clock::ClockState;
 use crate::devices::console::ConsoleState;
 use crate::devices::virtio::net::NetState;
 use crate::id::VmId;
-use crate::kvm::{IrqchipState, VcpuState};
+use crate::kvm::{CpuFeatures, IrqchipState, VcpuState};
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"FERRYSNP";
-/// This format's version (2: the VM's identity and generation, typed
-/// network configuration).
-pub const FORMAT_VERSION: u32 = 2;
+/// This format's version (3: a 128-byte header with an optional MAC, the
+/// guest's CPU features; 2 added the VM's identity and generation).
+pub const FORMAT_VERSION: u32 = 3;
 /// Header length.
-pub const HEADER_LEN: u64 = 64;
+pub const HEADER_LEN: u64 = 128;
+/// Header flag: the file carries a MAC.
+pub const FLAG_SIGNED: u32 = 1;
+/// Where the MAC is in the header, and how long.
+const MAC_AT: usize = 56;
+const MAC_LEN: usize = 32;
+/// Where the header's own digest is.
+const HEADER_DIGEST_AT: usize = 120;
 /// Largest archived state accepted (the state is small; memory is apart).
 pub const MAX_STATE_LEN: u64 = 256 << 20;
 const PAGE: u64 = 4096;
@@ -98,6 +118,9 @@ pub struct VmState {
     pub memory: Vec<(u64, u64)>,
     /// The vCPU.
     pub vcpu: VcpuState,
+    /// The CPU features the guest booted with (a host that lacks one of
+    /// them cannot take it).
+    pub cpu: CpuFeatures,
     /// The in-kernel interrupt controllers.
     pub irqchip: IrqchipState,
     /// The guest clock, stopped.
@@ -170,6 +193,24 @@ pub enum Error {
     /// Serializing the state failed.
     #[error("cannot serialize the VM state: {0}")]
     Serialize(String),
+    /// The MAC does not verify (or there is none).
+    #[error("{path}: {why}")]
+    Mac {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Others could change the file under a guest that maps it.
+    #[error(
+        "{path}: {why}; a guest restored from it maps its pages, so whoever may write the file could change the guest's memory. Make it yours and mode 0600 (chmod go-w), or restore with --key to copy what the MAC verified"
+    )]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Who else may write it.
+        why: String,
+    },
 }
 
 /// A validated snapshot header.
@@ -185,20 +226,33 @@ pub struct Header {
     pub state_digest: u64,
     /// Digest of the memory image.
     pub memory_digest: u64,
+    /// Header flags ([`FLAG_SIGNED`]).
+    pub flags: u32,
+    /// The MAC (zero unless signed).
+    pub mac: [u8; MAC_LEN],
 }
 
 impl Header {
     fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut h = [0u8; HEADER_LEN as usize];
+        h[..MAC_AT].copy_from_slice(&self.fields());
+        h[MAC_AT..MAC_AT + MAC_LEN].copy_from_slice(&self.mac);
+        let d = xxh3_64(&h[..HEADER_DIGEST_AT]);
+        h[HEADER_DIGEST_AT..].copy_from_slice(&d.to_le_bytes());
+        h
+    }
+
+    /// The header's bytes before the MAC (which the MAC covers).
+    fn fields(&self) -> [u8; MAC_AT] {
+        let mut h = [0u8; MAC_AT];
         h[..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&self.flags.to_le_bytes());
         h[16..24].copy_from_slice(&self.state_len.to_le_bytes());
         h[24..32].copy_from_slice(&self.memory_offset.to_le_bytes());
         h[32..40].copy_from_slice(&self.memory_len.to_le_bytes());
         h[40..48].copy_from_slice(&self.state_digest.to_le_bytes());
         h[48..56].copy_from_slice(&self.memory_digest.to_le_bytes());
-        let d = xxh3_64(&h[..56]);
-        h[56..64].copy_from_slice(&d.to_le_bytes());
         h
     }
 
@@ -216,7 +270,7 @@ impl Header {
                 found: version,
             });
         }
-        if xxh3_64(&h[..56]) != u64_at(56) {
+        if xxh3_64(&h[..HEADER_DIGEST_AT]) != u64_at(HEADER_DIGEST_AT) {
             return Err(Error::Header(path.into()));
         }
         let hd = Header {
@@ -225,7 +279,15 @@ impl Header {
             memory_len: u64_at(32),
             state_digest: u64_at(40),
             memory_digest: u64_at(48),
+            flags: u32_at(12),
+            mac: h[MAC_AT..MAC_AT + MAC_LEN].try_into().expect("32 bytes"),
         };
+        if hd.flags & !FLAG_SIGNED != 0 {
+            return Err(Error::Layout {
+                path: path.into(),
+                what: format!("unknown header flags {:#x}", hd.flags),
+            });
+        }
         let layout = |what: String| Error::Layout {
             path: path.into(),
             what,
@@ -285,20 +347,39 @@ pub fn decode_state(path: &str, bytes: &[u8]) -> Result<VmState, Error> {
     })
 }
 
-/// Writes a snapshot: `state`, then memory as given by `regions`, each a
-/// slice of guest memory (read while the VM is paused).
-pub fn write(path: &Path, state: &VmState, regions: &[&[u8]]) -> Result<u64, Error> {
+/// Writes a snapshot into `file` (created by the caller, empty): `state`,
+/// then memory as given by `regions`, each a slice of guest memory (read
+/// while the VM is paused); signed with `key` if there is one. Returns the
+/// file's size.
+pub fn write(
+    file: &File,
+    state: &VmState,
+    regions: &[&[u8]],
+    key: Option<&crate::migration::key::Psk>,
+) -> Result<u64, Error> {
+    let name = "the snapshot file";
+    let ioe = |source| Error::Io {
+        path: name.into(),
+        source,
+    };
     let bytes = encode_state(state)?;
     let memory_offset = (HEADER_LEN + bytes.len() as u64).next_multiple_of(PAGE);
     let memory_len: u64 = regions.iter().map(|r| r.len() as u64).sum();
-    let tmp = path.with_extension("partial");
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    file.write_all_at(&bytes, HEADER_LEN)
-        .map_err(io_err(&tmp))?;
+    file.set_len(0).map_err(ioe)?;
+    file.write_all_at(&bytes, HEADER_LEN).map_err(ioe)?;
+    let mut mac = key.map(|k| {
+        ring::hmac::Context::with_key(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k.bytes()))
+    });
+    if let Some(m) = mac.as_mut() {
+        m.update(&bytes);
+    }
     let mut digest = Xxh3::new();
     let mut at = memory_offset;
     const ZERO: [u8; PAGE as usize] = [0; PAGE as usize];
     for r in regions {
+        if let Some(m) = mac.as_mut() {
+            m.update(r);
+        }
         // Runs of non-zero pages are written; zero pages stay holes.
         let mut run: Option<usize> = None;
         for (i, page) in r.chunks(PAGE as usize).enumerate() {
@@ -309,7 +390,7 @@ pub fn write(path: &Path, state: &VmState, regions: &[&[u8]]) -> Result<u64, Err
                 (true, Some(start)) => {
                     let off = start * PAGE as usize;
                     file.write_all_at(&r[off..i * PAGE as usize], at + off as u64)
-                        .map_err(io_err(&tmp))?;
+                        .map_err(ioe)?;
                     run = None;
                 }
                 _ => {}
@@ -317,24 +398,27 @@ pub fn write(path: &Path, state: &VmState, regions: &[&[u8]]) -> Result<u64, Err
         }
         if let Some(start) = run {
             let off = start * PAGE as usize;
-            file.write_all_at(&r[off..], at + off as u64)
-                .map_err(io_err(&tmp))?;
+            file.write_all_at(&r[off..], at + off as u64).map_err(ioe)?;
         }
         at += r.len() as u64;
     }
-    file.set_len(memory_offset + memory_len)
-        .map_err(io_err(&tmp))?;
-    let header = Header {
+    file.set_len(memory_offset + memory_len).map_err(ioe)?;
+    let mut header = Header {
         state_len: bytes.len() as u64,
         memory_offset,
         memory_len,
         state_digest: xxh3_64(&bytes),
         memory_digest: digest.digest(),
+        flags: if key.is_some() { FLAG_SIGNED } else { 0 },
+        mac: [0; MAC_LEN],
     };
-    file.write_all_at(&header.encode(), 0)
-        .map_err(io_err(&tmp))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(mut m) = mac {
+        m.update(&header.fields());
+        header.mac.copy_from_slice(m.sign().as_ref());
+    }
+    // Written last: a file cut short has no valid header. Flushing to
+    // disk is the caller's (`ferry snapshot`, once the VM runs again).
+    file.write_all_at(&header.encode(), 0).map_err(ioe)?;
     Ok(memory_offset + memory_len)
 }
 
@@ -348,16 +432,47 @@ pub struct Snapshot {
     pub header: Header,
     /// The VM state.
     pub state: VmState,
+    /// The state as read (and decoded): what a MAC check covers.
+    state_bytes: Vec<u8>,
     /// The path, for messages.
     pub path: String,
 }
 
 impl Snapshot {
-    /// Opens and checks everything but the memory digest.
-    pub fn open(path: &Path) -> Result<Snapshot, Error> {
+    /// Opens and checks everything but the memory digest (and the MAC).
+    /// Unless the caller will verify a MAC (`signed`), the file must be
+    /// ours or root's and not writable by group or others: its pages will
+    /// be mapped.
+    pub fn open(path: &Path, signed: bool) -> Result<Snapshot, Error> {
         let name = path.display().to_string();
-        let mut file = File::open(path).map_err(io_err(path))?;
-        let size = file.metadata().map_err(io_err(path))?.len();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            return Err(io_err(path)(std::io::Error::other("not a regular file")));
+        }
+        if !signed {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(Error::Exposed {
+                    path: name,
+                    why: format!("it belongs to uid {}", meta.uid()),
+                });
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(Error::Exposed {
+                    path: name,
+                    why: format!(
+                        "group or others may write it (mode {:04o})",
+                        meta.mode() & 0o7777
+                    ),
+                });
+            }
+        }
+        let size = meta.len();
         let mut h = [0u8; HEADER_LEN as usize];
         let got = read_up_to(&mut file, &mut h).map_err(io_err(path))?;
         if got < h.len() {
@@ -381,6 +496,7 @@ impl Snapshot {
             });
         }
         let state = decode_state(&name, &bytes)?;
+        let state_bytes = bytes;
         let regions: u64 = state.memory.iter().map(|(_, l)| *l).sum();
         if regions != header.memory_len || state.memory.len() > 2 {
             return Err(Error::Layout {
@@ -395,8 +511,66 @@ impl Snapshot {
             file,
             header,
             state,
+            state_bytes,
             path: name,
         })
+    }
+
+    /// Reads the memory image into `regions` (fresh guest memory, in file
+    /// order) and checks the MAC under `key` over the state, the memory and
+    /// the header, and the memory digest: what is checked is what the
+    /// guest gets.
+    pub fn load_verified(
+        &self,
+        key: &crate::migration::key::Psk,
+        regions: &mut [&mut [u8]],
+    ) -> Result<(), Error> {
+        if self.header.flags & FLAG_SIGNED == 0 {
+            return Err(Error::Mac {
+                path: self.path.clone(),
+                why: "the snapshot is not signed, and a key was given to check it",
+            });
+        }
+        let ioe = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut mac = ring::hmac::Context::with_key(&ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            key.bytes(),
+        ));
+        mac.update(&self.state_bytes);
+        let mut digest = Xxh3::new();
+        let mut at = self.header.memory_offset;
+        for r in regions.iter_mut() {
+            for chunk in r.chunks_mut(1 << 20) {
+                self.file.read_exact_at(chunk, at).map_err(ioe)?;
+                mac.update(chunk);
+                digest.update(chunk);
+                at += chunk.len() as u64;
+            }
+        }
+        mac.update(&self.header.fields());
+        let got = mac.sign();
+        // Compared in constant time: every byte, whatever differs first.
+        let diff = got
+            .as_ref()
+            .iter()
+            .zip(&self.header.mac)
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        if got.as_ref().len() != MAC_LEN || std::hint::black_box(diff) != 0 {
+            return Err(Error::Mac {
+                path: self.path.clone(),
+                why: "its MAC does not verify: written with another key, or changed since",
+            });
+        }
+        if digest.digest() != self.header.memory_digest {
+            return Err(Error::Digest {
+                path: self.path.clone(),
+                part: "memory image",
+            });
+        }
+        Ok(())
     }
 
     /// Checks the memory digest over the memory as mapped (`regions`, in
@@ -430,6 +604,7 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     fn state() -> VmState {
         VmState {
@@ -449,6 +624,7 @@ mod tests {
                 msrs: vec![(0x10, 5)],
                 ..Default::default()
             },
+            cpu: CpuFeatures { words: [1; 7] },
             irqchip: IrqchipState {
                 chips: vec![vec![0; 520]; 3],
             },
@@ -463,12 +639,24 @@ mod tests {
         }
     }
 
+    /// A new private file, as `ferry snapshot` makes one.
+    fn create(p: &Path) -> File {
+        let _ = std::fs::remove_file(p);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(p)
+            .unwrap()
+    }
+
     fn write_sample(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
         let mut mem = vec![0u8; 8 << 20];
         mem[4096 * 3] = 7;
         mem[(8 << 20) - 1] = 9;
         let p = dir.join("s.snap");
-        write(&p, &state(), &[&mem]).unwrap();
+        write(&create(&p), &state(), &[&mem], None).unwrap();
         (p, mem)
     }
 
@@ -482,7 +670,7 @@ mod tests {
     fn a_written_snapshot_reads_back_and_zero_pages_are_holes() {
         let d = tmpdir("roundtrip");
         let (p, mem) = write_sample(&d);
-        let s = Snapshot::open(&p).unwrap();
+        let s = Snapshot::open(&p, false).unwrap();
         assert_eq!(s.state, state());
         let mut back = vec![0u8; mem.len()];
         s.file
@@ -506,8 +694,8 @@ mod tests {
         let good = std::fs::read(&p).unwrap();
         let try_bytes = |bytes: &[u8]| {
             let q = d.join("bad.snap");
-            std::fs::write(&q, bytes).unwrap();
-            Snapshot::open(&q).map(|s| {
+            create(&q).write_all_at(bytes, 0).unwrap();
+            Snapshot::open(&q, false).map(|s| {
                 let mut back = vec![0u8; mem.len()];
                 s.file
                     .read_exact_at(&mut back, s.header.memory_offset)
@@ -545,7 +733,7 @@ mod tests {
                 ..
             })
         ));
-        let off = Snapshot::open(&p).unwrap().header.memory_offset as usize;
+        let off = Snapshot::open(&p, false).unwrap().header.memory_offset as usize;
         let mut v = good.clone();
         v[off + 4096 * 3] ^= 0x10;
         assert!(matches!(
@@ -558,6 +746,56 @@ mod tests {
         let mut v = good.clone();
         v[off + 4096 * 5] = 1; // a hole that became data
         assert!(matches!(try_bytes(&v), Ok(Err(Error::Digest { .. }))));
+        std::fs::remove_dir_all(d).ok();
+    }
+
+    /// A signed snapshot verifies with its key only; one that others may
+    /// write is refused unless a MAC is checked.
+    #[test]
+    fn signed_snapshots_verify_with_their_key_and_exposed_files_are_refused() {
+        use crate::migration::key::Psk;
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("signed");
+        let mut mem = vec![0u8; 8 << 20];
+        mem[4096 * 5] = 3;
+        let key = Psk::from_hex(&"ab".repeat(32)).unwrap();
+        let other = Psk::from_hex(&"cd".repeat(32)).unwrap();
+        let p = d.join("signed.snap");
+        write(&create(&p), &state(), &[&mem], Some(&key)).unwrap();
+        let s = Snapshot::open(&p, true).unwrap();
+        let mut back = vec![0u8; mem.len()];
+        s.load_verified(&key, &mut [&mut back[..]]).unwrap();
+        assert_eq!(back, mem);
+        assert!(matches!(
+            s.load_verified(&other, &mut [&mut back[..]]),
+            Err(Error::Mac { .. })
+        ));
+        // One byte of memory changed: the MAC catches it.
+        let off = s.header.memory_offset;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .write_all_at(&[9], off + 4096 * 5)
+            .unwrap();
+        let s = Snapshot::open(&p, true).unwrap();
+        assert!(matches!(
+            s.load_verified(&key, &mut [&mut back[..]]),
+            Err(Error::Mac { .. })
+        ));
+        // An unsigned snapshot and a key: refused.
+        let (u, _) = write_sample(&d);
+        let s = Snapshot::open(&u, true).unwrap();
+        assert!(matches!(
+            s.load_verified(&key, &mut [&mut back[..]]),
+            Err(Error::Mac { .. })
+        ));
+        // Group-writable: refused for mapping.
+        std::fs::set_permissions(&u, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(matches!(
+            Snapshot::open(&u, false),
+            Err(Error::Exposed { .. })
+        ));
         std::fs::remove_dir_all(d).ok();
     }
 

@@ -30,8 +30,24 @@ pub fn check_layout(config: &ConfigState, regions: &[(u64, u64)]) -> Result<(), 
     Ok(())
 }
 
+/// Refuses a guest that booted with CPU features `host` lacks, naming
+/// them.
+pub fn check_cpu(guest: &kvm::CpuFeatures, host: &kvm::CpuFeatures) -> Result<(), Error> {
+    let missing = guest.missing_on(host);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::BadState(format!(
+            "this host lacks CPU features the guest booted with and may use: {}",
+            missing.join(", ")
+        )))
+    }
+}
+
 /// A VM being brought in, before its state is loaded.
 pub struct Incoming {
+    /// This host's CPU features.
+    host: kvm::CpuFeatures,
     mem: GuestRam,
     machine: Machine,
     fd: kvm_ioctls::VcpuFd,
@@ -53,14 +69,20 @@ impl std::fmt::Debug for Incoming {
 impl Incoming {
     /// Creates the VM around `mem` and opens the card on `tap` (paused).
     /// `identity` is who the VM will be here (its generation is the new
-    /// one).
+    /// one); `cpu`, when known already, the CPU features it booted with
+    /// (checked against this host's before anything else).
     pub fn new(
         config: &ConfigState,
         identity: Identity,
+        cpu: Option<kvm::CpuFeatures>,
         mem: GuestRam,
         tap: Option<&str>,
     ) -> Result<Incoming, Error> {
         let machine = kvm::create_machine(&mem)?;
+        let host = kvm::host_cpu_features(&machine.kvm)?;
+        if let Some(cpu) = cpu {
+            check_cpu(&cpu, &host)?;
+        }
         let fd = kvm::create_vcpu(&machine, 0)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
         let net = match &config.net {
@@ -85,6 +107,7 @@ impl Incoming {
             None => None,
         };
         Ok(Incoming {
+            host,
             mem,
             machine,
             fd,
@@ -113,6 +136,7 @@ impl Incoming {
     /// generation before this one.
     pub fn finish(self, st: &VmState, console: Console) -> Result<Vm, Error> {
         check_layout(&st.config, &st.memory)?;
+        check_cpu(&st.cpu, &self.host)?;
         if st.config != self.config {
             return Err(Error::BadState(
                 "the state's configuration is not the one announced".into(),
@@ -145,7 +169,7 @@ impl Incoming {
             }
         };
         kvm::restore_irqchip(&self.machine.vm, &st.irqchip)?;
-        kvm::restore_vcpu(&self.fd, &st.vcpu)?;
+        kvm::restore_vcpu(&self.machine.kvm, &self.fd, &st.vcpu)?;
         let console = Console::restore(console.into_output(), &st.console).expect("infallible");
         Ok(Vm {
             vcpu: Vcpu::new(self.fd),
@@ -156,11 +180,32 @@ impl Incoming {
             paused: Some(st.clock),
             lifecycle: Lifecycle::Running,
             identity: self.identity,
+            cpu: st.cpu,
             config: st.config.clone(),
             tap: self.tap,
             tsc_khz: self.tsc_khz,
             started: None,
             mem: self.mem,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_without_the_guests_features_refuses_it_by_name() {
+        let mut host = kvm::CpuFeatures::default();
+        host.words[2] = 1 << 5; // avx2
+        let mut guest = host;
+        assert!(check_cpu(&guest, &host).is_ok());
+        guest.words[2] |= 1 << 16; // avx512f
+        guest.words[3] |= 1 << 9; // vaes
+        guest.words[4] |= 1 << 3; // a bit not checked
+        let e = check_cpu(&guest, &host).unwrap_err().to_string();
+        assert!(e.contains("avx512f, vaes"), "{e}");
+        // Fewer features than the host: fine.
+        assert!(check_cpu(&kvm::CpuFeatures::default(), &host).is_ok());
     }
 }

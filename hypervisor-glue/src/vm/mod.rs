@@ -158,6 +158,8 @@ pub struct Vm {
     paused: Option<ClockState>,
     lifecycle: Lifecycle,
     identity: Identity,
+    /// The CPU features the guest booted with.
+    cpu: kvm::CpuFeatures,
     /// What a snapshot records of the configuration.
     config: ConfigState,
     /// The tap of the card on this host.
@@ -221,6 +223,7 @@ fn card(
         &NetConfig {
             tap: settings.tap.clone(),
             mac: settings.mac.0,
+            ip: settings.ip.addr.octets(),
             bar_addr: NET_BAR_ADDR,
             gsi: NET_GSI,
         },
@@ -275,6 +278,7 @@ impl Vm {
         kvm::set_boot_registers(&fd, &boot_cpu)?;
         let clock = GuestClock::start(tsc_khz);
         clock.publish(&mem)?;
+        let cpu = kvm::host_cpu_features(&machine.kvm)?;
         trace.mark("registers, clock");
         let net = match &config.net {
             Some(n) => {
@@ -304,6 +308,7 @@ impl Vm {
                 id: crate::id::VmId::random().0,
                 generation: 0,
             },
+            cpu,
             config: ConfigState {
                 memory: config.memory,
                 cpus: config.cpus,
@@ -324,28 +329,40 @@ impl Vm {
     ///
     /// With `verify_memory` false the memory image's digest is not checked
     /// (header and state always are): restore then costs the same at any
-    /// memory size, since memory is mapped, not read.
+    /// memory size, since memory is mapped, not read. With `key`, the
+    /// snapshot's MAC must verify, and the memory is read (copied) rather
+    /// than mapped: what was checked is what the guest gets.
     pub fn restore(
         path: &std::path::Path,
         tap: Option<&str>,
         console: Console,
         verify_memory: bool,
+        key: Option<&crate::migration::key::Psk>,
     ) -> Result<Vm, Error> {
         let trace = Trace::new();
-        let snap = Snapshot::open(path)?;
+        let snap = Snapshot::open(path, key.is_some())?;
         trace.mark("read and check state");
         let st = &snap.state;
         incoming::check_layout(&st.config, &st.memory)?;
-        let mem = memory::map_file(&snap.file, snap.header.memory_offset, &st.memory)?;
+        let mem = match key {
+            None => memory::map_file(&snap.file, snap.header.memory_offset, &st.memory)?,
+            Some(k) => {
+                let mem = memory::create(st.config.memory)?;
+                // SAFETY: the memory was just made; nothing else uses it.
+                snap.load_verified(k, &mut unsafe { memory::region_slices_mut(&mem) })?;
+                trace.mark("read and verify memory (MAC)");
+                mem
+            }
+        };
         trace.mark("map memory");
         let identity = Identity {
             generation: st.identity.generation.saturating_add(1),
             ..st.identity
         };
-        let mut incoming = Incoming::new(&st.config, identity, mem, tap)?;
+        let mut incoming = Incoming::new(&st.config, identity, Some(st.cpu), mem, tap)?;
         incoming.start_capture();
         trace.mark("VM, vCPU, card (capturing)");
-        if verify_memory {
+        if verify_memory && key.is_none() {
             // SAFETY: nothing runs in this VM yet and the card is paused.
             snap.verify_memory(&unsafe { memory::region_slices(incoming.memory()) })?;
             trace.mark("verify memory");
@@ -384,6 +401,7 @@ impl Vm {
             interrupts: g(&st.interrupts),
             captured: g(&st.captured),
             duplicates: g(&st.duplicates),
+            tx_refused: g(&st.tx_refused),
         })
     }
 
@@ -444,6 +462,7 @@ impl Vm {
                 .map(|r| (r.start_addr().0, r.len()))
                 .collect(),
             vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd())?,
+            cpu: self.cpu,
             irqchip: kvm::save_irqchip(&self.machine.vm)?,
             clock,
             console: self.bus.console.save(),
@@ -451,13 +470,18 @@ impl Vm {
         })
     }
 
-    /// Writes a snapshot of the paused VM to `path`; returns its size.
-    pub fn snapshot(&self, path: &std::path::Path) -> Result<u64, Error> {
+    /// Writes a snapshot of the paused VM into `file`, signed with `key`
+    /// if given; returns its size.
+    pub fn snapshot(
+        &self,
+        file: &std::fs::File,
+        key: Option<&crate::migration::key::Psk>,
+    ) -> Result<u64, Error> {
         let state = self.save()?;
         // SAFETY: the VM is paused (save() checked): the vCPU is out of
         // KVM_RUN on this thread and the card's worker is paused.
         let regions = unsafe { memory::region_slices(&self.mem) };
-        Ok(crate::snapshot::write(path, &state, &regions)?)
+        Ok(crate::snapshot::write(file, &state, &regions, key)?)
     }
 
     fn status(&self) -> Status {
@@ -491,6 +515,8 @@ impl Vm {
             kvm,
             net: self.net_status(),
             console_lost_bytes: self.bus.console.lost_bytes(),
+            console_dropped_bytes: self.bus.console.dropped_bytes(),
+            lockdown: crate::lockdown::describe(),
         }
     }
 
@@ -537,7 +563,7 @@ impl Vm {
                 Err(e) => refused(e),
             },
             Command::Stop => (Reply::Done, Some(End::Stopped)),
-            Command::Snapshot { path, then } => {
+            Command::Snapshot { file, then, key } => {
                 if let Err(e) = self.lifecycle.may_snapshot() {
                     return refused(e);
                 }
@@ -547,7 +573,7 @@ impl Vm {
                     let _ = self.transition(Event::Pause);
                 }
                 let w = Instant::now();
-                let written = self.snapshot(&path);
+                let written = self.snapshot(&file, key.as_ref());
                 let write_us = w.elapsed().as_micros() as u64;
                 let mut end = None;
                 let back = |vm: &mut Vm| {
@@ -599,6 +625,7 @@ impl Vm {
                             mem: self.mem.clone(),
                             config: self.config.clone(),
                             identity: self.identity,
+                            cpu: self.cpu,
                         })),
                         end,
                     ),
@@ -651,6 +678,7 @@ impl Vm {
     /// `FERRY_STATS=1`, prints the vCPU's non-zero KVM counters afterwards.
     pub fn run(&mut self, mailbox: &Mailbox) -> Result<End, Error> {
         crate::stop::watch(mailbox.kick());
+        crate::failpoint::hit("vm-run");
         self.resume_devices()?;
         self.started = Some(Instant::now());
         Trace::new().mark("running");

@@ -72,7 +72,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         downtime_ms: u64,
     },
-    /// Write a snapshot of the service (wherever it runs).
+    /// Write a snapshot of the service (wherever it runs), signed with the
+    /// cluster's key.
     Snapshot {
         /// The snapshot file.
         file: PathBuf,
@@ -80,7 +81,8 @@ enum Cmd {
         #[arg(long, default_value = "resume", value_parser = ["resume", "pause", "stop"])]
         then: String,
     },
-    /// Restore a snapshot as the service on a host, detached.
+    /// Restore a snapshot as the service on a host, detached (its
+    /// signature is checked with the cluster's key).
     Restore {
         /// The snapshot file.
         file: PathBuf,
@@ -405,9 +407,12 @@ impl Ctx {
     fn snapshot(&self, file: &Path, then: &str) -> Result<()> {
         let (host, _) = self.where_vm()?;
         let file = std::path::absolute(file)?;
+        let key = Cluster::attach(&self.prefix)?.key().to_path_buf();
         let st = Command::new(ferry_tests::ferry_bin())
             .args(["snapshot", "--then", then, "--out"])
             .arg(&file)
+            .arg("--key")
+            .arg(&key)
             .arg("--api")
             .arg(self.api(host))
             .status()?;
@@ -425,11 +430,14 @@ impl Ctx {
         self.up()?;
         self.refuse_if_taken()?;
         let file = std::path::absolute(file)?;
+        let key = Cluster::attach(&self.prefix)?.key().to_path_buf();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns(host)])
             .arg(ferry_tests::ferry_bin())
             .arg("restore")
             .arg(&file)
+            .arg("--key")
+            .arg(&key)
             .args(["--tap", TAP, "--api"])
             .arg(self.api(host));
         let pid = self.detached(cmd, host)?;

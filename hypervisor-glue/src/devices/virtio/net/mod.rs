@@ -18,6 +18,7 @@
 
 pub mod announce;
 pub mod csum;
+pub mod guard;
 pub mod tap;
 mod worker;
 
@@ -89,6 +90,9 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: [u8; 6],
+    /// The guest's IPv4 address (the only source address it may send
+    /// from).
+    pub ip: [u8; 4],
     /// Guest-physical address of the BAR.
     pub bar_addr: u32,
     /// The IOAPIC pin (GSI) of the device's INTx#.
@@ -113,6 +117,10 @@ pub struct Stats {
     pub captured: AtomicU64,
     /// Captured frames dropped as duplicates of one already captured.
     pub duplicates: AtomicU64,
+    /// Frames the guest sent that were refused: from another MAC or
+    /// address, not IPv4 or ARP, or with offload fields that do not match
+    /// their headers.
+    pub tx_refused: AtomicU64,
 }
 
 /// Most bytes of frames waiting in the backlog (held for a receive
@@ -237,6 +245,10 @@ impl VirtioNet {
         let shared = Arc::new(Shared::default());
         let w = worker::Worker::new(
             tap,
+            guard::Identity {
+                mac: config.mac,
+                ip: config.ip,
+            },
             mem.clone(),
             shared.clone(),
             irq,
@@ -245,10 +257,9 @@ impl VirtioNet {
             wake.try_clone().map_err(Error::EventFd)?,
         )
         .map_err(Error::EventFd)?;
-        let worker = std::thread::Builder::new()
-            .name("ferry-net".into())
-            .spawn(move || w.run())
-            .map_err(Error::Thread)?;
+        let worker =
+            crate::lockdown::spawn(crate::lockdown::Role::Net, "ferry-net", move || w.run())
+                .map_err(Error::Thread)?;
         Ok(VirtioNet {
             pci,
             mac: config.mac,

@@ -43,6 +43,8 @@ const WAKE: u64 = 3;
 
 pub(super) struct Worker {
     tap: Tap,
+    /// What the guest may send as.
+    me: super::guard::Identity,
     mem: GuestRam,
     shared: Arc<Shared>,
     irq: EventFd,
@@ -61,8 +63,10 @@ pub(super) struct Worker {
 const TUN_F_CSUM: libc::c_uint = 0x01;
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         tap: Tap,
+        me: super::guard::Identity,
         mem: GuestRam,
         shared: Arc<Shared>,
         irq: EventFd,
@@ -84,6 +88,7 @@ impl Worker {
         add(wake.as_raw_fd(), WAKE, EventSet::IN)?;
         Ok(Worker {
             tap,
+            me,
             mem,
             shared,
             irq,
@@ -315,8 +320,13 @@ impl Worker {
                     }
                     r.read_exact(&mut self.buf[..n]).ok().map(|()| n)
                 });
+                let refused = frame
+                    .is_some_and(|n| super::guard::check_tx(&self.buf[..n], &self.me).is_err());
+                if refused {
+                    stats.tx_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 match frame {
-                    Some(n) if fix_tx_header(&mut self.buf, n, self.features) => {
+                    Some(n) if !refused && fix_tx_header(&mut self.buf, n, self.features) => {
                         match self.tap.write_frame(&self.buf[..n]) {
                             Ok(_) => {
                                 stats.tx_frames.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +339,7 @@ impl Worker {
                             }
                         }
                     }
+                    _ if refused => {}
                     _ => {
                         stats.dropped.fetch_add(1, Ordering::Relaxed);
                     }

@@ -1,4 +1,4 @@
-//! Failpoints: named steps of the migration protocol at which a side dies,
+//! Failpoints: named steps (mostly of the migration protocol) at which a side dies,
 //! stalls, or cuts its connection, for the fault-matrix tests.
 //!
 //! Compiled in only with the `failpoints` feature (the tests' build of
@@ -7,8 +7,11 @@
 //! is `exit` (the process is killed on the spot, as by a crash), `stall:MS`
 //! (the step waits MS milliseconds, then goes on) or `cut` (the caller
 //! drops its connection without a word and goes on as if the message had
-//! been sent: a lost message). Each hit prints `ferry: failpoint NAME:
-//! ACTION` on stderr first.
+//! been sent: a lost message) or `open` (the thread tries to open
+//! /etc/hostname, as a compromised VMM might: the seccomp filters must stop
+//! it). Each hit prints `ferry: failpoint NAME: ACTION` on stderr first.
+//! Besides the protocol's steps: `vm-run` (the vCPU thread, before the
+//! guest first runs) and `api-request` (a control connection's thread).
 
 use std::time::Duration;
 
@@ -21,6 +24,8 @@ pub enum Action {
     Stall(Duration),
     /// The caller cuts its connection.
     Cut,
+    /// The thread opens a file it has no business with.
+    Open,
 }
 
 /// Parses `FERRY_FAILPOINTS`.
@@ -34,6 +39,7 @@ pub fn parse(spec: &str) -> Result<Vec<(String, Action)>, String> {
             let action = match action.trim() {
                 "exit" => Action::Exit,
                 "cut" => Action::Cut,
+                "open" => Action::Open,
                 a => match a.strip_prefix("stall:").map(str::parse::<u64>) {
                     Some(Ok(ms)) => Action::Stall(Duration::from_millis(ms)),
                     _ => return Err(format!("failpoint {name}: unknown action {a:?}")),
@@ -71,6 +77,13 @@ pub fn hit(name: &str) -> Option<Action> {
             None
         }
         Action::Cut => Some(Action::Cut),
+        Action::Open => {
+            match std::fs::File::open("/etc/hostname") {
+                Ok(_) => eprintln!("ferry: failpoint {name}: opened /etc/hostname"),
+                Err(e) => eprintln!("ferry: failpoint {name}: cannot open /etc/hostname: {e}"),
+            }
+            None
+        }
     }
 }
 
@@ -88,11 +101,12 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_are_named() {
         assert_eq!(
-            parse("a=exit, b=stall:250,c=cut").unwrap(),
+            parse("a=exit, b=stall:250,c=cut,d=open").unwrap(),
             vec![
                 ("a".into(), Action::Exit),
                 ("b".into(), Action::Stall(Duration::from_millis(250))),
-                ("c".into(), Action::Cut)
+                ("c".into(), Action::Cut),
+                ("d".into(), Action::Open)
             ]
         );
         assert!(parse("").unwrap().is_empty());

@@ -1,0 +1,66 @@
+//! Fuzzes the destination's protocol state machine with a scripted stream:
+//! the input is a sequence of frames (2-byte length, then a message as the
+//! channel would deliver it), fed in order to a destination receiving into
+//! a flat guest. It may refuse, never panic; it finishes only after the
+//! capture started and the state loaded, each exactly once, in that order.
+#![no_main]
+
+use ferry::migration::Error;
+use ferry::migration::dest::{Arrival, Next, Receiving};
+use ferry::migration::wire::Message;
+use libfuzzer_sys::fuzz_target;
+
+struct Flat {
+    mem: Vec<u8>,
+    captures: usize,
+    loads: usize,
+}
+
+impl Arrival for Flat {
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
+        let start = usize::try_from(gpa).map_err(|_| "far")?;
+        let end = start.checked_add(data.len()).ok_or("wraps")?;
+        self.mem
+            .get_mut(start..end)
+            .ok_or("outside")?
+            .copy_from_slice(data);
+        Ok(())
+    }
+    fn start_capture(&mut self) -> Result<(), Error> {
+        assert_eq!((self.captures, self.loads), (0, 0), "capture twice or after the state");
+        self.captures += 1;
+        Ok(())
+    }
+    fn load(&mut self, _: &[u8]) -> Result<(), Error> {
+        assert_eq!((self.captures, self.loads), (1, 0), "state before capture, or twice");
+        self.loads += 1;
+        Ok(())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut vm = Flat {
+        mem: vec![0; 1 << 16],
+        captures: 0,
+        loads: 0,
+    };
+    let mut at = Receiving::Copying;
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = usize::from(u16::from_le_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        let (frame, tail) = rest[2..].split_at(n);
+        rest = tail;
+        let Ok(msg) = Message::decode(frame) else {
+            return;
+        };
+        match at.on(msg, &mut vm) {
+            Err(_) => return,
+            Ok(Next::Finished) => {
+                assert_eq!((vm.captures, vm.loads), (1, 1));
+                return;
+            }
+            Ok(Next::CaptureOn) => assert_eq!(at, Receiving::Capturing),
+            Ok(Next::Wait) => {}
+        }
+    }
+});
