@@ -152,6 +152,26 @@ bench-migrate SIZES="4,10,20,50,256,1024" RUNS="3": setup build
     python3 tests/strip_samples.py target/bench/migrate.json docs/bench-migrate.json
     python3 tests/strip_samples.py target/bench/migrate-qemu.json docs/bench-migrate-qemu.json
 
+# What overflow checks cost: the VMM with and without them, interleaved rounds of bench-net and bench-migrate; writes docs/overflow-checks.md.
+bench-overflow ROUNDS="3": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for i in stream kv; do images/build $i >/dev/null; done
+    CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=false cargo build --release --quiet -p ferry --target-dir target/wrapping
+    out=target/bench/overflow
+    rm -rf "$out"
+    for r in $(seq {{ROUNDS}}); do
+      for v in checked wrapping; do
+        bin=$(pwd)/target/release/ferry
+        [ "$v" = wrapping ] && bin=$(pwd)/target/wrapping/release/ferry
+        echo "bench-overflow: round $r, $v"
+        FERRY_BIN=$bin target/release/bench-net --ferry-only --seconds 5 --requests 2000 --out "$out/$v/net-$r" >/dev/null
+        FERRY_BIN=$bin target/release/bench-migrate --sizes 4,256 --loads 120M --runs 2 --qemu false --out "$out/$v/migrate-$r" >/dev/null
+      done
+    done
+    python3 tests/compare_variants.py "$out" > docs/overflow-checks.md
+    cat docs/overflow-checks.md
+
 # Live-migrate the cluster's service to the other host, wherever it runs (authenticated, encrypted).
 live-migrate DOWNTIME_MS="1": build
     target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}

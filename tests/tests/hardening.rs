@@ -318,3 +318,79 @@ fn a_jail_that_others_may_write_or_root_as_the_user_are_refused() {
     let out = run(&["--uid", "65534"]);
     assert_eq!(out.status, Some(125), "{}", out.stderr);
 }
+
+/// `ferry status` as another user: `uid`, primary group `gid`, no others.
+fn status_as(uid: u32, gid: u32, api: &Path) -> ferry_tests::Finished {
+    ferry_tests::run(
+        std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+            ])
+            .arg(ferry_tests::ferry_bin())
+            .args(["status", "--json", "--api"])
+            .arg(api),
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn the_control_socket_is_the_owners_and_its_groups_only() {
+    if !ferry_tests::needs(
+        "the_control_socket_is_the_owners_and_its_groups_only",
+        &[Need::Kvm, Need::Root, Need::Program("setpriv")],
+    ) {
+        return;
+    }
+    let dir = cluster::log_dir("the_control_socket_is_the_owners");
+    // The socket's directory must let others reach the socket at all.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = |api: &Path, extra: &[&str]| {
+        let _ = std::fs::remove_file(api);
+        let child = std::process::Command::new(ferry_tests::ferry_bin())
+            .arg("run")
+            .arg(image("hello"))
+            .arg("--api")
+            .arg(api)
+            .args(extra)
+            .args(["--", "sleep-ms=3000"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if ferry_ctl(&["status", "--api"], api).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    };
+    // Without --api-group: mode 0600, another user cannot even connect.
+    let private = dir.join("private.sock");
+    let mut vm = run(&private, &[]);
+    assert_eq!(
+        std::fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = status_as(65534, 65534, &private);
+    assert_ne!(out.status, Some(0), "{}", out.stdout);
+    assert!(out.stderr.contains("Permission denied"), "{}", out.stderr);
+    ferry_ctl(&["stop", "--api"], &private).unwrap();
+    vm.wait().unwrap();
+    // With --api-group nogroup: 0660 and the group's; its members get in,
+    // others do not.
+    let shared = dir.join("shared.sock");
+    let mut vm = run(&shared, &["--api-group", "65534"]);
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&shared).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, 65534));
+    let member = status_as(65533, 65534, &shared);
+    assert_eq!(member.status, Some(0), "{}", member.stderr);
+    assert!(member.stdout.contains("\"state\""), "{}", member.stdout);
+    let stranger = status_as(65533, 65533, &shared);
+    assert_ne!(stranger.status, Some(0), "{}", stranger.stdout);
+    ferry_ctl(&["stop", "--api"], &shared).unwrap();
+    vm.wait().unwrap();
+}

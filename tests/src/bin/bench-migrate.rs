@@ -41,6 +41,11 @@ struct Args {
     /// Measure only QEMU (keeps an earlier target/bench/migrate.json).
     #[arg(long)]
     only_qemu: bool,
+    /// Write the JSON and the report into this directory instead of
+    /// target/bench and docs/ (for comparisons, e.g. `just bench-overflow`;
+    /// `$FERRY_BIN` picks the VMM).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// When to migrate (s after the client starts) and how long the client
@@ -490,7 +495,7 @@ fn main() -> Result<()> {
             qemu_rows.push(row);
         }
     }
-    let dir = root().join("target/bench");
+    let dir = a.out.clone().unwrap_or_else(|| root().join("target/bench"));
     std::fs::create_dir_all(&dir)?;
     if a.only_qemu {
         let old = std::fs::read_to_string(dir.join("migrate.json"))
@@ -513,7 +518,11 @@ fn main() -> Result<()> {
         )?;
     }
     let md = report(&results, &qemu_rows) + &crypto_report(&results, &insecure);
-    std::fs::write(root().join("docs/bench-migrate.md"), &md)?;
+    let md_path = match &a.out {
+        Some(d) => d.join("bench-migrate.md"),
+        None => root().join("docs/bench-migrate.md"),
+    };
+    std::fs::write(md_path, &md)?;
     print!("{md}");
     drop(c);
     Ok(())

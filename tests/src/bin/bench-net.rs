@@ -27,6 +27,13 @@ struct Args {
     /// redis-benchmark parallel connections.
     #[arg(long, default_value_t = 10)]
     clients: u32,
+    /// Measure Ferry only (not the native process nor QEMU).
+    #[arg(long)]
+    ferry_only: bool,
+    /// Write net.json into this directory instead of target/bench (for
+    /// comparisons, e.g. `just bench-overflow`; `$FERRY_BIN` picks the VMM).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -195,7 +202,12 @@ fn main() -> Result<()> {
     let mut c = Cluster::up("fbench").context("building the cluster (root needed)")?;
     let logs = cluster::log_dir("bench-net");
     let mut rows = Vec::new();
-    for target in [Target::Ferry, Target::Native, Target::Qemu] {
+    let targets: &[Target] = if a.ferry_only {
+        &[Target::Ferry]
+    } else {
+        &[Target::Ferry, Target::Native, Target::Qemu]
+    };
+    for &target in targets {
         if target == Target::Native {
             host_owns_vip(&c, true)?;
         }
@@ -334,7 +346,7 @@ fn main() -> Result<()> {
             )
         })
         .collect();
-    let dir = root().join("target/bench");
+    let dir = a.out.clone().unwrap_or_else(|| root().join("target/bench"));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("net.json"), format!("[{}]\n", json.join(",")))?;
     Ok(())

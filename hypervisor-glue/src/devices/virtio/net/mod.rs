@@ -140,6 +140,11 @@ struct Active {
     recorded: Option<Vec<u64>>,
     /// Capture passes the worker has finished (see [`VirtioNet::pause`]).
     capture_passes: u64,
+    /// At a migration's destination, once the state is loaded: digests of
+    /// frames the source read (its [`NetState::overlap`]) not yet matched
+    /// by a captured copy, with their counts. Every frame captured until
+    /// the VM runs is checked against it, so none reaches the guest twice.
+    overlap: std::collections::HashMap<u64, usize>,
 }
 
 /// State shared by the vCPU thread and the worker.
@@ -673,10 +678,24 @@ impl VirtioNet {
         self.wake.write(1).ok();
     }
 
-    /// Lets the worker run again (delivering any backlog first).
+    /// Lets the worker run again (delivering any backlog first). A card
+    /// that was capturing takes a last pass first, so that frames still
+    /// waiting in the tap are checked against the source's before the
+    /// guest gets them.
     pub fn resume(&mut self) {
+        if self.shared.capture.load(Ordering::Acquire) {
+            let guard = self.shared.active.lock().expect("net state lock");
+            let start = guard.capture_passes;
+            self.wake.write(1).ok();
+            let _ = self.shared.passed.wait_timeout_while(
+                guard,
+                std::time::Duration::from_millis(200),
+                |a| a.capture_passes == start,
+            );
+        }
         self.shared.capture.store(false, Ordering::Release);
         self.shared.paused.store(false, Ordering::Release);
+        self.shared.active.lock().expect("net state lock").overlap = Default::default();
         self.wake.write(1).ok();
     }
 
@@ -757,20 +776,20 @@ impl VirtioNet {
         let captured = std::mem::take(&mut active.backlog);
         active.backlog = state.backlog.iter().cloned().collect();
         // Captured frames the source read too (it was still running when
-        // they arrived) are already in the guest or in its backlog.
-        let mut overlap: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        // they arrived) are already in the guest or in its backlog; so are
+        // any still waiting in this tap, which later capture passes check
+        // against what is left of the list.
+        active.overlap.clear();
         for h in &state.overlap {
-            *overlap.entry(*h).or_default() += 1;
+            *active.overlap.entry(*h).or_default() += 1;
         }
         let mut dropped = 0u64;
         for f in captured {
             let h = xxhash_rust::xxh3::xxh3_64(&f[tap::VNET_HDR_LEN.min(f.len())..]);
-            match overlap.get_mut(&h) {
-                Some(n) if *n > 0 => {
-                    *n -= 1;
-                    dropped += 1;
-                }
-                _ => active.backlog.push_back(f),
+            if take_overlap(&mut active.overlap, h) {
+                dropped += 1;
+            } else {
+                active.backlog.push_back(f);
             }
         }
         self.shared
@@ -792,6 +811,18 @@ impl VirtioNet {
         let mut f = vec![0u8; tap::VNET_HDR_LEN];
         f.extend_from_slice(frame);
         self.announce_tx.write_frame(&f).map(|_| ())
+    }
+}
+
+/// Whether `digest` is one of the source's frames still unmatched (and
+/// matches it off).
+fn take_overlap(overlap: &mut std::collections::HashMap<u64, usize>, digest: u64) -> bool {
+    match overlap.get_mut(&digest) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
     }
 }
 

@@ -105,7 +105,11 @@ impl Worker {
     pub(super) fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // While capturing, look at the tap every millisecond too: a
+            // capture must not depend on a wakeup alone.
+            let capturing = self.shared.paused.load(Ordering::Acquire)
+                && self.shared.capture.load(Ordering::Acquire);
+            let n = match self.epoll.wait(if capturing { 1 } else { -1 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -154,7 +158,11 @@ impl Worker {
             if shared.paused.load(Ordering::Acquire) {
                 if shared.capture.load(Ordering::Acquire) {
                     let active = &mut *guard;
-                    self.capture(&mut active.backlog, &mut active.recorded);
+                    self.capture(
+                        &mut active.backlog,
+                        &mut active.recorded,
+                        &mut active.overlap,
+                    );
                     active.capture_passes += 1;
                     shared.passed.notify_all();
                 }
@@ -208,6 +216,7 @@ impl Worker {
         &mut self,
         backlog: &mut std::collections::VecDeque<Vec<u8>>,
         recorded: &mut Option<Vec<u64>>,
+        overlap: &mut std::collections::HashMap<u64, usize>,
     ) {
         let mut bytes: usize = backlog.iter().map(Vec::len).sum();
         while let Ok(Some(len)) = self.tap.read_frame(&mut self.buf) {
@@ -221,7 +230,7 @@ impl Worker {
             }
             let frame = &self.buf[..len];
             let digest = xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]);
-            if !self.seen.insert(digest) {
+            if !self.seen.insert(digest) || super::take_overlap(overlap, digest) {
                 stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
