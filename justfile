@@ -32,12 +32,17 @@ setup:
     command -v nft >/dev/null || missing+=(nftables)
     command -v curl >/dev/null || missing+=(curl)
     command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v patch >/dev/null || missing+=(patch)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "setup: installing ${missing[*]}"
       sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
       $sudo apt-get update -qq
       DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
+    # The pinned nightly with rust-src and llvm-tools builds RustyHermit images
+    # (std from source, the kernel's post-processing); installed once.
+    cargo build --quiet --release -p ferry-images
+    target/release/ferry-images toolchain >/dev/null
     if ! uhyve --version 2>/dev/null | grep -q "{{uhyve_version}}"; then
       echo "setup: installing uhyve {{uhyve_version}} (a few minutes, once)"
       cargo install uhyve --locked --version {{uhyve_version}} --quiet
@@ -220,12 +225,16 @@ fuzz SECONDS="20":
 lint:
     cargo fmt --all -- --check
     cargo clippy --quiet --all-targets -- -D warnings
-    cargo clippy --quiet --target x86_64-unknown-none $(for d in runtime apps/* tests/guests/*; do sed -n 's/^name = "\(.*\)"/-p \1/p' $d/Cargo.toml | head -1; done) -- -D warnings
+    cargo build --quiet --release -p ferry-images
+    cargo clippy --quiet --target x86_64-unknown-none -p ferry-runtime $(target/release/ferry-images list --kind ferry --names | sed 's/^/-p /') -- -D warnings
+    @# Hermit apps are std Rust: checked for the host (their kernel links only for x86_64-unknown-hermit).
+    cargo clippy --quiet -p ferry-hermit $(target/release/ferry-images list --kind hermit --names | sed 's/^/-p /') -- -D warnings
 
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU, then fuzzing.
 # A test that cannot run here (no KVM, not root, a missing tool) fails; FERRY_ALLOW_SKIP=1 skips it instead, loudly.
 test: setup build build-failpoints
-    for i in hello misbehave echo kv http stream udpcount template; do images/build $i >/dev/null; done
+    images/build hello misbehave echo kv http stream udpcount template hermit-probe hermit-echo >/dev/null
+    images/build --kernel stock hermit-probe >/dev/null
     rm -f target/test-skips.log
     target/release/ferry-cluster clean-tests
     cargo test -- --test-threads 2

@@ -79,7 +79,7 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination's address (`host:port`).
+    /// The destination's address (`ip:port`; the CLI resolves names).
     pub to: String,
     /// The pre-shared key, 64 hex digits (read from its file by the CLI).
     #[serde(default)]

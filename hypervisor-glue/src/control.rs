@@ -123,6 +123,9 @@ pub struct Status {
     pub generation: u64,
     /// The image it booted from.
     pub image: String,
+    /// The kernel it carries: "ferry" (Ferry's runtime) or "hermit"
+    /// (RustyHermit, a std application).
+    pub kernel: String,
     /// Guest memory, bytes.
     pub memory: u64,
     /// The VM process's ID.

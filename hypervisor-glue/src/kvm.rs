@@ -684,6 +684,33 @@ pub fn save_irqchip(vm: &VmFd) -> Result<IrqchipState, StateError> {
     Ok(IrqchipState { chips })
 }
 
+/// Points IOAPIC pin `pin` at `vector` on vCPU 0 (fixed delivery,
+/// physical destination, edge-triggered, active high, unmasked), as
+/// firmware would for a guest that expects its interrupt lines routed
+/// already: RustyHermit under uhyve's conventions never programs the
+/// IOAPIC and takes legacy IRQ n at vector 32 + n.
+pub fn route_ioapic_pin(vm: &VmFd, pin: u32, vector: u8) -> Result<(), StateError> {
+    const KVM_IRQCHIP_IOAPIC: u32 = 2;
+    let mut c = kvm_bindings::kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut c).map_err(io("KVM_GET_IRQCHIP"))?;
+    // SAFETY: chip 2 is the IOAPIC, so KVM filled the union's `ioapic`
+    // member; it is plain integers, valid for any bits.
+    let ioapic = unsafe { &mut c.chip.ioapic };
+    let entry = ioapic
+        .redirtbl
+        .get_mut(pin as usize)
+        .ok_or(StateError::Size {
+            what: "IOAPIC pin",
+            got: pin as usize,
+            want: 24,
+        })?;
+    entry.bits = u64::from(vector);
+    vm.set_irqchip(&c).map_err(io("KVM_SET_IRQCHIP"))
+}
+
 /// Restores the in-kernel PICs and IOAPIC.
 pub fn restore_irqchip(vm: &VmFd, s: &IrqchipState) -> Result<(), StateError> {
     if s.chips.len() != 3 {

@@ -63,6 +63,25 @@ impl NetSettings {
         Ok(n)
     }
 
+    /// A RustyHermit kernel's command-line words for these settings.
+    pub fn hermit_args(&self) -> Vec<String> {
+        let mask = Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.ip.prefix))
+                .unwrap_or(0),
+        );
+        let mut v = vec![
+            "-ip".into(),
+            self.ip.addr.to_string(),
+            "-mask".into(),
+            mask.to_string(),
+        ];
+        if let Some(gw) = self.gateway {
+            v.extend(["-gateway".into(), gw.to_string()]);
+        }
+        v
+    }
+
     /// The runtime's command-line words for these settings.
     pub fn runtime_args(&self) -> Vec<String> {
         let mut v = vec![format!("net.ip={}", self.ip)];

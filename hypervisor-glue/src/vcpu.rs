@@ -14,7 +14,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 pub use crate::kick::Kick;
 
 use crate::devices::IoBus;
-use crate::devices::console;
+use crate::devices::{console, uhyve_v1};
 use crate::memory::GuestRam;
 
 /// Why the vCPU stopped in good order.
@@ -58,6 +58,14 @@ pub enum GuestFault {
         write: bool,
         /// Guest instruction pointer.
         rip: u64,
+    },
+    /// A uhyve v1 hypercall (a Hermit kernel's) with bad arguments.
+    #[error("guest hypercall at rip {rip:#x}: {source}")]
+    UhyveV1 {
+        /// Guest instruction pointer.
+        rip: u64,
+        /// What was wrong.
+        source: crate::devices::uhyve_v1::Error,
     },
     /// A hypercall with bad arguments.
     #[error("guest hypercall at rip {rip:#x}: {source}")]
@@ -112,6 +120,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
+    /// Whether the missing host file system was reported (uhyve v1).
+    files_said: bool,
 }
 
 enum Exit {
@@ -131,7 +141,10 @@ enum Exit {
 impl Vcpu {
     /// Wraps a vCPU ready to run.
     pub fn new(fd: VcpuFd) -> Self {
-        Vcpu { fd }
+        Vcpu {
+            fd,
+            files_said: false,
+        }
     }
 
     /// The vCPU fd.
@@ -235,6 +248,24 @@ impl Vcpu {
                                 rip: self.rip(),
                                 source,
                             })?,
+                        port if uhyve_v1::owns(port) => {
+                            let fd = &self.fd;
+                            let outcome = uhyve_v1::handle(
+                                port,
+                                value,
+                                mem,
+                                &mut bus.console,
+                                || fd.get_sregs().ok().map(|s| s.cr3),
+                                &mut self.files_said,
+                            )
+                            .map_err(|source| GuestFault::UhyveV1 {
+                                rip: self.rip(),
+                                source,
+                            })?;
+                            if let uhyve_v1::Outcome::Exit(status) = outcome {
+                                return Ok(Stop::Exited(status));
+                            }
+                        }
                         port => {
                             return Err(GuestFault::UnknownPortWrite {
                                 port,

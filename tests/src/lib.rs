@@ -298,6 +298,16 @@ pub fn have(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The `ferry: kvm stats:` line a `ferry run` with `FERRY_STATS=1` prints
+/// as it ends.
+pub fn kvm_stats(out: &Finished) -> String {
+    out.stderr
+        .lines()
+        .find(|l| l.starts_with("ferry: kvm stats:"))
+        .unwrap_or_else(|| panic!("no stats line: {}", out.stderr))
+        .to_string()
+}
+
 /// The integer after `key=` in `text` (e.g. `guest_time_us=123`).
 pub fn field(text: &str, key: &str) -> Option<u64> {
     let at = text.find(&format!("{key}="))? + key.len() + 1;

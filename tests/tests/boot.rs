@@ -108,12 +108,7 @@ fn ferry_runs_the_guest_natively_on_pvm() {
         cmd.env("FERRY_STATS", "1");
         let out = run(&mut cmd, LIMIT);
         assert_eq!(out.status, Some(0), "{}", out.stderr);
-        let line = out
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("ferry: kvm stats:"))
-            .unwrap_or_else(|| panic!("no stats line: {}", out.stderr))
-            .to_string();
+        let line = kvm_stats(&out);
         (out.stdout, line)
     };
     let (stdout, line) = stats(&[], "spin=2000000");
@@ -219,4 +214,83 @@ fn runtime_reports_panics_and_exceptions() {
     assert_eq!(out.status, Some(102));
     let out = run(&mut qemu_run(&img, &["panic"]), LIMIT);
     assert_eq!(qemu_status(out.status), Some(101));
+}
+
+/// A std program on RustyHermit (hermit-kernel 0.11 with Ferry's patch
+/// series, `images/hermit/`) boots on Ferry's VMM natively, runs threads,
+/// keeps each thread's floating-point state across task switches (eager
+/// FXSAVE), sleeps and tells the time; without Ferry's boot hint
+/// (`pvm.native=0`) the kernel finds PVM itself and still goes native.
+#[test]
+fn hermit_std_program_runs_natively_and_checks_itself() {
+    if !needs(
+        "hermit_std_program_runs_natively_and_checks_itself",
+        &[Need::Kvm, Need::Pvm],
+    ) {
+        return;
+    }
+    let probe = |extra: &[&str]| {
+        let mut cmd = ferry_run(&image("hermit-probe"), extra, &["spin=10000000"]);
+        cmd.env("FERRY_STATS", "1");
+        let out = run(&mut cmd, LIMIT);
+        assert_eq!(out.status, Some(0), "{}\n{}", out.stdout, out.stderr);
+        for check in [
+            "ok: floating point across task switches",
+            "ok: sleep and Instant",
+            "ok: wall clock",
+            "spin 10000000 in",
+        ] {
+            assert!(out.stdout.contains(check), "no {check:?}: {}", out.stdout);
+        }
+        assert!(
+            out.stderr.contains("is a RustyHermit image"),
+            "ferry run does not say what it runs: {}",
+            out.stderr
+        );
+        let line = kvm_stats(&out);
+        assert!(line.contains("cpu_mode=pvm-native"), "{line}");
+        field(&line, "insn_emulation").unwrap_or(u64::MAX)
+    };
+    // Ten million rounds of the loop, emulated, would be ~5 * 10^7
+    // instructions; natively the count is the boot's few privileged ones.
+    let hinted = probe(&[]);
+    assert!(hinted < 200_000, "emulated {hinted} instructions");
+    // Found by the kernel: the boot until then is emulated.
+    let found = probe(&["--guest-arg", "pvm.native=0"]);
+    assert!(found < 3_000_000, "emulated {found} instructions");
+}
+
+/// The stock hermit-kernel 0.11 (only patched to compile with today's
+/// nightly), with the same std program: Ferry's VMM gives it everything a
+/// Hermit kernel reads, but on a PVM host the kernel's XGETBV stops PVM's
+/// instruction emulator before it can print anything, and Ferry says so
+/// in one line (exit 125). On hardware KVM it boots and checks itself.
+#[test]
+fn a_stock_hermit_kernel_boots_where_the_cpu_lets_it() {
+    if !needs(
+        "a_stock_hermit_kernel_boots_where_the_cpu_lets_it",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let out = run(
+        &mut ferry_run(&image("hermit-probe.stock"), &[], &[]),
+        LIMIT,
+    );
+    if host_is_pvm() {
+        assert_eq!(out.status, Some(125), "{}\n{}", out.stdout, out.stderr);
+        assert!(
+            out.stderr.contains("KVM internal error")
+                && out.stderr.contains("XGETBV")
+                && out.stderr.contains("is a RustyHermit image"),
+            "{}",
+            out.stderr
+        );
+    } else {
+        assert_eq!(out.status, Some(0), "{}\n{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout
+                .contains("ok: floating point across task switches")
+        );
+    }
 }

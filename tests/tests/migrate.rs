@@ -128,6 +128,35 @@ fn echo_ping_pongs_ten_times_with_an_open_connection() {
     );
 }
 
+/// A std service on RustyHermit (`apps/hermit-echo`: std::net, a thread
+/// per connection) keeps its open connection and its data through moves
+/// back and forth, and takes new connections afterwards.
+#[test]
+fn hermit_echo_keeps_its_connection_through_moves() {
+    let Some(mut s) = setup("hermit_echo_moves") else {
+        return;
+    };
+    let mut api = s.start("hermit-echo", &[]);
+    let before = s.c.client_tcp_counters().unwrap();
+    let mut conn = s.connect(7);
+    round_trip(&mut conn, b"hello, std on hermit");
+    let block: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    for n in 1..=4 {
+        let host = if n % 2 == 1 { "hostB" } else { "hostA" };
+        let (next, report) = s.hop(&api, host, n);
+        assert!(report.contains("\"ok\":true"), "{report}");
+        api = next;
+        round_trip(&mut conn, format!("after move {n} to {host};").as_bytes());
+        round_trip(&mut conn, &block);
+    }
+    let d = s.c.client_tcp_counters().unwrap().since(&before);
+    assert_eq!((d.estab_resets, d.out_rsts), (0, 0), "{d:?}");
+    let mut fresh = s.connect(7);
+    round_trip(&mut fresh, b"fresh");
+    let status = ferry_ctl(&["status", "--json", "--api"], &api).unwrap();
+    assert!(status.contains("\"kernel\":\"hermit\""), "{status}");
+}
+
 #[test]
 fn stream_is_verified_through_a_migration_with_upstream_traffic() {
     let Some(mut s) = setup("stream_through_migration") else {

@@ -21,7 +21,7 @@ fn cluster_with(test: &str, programs: &[&'static str]) -> Option<(Cluster, PathB
         .collect();
     let c = cluster::for_test_with(test, "fs", &more)?;
     let dir = cluster::log_dir(test);
-    for f in ["a.sock", "b.sock", "vm.snap"] {
+    for f in ["a.sock", "b.sock", "a2.sock", "vm.snap"] {
         let _ = std::fs::remove_file(dir.join(f));
     }
     Some((c, dir))
@@ -132,6 +132,96 @@ fn echo_conversation_moves_to_the_other_host_and_time_runs_on() {
     // The old host's VM is gone, the new one answers new connections too.
     let mut fresh = client_connect(&c, 7);
     round_trip(&mut fresh, b"fresh connection");
+}
+
+/// Asks hermit-probe's server one line; returns its answer's `key=N`.
+fn ask_probe(conn: &mut TcpStream, line: &str, key: &str) -> u64 {
+    conn.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        conn.read_exact(&mut b).unwrap();
+        answer.push(b[0]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    ferry_tests::field(&answer, key).unwrap_or_else(|| panic!("{line}: {answer}"))
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// A std program on RustyHermit reads Ferry's clock page: its `Instant`
+/// runs on by the real time that passed while it was saved, restored on
+/// the other host and live-migrated back, its `SystemTime` stays the
+/// host's, and sleeping (a timer) and its open connection work after each.
+#[test]
+fn hermit_time_runs_on_across_snapshot_restore_and_migration() {
+    let Some((mut c, dir)) = cluster("hermit_time_runs_on") else {
+        return;
+    };
+    let api = start(&mut c, &dir, "hermit-probe", &["serve=7"]);
+    let mut conn = client_connect(&c, 7);
+    // The kernel's clock is Ferry's guest time (the clock page), not the
+    // host's TSC, which counts from the host's boot.
+    let same_clock = |conn: &mut TcpStream, api: &Path, what: &str| {
+        let clock = ask_probe(conn, "time", "clock_ns");
+        let guest = json_u64(
+            &ferry_ctl(&["status", "--json", "--api"], api).unwrap(),
+            "guest_time_ns",
+        )
+        .unwrap();
+        assert!(
+            clock.abs_diff(guest) < 1_000_000_000,
+            "{what}: the guest's CLOCK_MONOTONIC is {clock} ns, Ferry's guest time {guest} ns"
+        );
+    };
+    same_clock(&mut conn, &api, "at boot");
+    let check = |conn: &mut TcpStream, mono0: u64, wall: Instant, what: &str| {
+        let mono = ask_probe(conn, "time", "mono_ns");
+        let real = wall.elapsed().as_nanos() as u64;
+        // Instant went on by the real time (less the round trips' own
+        // latency), never backwards and never by more.
+        assert!(
+            mono >= mono0,
+            "{what}: Instant went backwards: {mono0} -> {mono}"
+        );
+        let moved = mono - mono0;
+        assert!(
+            moved + 100_000_000 >= real && moved <= real + 100_000_000,
+            "{what}: the guest's Instant moved {moved} ns in {real} ns"
+        );
+        let unix = ask_probe(conn, "time", "unix_ns");
+        assert!(
+            unix.abs_diff(unix_ns()) < 1_000_000_000,
+            "{what}: the guest's SystemTime is {unix}, the host's {}",
+            unix_ns()
+        );
+        let slept = ask_probe(conn, "sleep 200", "slept_ns");
+        assert!(
+            (200_000_000..2_000_000_000).contains(&slept),
+            "{what}: slept 200 ms, Instant says {slept} ns"
+        );
+    };
+    let mono0 = ask_probe(&mut conn, "time", "mono_ns");
+    let wall = Instant::now();
+    let b = move_to_b(&mut c, &dir, &api);
+    std::thread::sleep(Duration::from_millis(500));
+    check(&mut conn, mono0, wall, "after the restore");
+    same_clock(&mut conn, &b, "after the restore");
+
+    let mono1 = ask_probe(&mut conn, "time", "mono_ns");
+    let wall = Instant::now();
+    let back = dir.join("a2.sock");
+    c.start_receiver("hostA", 7100, &back, &[], &dir.join("recv.log"))
+        .expect("receiver on hostA");
+    let report = c.migrate(&b, "hostA", 7100, &[]).expect("migration back");
+    assert!(report.contains("\"ok\":true"), "{report}");
+    check(&mut conn, mono1, wall, "after the migration");
+    same_clock(&mut conn, &back, "after the migration");
 }
 
 fn resp(conn: &mut TcpStream, args: &[&str]) -> String {

@@ -543,6 +543,22 @@ fn write_snapshot(api: &Path, out: &Path, then: After, key: Option<&Psk>) -> any
     result
 }
 
+/// The destination as an IP address and port: names are resolved here, in
+/// the CLI, because the VMM's filters (and a jail) leave it no resolver.
+fn resolve_destination(to: &str) -> anyhow::Result<String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = to.parse::<std::net::SocketAddr>() {
+        return Ok(a.to_string());
+    }
+    let mut addrs = to
+        .to_socket_addrs()
+        .with_context(|| format!("--to {to}: cannot resolve it (give HOST:PORT or IP:PORT)"))?;
+    let a = addrs
+        .next()
+        .with_context(|| format!("--to {to}: the name has no address"))?;
+    Ok(a.to_string())
+}
+
 fn print_json(v: &Value) {
     println!("{v}");
 }
@@ -559,8 +575,13 @@ fn print_status(v: &Value) {
         n("pid")
     );
     println!(
-        "image:      {}, {} MiB of memory",
+        "image:      {} ({}), {} MiB of memory",
         s("image"),
+        if s("kernel") == "hermit" {
+            "RustyHermit"
+        } else {
+            "Ferry runtime"
+        },
         n("memory") >> 20
     );
     println!(
@@ -753,6 +774,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => {
             let creds = creds.credentials("the migration channel")?;
+            let to = resolve_destination(&to)?;
             let req = Request::Migrate(MigrateRequest {
                 to: to.clone(),
                 key: match &creds {

@@ -22,6 +22,7 @@ const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
 const PT_INTERP: u32 = 3;
 const PT_NOTE: u32 = 4;
+const PT_TLS: u32 = 7;
 const DT_NULL: u64 = 0;
 const DT_NEEDED: u64 = 1;
 const DT_RELA: u64 = 7;
@@ -33,6 +34,10 @@ const R_X86_64_RELATIVE: u32 = 8;
 const NT_HERMIT_ENTRY_VERSION: u32 = 0x5a00;
 /// The Hermit entry ABI version this loader implements.
 pub const HERMIT_ENTRY_VERSION: u8 = 4;
+/// Note type of the `FERRY` note that Ferry runtime images carry.
+const NT_FERRY: u32 = 1;
+/// Xen's PVH entry note (QEMU's way in), which Ferry runtime images carry.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
@@ -87,6 +92,40 @@ impl From<memory::Error> for Error {
     }
 }
 
+/// Which kernel an image carries: both boot through the Hermit entry, but
+/// they read their settings differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Ferry's runtime (its images carry a `FERRY` note).
+    Ferry,
+    /// A RustyHermit kernel with a std application (no `FERRY` note).
+    Hermit,
+}
+
+impl Kind {
+    /// How `ferry run` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ferry => "Ferry runtime",
+            Kind::Hermit => "RustyHermit",
+        }
+    }
+}
+
+/// The image's thread-local storage template (its PT_TLS segment), which a
+/// Hermit kernel copies for every thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tls {
+    /// Guest address of the template.
+    pub start: u64,
+    /// Bytes of initialised data.
+    pub filesz: u64,
+    /// Bytes in all (the rest is zero).
+    pub memsz: u64,
+    /// Alignment.
+    pub align: u64,
+}
+
 /// Where the image landed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadedImage {
@@ -94,6 +133,10 @@ pub struct LoadedImage {
     pub entry: u64,
     /// Guest-physical range the image occupies (including .bss).
     pub range: Range<u64>,
+    /// Which kernel it is.
+    pub kind: Kind,
+    /// Its TLS template, if it has one.
+    pub tls: Option<Tls>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -142,6 +185,8 @@ pub struct Image<'a> {
     entry: u64,
     loads: Vec<Phdr>,
     dynamic: Option<Phdr>,
+    tls: Option<Phdr>,
+    kind: Kind,
     /// Lowest and highest virtual address of the loadable segments.
     span: Range<u64>,
 }
@@ -214,7 +259,7 @@ impl<'a> Image<'a> {
                 "dynamically linked (has PT_INTERP)".into(),
             ));
         }
-        check_hermit_note(file, &phdrs)?;
+        let kind = check_notes(file, &phdrs)?;
 
         let loads: Vec<Phdr> = phdrs
             .iter()
@@ -262,12 +307,27 @@ impl<'a> Image<'a> {
             )));
         }
         let dynamic = phdrs.iter().copied().find(|p| p.p_type == PT_DYNAMIC);
+        let tls = phdrs.iter().copied().find(|p| p.p_type == PT_TLS);
+        if let Some(t) = tls {
+            let inside = t.filesz <= t.memsz
+                && t.align <= 4096
+                && t.vaddr.checked_add(t.memsz).is_some_and(|e| e <= end)
+                && t.vaddr >= start;
+            if !inside {
+                return Err(malformed(format!(
+                    "the TLS segment ({:#x} bytes at {:#x}, align {:#x}) is not inside the image",
+                    t.memsz, t.vaddr, t.align
+                )));
+            }
+        }
         Ok(Image {
             file,
             relocatable,
             entry,
             loads,
             dynamic,
+            tls,
+            kind,
             span: start..end,
         })
     }
@@ -279,6 +339,11 @@ impl<'a> Image<'a> {
         } else {
             0
         }
+    }
+
+    /// Which kernel the image carries.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// The guest-physical range the image will occupy.
@@ -318,6 +383,13 @@ impl<'a> Image<'a> {
         Ok(LoadedImage {
             entry: base + self.entry,
             range,
+            kind: self.kind,
+            tls: self.tls.map(|t| Tls {
+                start: base + t.vaddr,
+                filesz: t.filesz,
+                memsz: t.memsz,
+                align: t.align.max(1),
+            }),
         })
     }
 
@@ -394,8 +466,11 @@ impl<'a> Image<'a> {
     }
 }
 
-fn check_hermit_note(file: &[u8], phdrs: &[Phdr]) -> Result<(), Error> {
+/// Checks the Hermit entry-version note and tells a Ferry runtime image
+/// (which also carries a `FERRY` note) from a Hermit one.
+fn check_notes(file: &[u8], phdrs: &[Phdr]) -> Result<Kind, Error> {
     let mut found = None;
+    let mut ferry = false;
     for p in phdrs.iter().filter(|p| p.p_type == PT_NOTE) {
         let len = p.filesz.min(MAX_NOTE_BYTES as u64);
         let notes = file_range(file, p.offset, len, "note segment")?;
@@ -419,12 +494,20 @@ fn check_hermit_note(file: &[u8], phdrs: &[Phdr]) -> Result<(), Error> {
             if ty == NT_HERMIT_ENTRY_VERSION && name == b"HERMIT\0" && descsz >= 1 {
                 found = Some(notes[desc_at]);
             }
+            // Ferry's note; images built before it existed are told by
+            // their PVH entry note (Xen's), which Hermit kernels lack.
+            if (ty == NT_FERRY && name == b"FERRY\0")
+                || (ty == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0")
+            {
+                ferry = true;
+            }
             at = next;
         }
     }
     match found {
         None => Err(Error::NoHermitNote),
-        Some(HERMIT_ENTRY_VERSION) => Ok(()),
+        Some(HERMIT_ENTRY_VERSION) if ferry => Ok(Kind::Ferry),
+        Some(HERMIT_ENTRY_VERSION) => Ok(Kind::Hermit),
         Some(v) => Err(Error::HermitVersion { found: v }),
     }
 }

@@ -17,7 +17,9 @@ use ferry_abi::layout::{
     BOOT_INFO_ADDR, BOOT_STACK_TOP, CLOCK_PAGE_ADDR, FDT_ADDR, FDT_MAX_SIZE, GDT_ADDR,
     PAGE_TABLES_END, PD_ADDR, PML4_ADDR,
 };
-use hermit_entry::boot_info::{BootInfo, HardwareInfo, LoadInfo, PlatformInfo, RawBootInfo};
+use hermit_entry::boot_info::{
+    BootInfo, HardwareInfo, LoadInfo, PlatformInfo, RawBootInfo, TlsInfo,
+};
 
 use crate::memory::{self, GuestRam};
 
@@ -76,6 +78,8 @@ pub struct BootParams<'a> {
     /// Tell the guest to switch to PVM native mode first thing (the host is
     /// PVM and the guest was not told `pvm.native=0`).
     pub pvm_native: bool,
+    /// The VM has PCI devices (a Hermit kernel scans PCI only then).
+    pub has_pci: bool,
 }
 
 /// Loads `image` and writes every boot structure; returns the boot vCPU state.
@@ -111,11 +115,12 @@ fn write_boot_hints(mem: &GuestRam, params: &BootParams<'_>) -> Result<(), Error
     let hints = ferry_abi::BootHints {
         magic: ferry_abi::BootHints::MAGIC,
         abi_version: ferry_abi::ABI_VERSION,
-        flags: if params.pvm_native {
-            ferry_abi::BootHints::PVM_NATIVE
-        } else {
-            0
-        },
+        flags: ferry_abi::BootHints::CLOCK_PAGE
+            | if params.pvm_native {
+                ferry_abi::BootHints::PVM_NATIVE
+            } else {
+                0
+            },
     };
     memory::write_value(mem, ferry_abi::layout::BOOT_HINTS_ADDR, hints)?;
     Ok(())
@@ -231,15 +236,22 @@ fn write_boot_info(
     let info = BootInfo {
         hardware_info: HardwareInfo {
             phys_addr_range: 0..memory::ram_end(mem),
-            serial_port_base: None,
+            // The console is a hypercall, but a Hermit kernel insists on a
+            // serial port to build its console on.
+            serial_port_base: std::num::NonZeroU16::new(0x3f8),
             device_tree: NonZeroU64::new(FDT_ADDR),
         },
         load_info: LoadInfo {
             kernel_image_addr_range: loaded.range.clone(),
-            tls_info: None,
+            tls_info: loaded.tls.map(|t| TlsInfo {
+                start: t.start,
+                filesz: t.filesz,
+                memsz: t.memsz,
+                align: t.align,
+            }),
         },
         platform_info: PlatformInfo::Uhyve {
-            has_pci: false,
+            has_pci: params.has_pci,
             num_cpus: NonZeroU64::new(u64::from(params.cpus.max(1))).expect("at least 1"),
             cpu_freq: NonZeroU32::new(params.tsc_khz),
             boot_time: boot_time(),
@@ -282,6 +294,7 @@ mod tests {
             tsc_khz: 1,
             cpus: 1,
             pvm_native: false,
+            has_pci: false,
         };
         assert!(matches!(write_fdt(&mem, &p), Err(Error::CmdlineTooLong(_))));
     }

@@ -99,6 +99,15 @@ impl Console {
         self.emit(&buf)
     }
 
+    /// Writes guest bytes already read from its memory (at most
+    /// [`SERIAL_WRITE_MAX`]).
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        if bytes.len() as u64 > SERIAL_WRITE_MAX {
+            return Err(Error::TooLong(bytes.len() as u64));
+        }
+        self.emit(bytes)
+    }
+
     /// Handles the write-byte hypercall.
     pub fn write_byte(&mut self, byte: u8) -> Result<(), Error> {
         self.emit(&[byte])
@@ -232,14 +241,15 @@ impl super::Persist for Console {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::devices::Persist;
 
+    /// A console output that keeps what it is given.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Sink(pub(crate) Arc<Mutex<Vec<u8>>>);
     impl Write for Sink {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(b);

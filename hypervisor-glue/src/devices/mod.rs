@@ -10,6 +10,7 @@
 
 pub mod console;
 pub mod pci;
+pub mod uhyve_v1;
 pub mod virtio;
 
 use console::Console;

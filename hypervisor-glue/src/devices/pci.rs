@@ -53,8 +53,10 @@ const COMMAND_WRITABLE: u16 = 0x0001 | 0x0002 | 0x0004 | 0x0400;
 #[derive(Clone, Debug)]
 pub struct ConfigSpace {
     bytes: [u8; 256],
-    /// (address, size) of each 32-bit memory BAR in use, by index.
-    bars: [Option<(u32, u32)>; 6],
+    /// For each BAR dword in use (a 64-bit BAR uses two), by index: what
+    /// it reads while being sized (its size mask and type bits) and which
+    /// of its bits are address bits.
+    bar_masks: [Option<(u32, u32)>; 6],
     /// Whether the guest is sizing a BAR (wrote all ones to it).
     sizing: [bool; 6],
 }
@@ -64,7 +66,7 @@ impl ConfigSpace {
     pub fn new(vendor: u16, device: u16) -> Self {
         let mut c = ConfigSpace {
             bytes: [0; 256],
-            bars: [None; 6],
+            bar_masks: [None; 6],
             sizing: [false; 6],
         };
         c.set16(reg::VENDOR_ID, vendor);
@@ -96,8 +98,25 @@ impl ConfigSpace {
     /// of two, at least 4 KiB) at `addr`.
     pub fn set_memory_bar(&mut self, index: usize, addr: u32, size: u32) {
         assert!(size.is_power_of_two() && size >= 4096 && addr.is_multiple_of(size));
-        self.bars[index] = Some((addr, size));
+        self.bar_masks[index] = Some((!(size - 1), !(size - 1)));
         self.set32(reg::BAR0 + 4 * index, addr);
+    }
+
+    /// Places a 64-bit prefetchable memory BAR of `size` bytes (a power of
+    /// two, at least 4 KiB) at `addr`, in BARs `index` and `index + 1`.
+    /// (Guest drivers such as RustyHermit's map only 64-bit prefetchable
+    /// BARs; Ferry's runtime takes either.)
+    pub fn set_memory_bar64(&mut self, index: usize, addr: u64, size: u64) {
+        assert!(size.is_power_of_two() && size >= 4096 && addr.is_multiple_of(size));
+        const TYPE_64: u32 = 0b100;
+        const PREFETCHABLE: u32 = 0b1000;
+        let flags = TYPE_64 | PREFETCHABLE;
+        let mask = !(size - 1);
+        let low = mask as u32 & 0xFFFF_FFF0;
+        self.bar_masks[index] = Some((low | flags, low));
+        self.bar_masks[index + 1] = Some(((mask >> 32) as u32, (mask >> 32) as u32));
+        self.set32(reg::BAR0 + 4 * index, addr as u32 | flags);
+        self.set32(reg::BAR0 + 4 * (index + 1), (addr >> 32) as u32);
     }
 
     /// Adds a capability at `off` (after any added before) with `body` after
@@ -122,9 +141,9 @@ impl ConfigSpace {
         let off = off & 0xFC;
         if let Some(i) = bar_index(off)
             && self.sizing[i]
-            && let Some((_, size)) = self.bars[i]
+            && let Some((readback, _)) = self.bar_masks[i]
         {
-            return !(size - 1);
+            return readback;
         }
         u32::from_le_bytes(self.bytes[off..off + 4].try_into().expect("4 bytes"))
     }
@@ -133,9 +152,13 @@ impl ConfigSpace {
     pub fn write(&mut self, off: usize, data: &[u8]) {
         let dword = off & 0xFC;
         if let Some(i) = bar_index(dword) {
-            // Sizing: all ones written to the whole BAR. Anything else ends
-            // sizing; the address itself stays where the VMM put it.
-            self.sizing[i] = data.len() == 4 && data == [0xFF; 4] && self.bars[i].is_some();
+            // Sizing: ones in every address bit (all ones, or 0xFFFFFFF0
+            // as some drivers write). Anything else ends sizing; the
+            // address itself stays where the VMM put it.
+            self.sizing[i] = match (self.bar_masks[i], <[u8; 4]>::try_from(data)) {
+                (Some((_, addr_bits)), Ok(v)) => u32::from_le_bytes(v) & addr_bits == addr_bits,
+                _ => false,
+            };
             return;
         }
         for (k, &b) in data.iter().enumerate() {
@@ -167,11 +190,6 @@ impl ConfigSpace {
         let cmd = u16::from_le_bytes([saved[reg::COMMAND], saved[reg::COMMAND + 1]]);
         self.set16(reg::COMMAND, cmd & COMMAND_WRITABLE);
         self.bytes[reg::INTERRUPT_LINE] = saved[reg::INTERRUPT_LINE];
-    }
-
-    /// The memory range of BAR `index`, if it is in use.
-    pub fn bar(&self, index: usize) -> Option<(u32, u32)> {
-        self.bars[index]
     }
 }
 
@@ -313,6 +331,27 @@ mod tests {
             (s == slot).then_some(f as &dyn PciFunction)
         });
         d
+    }
+
+    #[test]
+    fn a_64_bit_bar_sizes_in_two_dwords_and_keeps_its_place() {
+        let mut c = ConfigSpace::new(0x1AF4, 0x1041);
+        c.set_memory_bar64(0, 0xE000_0000, 0x4000);
+        // Type 64-bit (0b100) and prefetchable (0b1000) in the low dword.
+        assert_eq!(c.read_dword(reg::BAR0), 0xE000_000C);
+        assert_eq!(c.read_dword(reg::BAR0 + 4), 0);
+        // Sized the way RustyHermit's PCI code does it (0xFFFFFFF0 low).
+        c.write(reg::BAR0, &0xFFFF_FFF0u32.to_le_bytes());
+        c.write(reg::BAR0 + 4, &[0xFF; 4]);
+        assert_eq!(c.read_dword(reg::BAR0), 0xFFFF_C00C);
+        assert_eq!(c.read_dword(reg::BAR0 + 4), 0xFFFF_FFFF);
+        c.write(reg::BAR0, &0x1000_0000u32.to_le_bytes());
+        c.write(reg::BAR0 + 4, &1u32.to_le_bytes());
+        assert_eq!(c.read_dword(reg::BAR0), 0xE000_000C);
+        assert_eq!(c.read_dword(reg::BAR0 + 4), 0);
+        // Unused BARs size as nothing.
+        c.write(reg::BAR0 + 8, &[0xFF; 4]);
+        assert_eq!(c.read_dword(reg::BAR0 + 8), 0);
     }
 
     #[test]

@@ -366,6 +366,12 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         id: open.vm.to_string(),
         generation: open.generation,
         image: open.config.image.clone(),
+        kernel: if open.config.kernel == 1 {
+            "hermit"
+        } else {
+            "ferry"
+        }
+        .into(),
         memory: open.config.memory,
         pid: std::process::id(),
         ..Status::default()
@@ -758,6 +764,7 @@ mod tests {
                     memory: 64 << 20,
                     cpus: 1,
                     image: "x".into(),
+                    kernel: 1,
                     net: None,
                 },
                 cpu: [9; 7],

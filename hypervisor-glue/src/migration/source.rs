@@ -759,8 +759,16 @@ impl Params {
                 "the destination must be host:port (at most {MAX_ADDRESS} characters, no spaces)"
             ));
         }
+        // Names are resolved by the CLI: a VMM under its filters cannot
+        // open /etc/hosts or resolv.conf (nor can a jailed one see them).
+        let to: std::net::SocketAddr = req.to.parse().map_err(|_| {
+            format!(
+                "the destination {:?} is not an IP address and port; `ferry migrate` resolves names before it asks the VMM",
+                req.to
+            )
+        })?;
         Ok(Params {
-            to: req.to.clone(),
+            to: to.to_string(),
             creds,
             downtime: Duration::from_millis(req.downtime_ms),
             margin: Duration::from_millis(req.margin_ms),
@@ -786,5 +794,35 @@ impl Migrator for Source {
 
     fn resolve(self: Arc<Self>, resume_here: bool, destination_down: bool) -> Value {
         Source::resolve(&self, resume_here, destination_down)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(to: &str) -> MigrateRequest {
+        MigrateRequest {
+            to: to.into(),
+            key: None,
+            insecure: true,
+            downtime_ms: 1,
+            margin_ms: 500,
+        }
+    }
+
+    #[test]
+    fn the_destination_is_an_address_not_a_name() {
+        assert_eq!(
+            Params::from_request(&req("10.0.0.2:7000")).unwrap().to,
+            "10.0.0.2:7000"
+        );
+        assert_eq!(
+            Params::from_request(&req("[::1]:7000")).unwrap().to,
+            "[::1]:7000"
+        );
+        let e = Params::from_request(&req("hostb:7000")).err().unwrap();
+        assert!(e.contains("not an IP address"), "{e}");
+        assert!(Params::from_request(&req("10.0.0.2")).is_err());
     }
 }

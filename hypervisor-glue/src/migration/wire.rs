@@ -395,6 +395,7 @@ fn put_config(w: &mut Writer, c: &ConfigState) {
     w.u64(c.memory);
     w.u32(c.cpus);
     w.string(&c.image);
+    w.u8(c.kernel);
     w.option(c.net.as_ref(), |w, n| {
         w.raw(&n.mac);
         w.raw(&n.ip);
@@ -408,6 +409,10 @@ fn get_config(r: &mut Reader) -> Result<ConfigState, WireError> {
         memory: r.u64("memory size")?,
         cpus: r.u32("vCPU count")?,
         image: r.string("image")?,
+        kernel: match r.u8("kernel kind")? {
+            k @ (0 | 1) => k,
+            k => return Err(WireError::Invalid(format!("kernel kind {k}"))),
+        },
         net: r.option("network card", |r| {
             let mac = r.array("MAC")?;
             let ip = r.array("IP address")?;
@@ -723,6 +728,7 @@ mod tests {
             memory: 64 << 20,
             cpus: 1,
             image: "images/out/stream".into(),
+            kernel: 0,
             net: Some(NetConfigState {
                 mac: [2, 0xbf, 10, 77, 0, 10],
                 ip: [10, 77, 0, 10],
@@ -879,12 +885,17 @@ mod tests {
             source: String::new(),
         })
         .encode(&mut b);
-        let presence = 1 + 16 + 16 + 8 + 8 + 4 + 4 + "images/out/stream".len();
-        b[presence] = 2;
+        let kernel = 1 + 16 + 16 + 8 + 8 + 4 + 4 + "images/out/stream".len();
+        let presence = kernel + 1;
+        let mut bad = b.clone();
+        bad[presence] = 2;
         assert!(matches!(
-            Message::decode(&b),
+            Message::decode(&bad),
             Err(WireError::Unknown { value: 2, .. })
         ));
+        // A kernel kind that is neither Ferry's runtime nor RustyHermit.
+        b[kernel] = 2;
+        assert!(matches!(Message::decode(&b), Err(WireError::Invalid(_))));
     }
 
     #[test]

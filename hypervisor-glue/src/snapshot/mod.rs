@@ -45,9 +45,10 @@ use crate::kvm::{CpuFeatures, IrqchipState, VcpuState};
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"FERRYSNP";
-/// This format's version (3: a 128-byte header with an optional MAC, the
-/// guest's CPU features; 2 added the VM's identity and generation).
-pub const FORMAT_VERSION: u32 = 3;
+/// This format's version (4: the image's kernel kind; 3: a 128-byte
+/// header with an optional MAC, the guest's CPU features; 2 added the VM's
+/// identity and generation).
+pub const FORMAT_VERSION: u32 = 4;
 /// Header length.
 pub const HEADER_LEN: u64 = 128;
 /// Header flag: the file carries a MAC.
@@ -103,6 +104,9 @@ pub struct ConfigState {
     pub cpus: u32,
     /// The image it booted from (informational).
     pub image: String,
+    /// Which kernel the image carries ([`crate::boot::elf::Kind`]: 0 Ferry's
+    /// runtime, 1 RustyHermit; informational).
+    pub kernel: u8,
     /// The network card, if it has one.
     pub net: Option<NetConfigState>,
 }
@@ -616,6 +620,7 @@ mod tests {
                 memory: 8 << 20,
                 cpus: 1,
                 image: "x".into(),
+                kernel: 0,
                 net: None,
             },
             memory: vec![(0, 8 << 20)],

@@ -27,6 +27,12 @@ pub fn check_layout(config: &ConfigState, regions: &[(u64, u64)]) -> Result<(), 
             config.cpus, config.memory
         )));
     }
+    if config.kernel > 1 {
+        return Err(Error::BadState(format!(
+            "kernel kind {} (0 is Ferry's runtime, 1 RustyHermit)",
+            config.kernel
+        )));
+    }
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::boot::elf::Kind;
 use crate::boot::{self, BootParams};
 use crate::clock::{ClockState, GuestClock};
 use crate::control::{
@@ -213,6 +214,30 @@ pub fn cmdline(runtime_args: &[String], app_args: &[String]) -> Result<String, E
     Ok(words.join(" "))
 }
 
+/// The command line of a RustyHermit image: its name (std's first
+/// argument), the network settings as Hermit reads them (`-ip`, `-mask`,
+/// `-gateway`), guest settings as environment variables (`env=KEY=VALUE`),
+/// then the application's arguments after `--`.
+pub fn hermit_cmdline(config: &VmConfig) -> Result<String, Error> {
+    let name = config
+        .image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| {
+            !n.is_empty()
+                && !n
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '\'' || c == '"' || c == '\\')
+        })
+        .unwrap_or_else(|| "app".into());
+    let mut words = vec![name];
+    if let Some(n) = &config.net {
+        words.extend(n.hermit_args());
+    }
+    words.extend(config.guest_args.iter().map(|a| format!("env={a}")));
+    cmdline(&words, &config.app_args)
+}
+
 /// The card on `tap` for a VM with these network settings.
 fn card(
     settings: &NetSettings,
@@ -247,8 +272,24 @@ impl Vm {
             .unwrap_or_default();
         check_guest_args(&config.guest_args)?;
         runtime_args.extend(config.guest_args.iter().cloned());
-        let cmdline = cmdline(&runtime_args, &config.app_args)?;
+        let ferry_cmdline = cmdline(&runtime_args, &config.app_args)?;
         let image = read_image(&config.image)?;
+        let kind = boot::elf::Image::parse(&image)
+            .map(|i| i.kind())
+            .map_err(|e| Error::Boot {
+                path: config.image.clone(),
+                source: e.into(),
+            })?;
+        let cmdline = match kind {
+            Kind::Ferry => ferry_cmdline,
+            Kind::Hermit => {
+                eprintln!(
+                    "ferry: {} is a RustyHermit image (std Rust on hermit-kernel): settings go to it as Hermit's arguments and environment",
+                    config.image.display()
+                );
+                hermit_cmdline(config)?
+            }
+        };
         trace.mark("read image");
         let mem = memory::create(config.memory)?;
         trace.mark("map memory");
@@ -268,6 +309,7 @@ impl Vm {
             tsc_khz,
             cpus: config.cpus,
             pvm_native,
+            has_pci: config.net.is_some(),
         };
         let (boot_cpu, _image) =
             boot::setup(&mem, &image, &params).map_err(|source| Error::Boot {
@@ -291,6 +333,9 @@ impl Vm {
                         n.tap
                     );
                 }
+                if kind == Kind::Hermit {
+                    kvm::route_ioapic_pin(&machine.vm, NET_GSI, 0x20 + NET_GSI as u8)?;
+                }
                 Some(dev)
             }
             None => None,
@@ -313,6 +358,10 @@ impl Vm {
                 memory: config.memory,
                 cpus: config.cpus,
                 image: config.image.display().to_string(),
+                kernel: match kind {
+                    Kind::Ferry => 0,
+                    Kind::Hermit => 1,
+                },
                 net: config.net.as_ref().map(NetSettings::saved),
             },
             tap: config.net.as_ref().map(|n| n.tap.clone()),
@@ -505,6 +554,12 @@ impl Vm {
             id: self.identity.vm().to_string(),
             generation: self.identity.generation,
             image: self.config.image.clone(),
+            kernel: if self.config.kernel == 1 {
+                "hermit"
+            } else {
+                "ferry"
+            }
+            .into(),
             memory: self.config.memory,
             pid: std::process::id(),
             uptime_s: self

@@ -56,6 +56,10 @@ impl BootHints {
     /// The host's KVM is PVM and the guest is to run natively (its
     /// mappings have the user bit): write PVM's control MSR at once.
     pub const PVM_NATIVE: u32 = 1;
+    /// The clock page ([`ClockPage`]) is at [`layout::CLOCK_PAGE_ADDR`]
+    /// (always, from Ferry's VMM; a Hermit kernel patched for Ferry reads
+    /// time there).
+    pub const CLOCK_PAGE: u32 = 2;
 
     /// Whether these are hints from a Ferry VMM of this ABI.
     pub fn valid(&self) -> bool {

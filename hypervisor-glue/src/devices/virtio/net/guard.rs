@@ -3,6 +3,13 @@
 //! fields (checksum start and offset, TSO header length and segment size)
 //! that agree with the headers they describe. Anything else is dropped
 //! before it reaches the tap, and counted (`ferry status`: refused).
+//!
+//! One request is mended rather than refused: a partial checksum on a
+//! frame that has no TCP or UDP checksum to complete (ARP, ICMP). Such a
+//! frame already carries whatever checksums it has; RustyHermit 0.11 asks
+//! for one on every frame it sends, and completing it would overwrite
+//! bytes of the frame. The request is dropped and the frame goes out as
+//! it is.
 #![deny(unsafe_code)]
 
 use ferry_abi::offload::{GSO_TCPV4, MIN_GSO_SIZE};
@@ -42,12 +49,13 @@ fn be16(b: &[u8], at: usize) -> u16 {
 }
 
 /// Checks a frame the guest sent: `buf` is the virtio-net header and the
-/// frame. `Ok` to send it.
-pub fn check_tx(buf: &[u8], me: &Identity) -> Result<(), Refusal> {
+/// frame. `Ok` to send it (perhaps with a needless checksum request
+/// dropped from its header, see the module doc).
+pub fn check_tx(buf: &mut [u8], me: &Identity) -> Result<(), Refusal> {
     if buf.len() < VNET_HDR_LEN + ETH_HLEN {
         return Err(Refusal::Malformed);
     }
-    let (hdr, frame) = buf.split_at(VNET_HDR_LEN);
+    let (hdr, frame) = buf.split_at_mut(VNET_HDR_LEN);
     if frame[6..12] != me.mac {
         return Err(Refusal::Spoofed);
     }
@@ -64,9 +72,10 @@ pub fn check_tx(buf: &[u8], me: &Identity) -> Result<(), Refusal> {
             if a[8..14] != me.mac || a[14..18] != me.ip {
                 return Err(Refusal::Spoofed);
             }
-            if hdr[0] & NEEDS_CSUM != 0 || hdr[1] != 0 {
+            if hdr[1] != 0 {
                 return Err(Refusal::Malformed);
             }
+            drop_checksum_request(hdr);
             Ok(())
         }
         ETHERTYPE_IPV4 => {
@@ -88,13 +97,17 @@ pub fn check_tx(buf: &[u8], me: &Identity) -> Result<(), Refusal> {
                 // the headers put it.
                 let start = usize::from(u16::from_le_bytes([hdr[6], hdr[7]]));
                 let offset = usize::from(u16::from_le_bytes([hdr[8], hdr[9]]));
-                let want = match proto {
-                    PROTO_TCP => 16,
-                    PROTO_UDP => 6,
+                match proto {
+                    PROTO_TCP | PROTO_UDP => {
+                        let want = if proto == PROTO_TCP { 16 } else { 6 };
+                        if start != l4 || offset != want || l4 + offset + 2 > frame.len() {
+                            return Err(Refusal::Malformed);
+                        }
+                    }
+                    // No TCP/UDP checksum to complete: drop the request
+                    // (a GSO frame is refused below anyway).
+                    _ if hdr[1] == 0 => drop_checksum_request(hdr),
                     _ => return Err(Refusal::Malformed),
-                };
-                if start != l4 || offset != want || l4 + offset + 2 > frame.len() {
-                    return Err(Refusal::Malformed);
                 }
             }
             match hdr[1] {
@@ -123,6 +136,12 @@ pub fn check_tx(buf: &[u8], me: &Identity) -> Result<(), Refusal> {
         }
         _ => Err(Refusal::Protocol),
     }
+}
+
+/// Clears a partial-checksum request from a virtio-net header.
+fn drop_checksum_request(hdr: &mut [u8]) {
+    hdr[0] &= !NEEDS_CSUM;
+    hdr[6..10].fill(0);
 }
 
 #[cfg(test)]
@@ -158,19 +177,19 @@ mod tests {
 
     #[test]
     fn own_frames_pass_and_spoofed_ones_do_not() {
-        assert_eq!(check_tx(&tcp(ME.mac, ME.ip, 60), &ME), Ok(()));
+        assert_eq!(check_tx(&mut tcp(ME.mac, ME.ip, 60), &ME), Ok(()));
         assert_eq!(
-            check_tx(&tcp([2, 0, 0, 0, 0, 1], ME.ip, 60), &ME),
+            check_tx(&mut tcp([2, 0, 0, 0, 0, 1], ME.ip, 60), &ME),
             Err(Refusal::Spoofed)
         );
         assert_eq!(
-            check_tx(&tcp(ME.mac, [10, 77, 0, 99], 60), &ME),
+            check_tx(&mut tcp(ME.mac, [10, 77, 0, 99], 60), &ME),
             Err(Refusal::Spoofed)
         );
         let mut ipv6 = tcp(ME.mac, ME.ip, 60);
         ipv6[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14].copy_from_slice(&[0x86, 0xDD]);
-        assert_eq!(check_tx(&ipv6, &ME), Err(Refusal::Protocol));
-        assert_eq!(check_tx(&[0u8; 20], &ME), Err(Refusal::Malformed));
+        assert_eq!(check_tx(&mut ipv6, &ME), Err(Refusal::Protocol));
+        assert_eq!(check_tx(&mut [0u8; 20], &ME), Err(Refusal::Malformed));
     }
 
     #[test]
@@ -182,16 +201,25 @@ mod tests {
         f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
         f[22..28].copy_from_slice(&ME.mac);
         f[28..32].copy_from_slice(&ME.ip);
-        assert_eq!(check_tx(&b, &ME), Ok(()));
+        assert_eq!(check_tx(&mut b, &ME), Ok(()));
+        // A partial-checksum request on ARP (RustyHermit sends one on every
+        // frame) is dropped, not the frame; ARP as a GSO frame is refused.
+        b[0] = NEEDS_CSUM;
+        b[6..8].copy_from_slice(&14u16.to_le_bytes());
+        assert_eq!(check_tx(&mut b, &ME), Ok(()));
+        assert_eq!(b[..VNET_HDR_LEN], [0; VNET_HDR_LEN]);
+        b[1] = GSO_TCPV4;
+        assert_eq!(check_tx(&mut b, &ME), Err(Refusal::Malformed));
+        b[1] = 0;
         b[VNET_HDR_LEN + 31] = 99; // another sender address
-        assert_eq!(check_tx(&b, &ME), Err(Refusal::Spoofed));
+        assert_eq!(check_tx(&mut b, &ME), Err(Refusal::Spoofed));
     }
 
     #[test]
     fn offload_fields_must_match_the_headers() {
         let mut b = tcp(ME.mac, ME.ip, 9000);
         offload(&mut b, 34, 16, GSO_TCPV4, 54, 1448);
-        assert_eq!(check_tx(&b, &ME), Ok(()));
+        assert_eq!(check_tx(&mut b, &ME), Ok(()));
         for (start, offset, hdr_len, size) in [
             (30, 16, 54, 1448),  // checksum start not at the TCP header
             (34, 6, 54, 1448),   // the UDP offset on TCP
@@ -202,7 +230,7 @@ mod tests {
             let mut b = tcp(ME.mac, ME.ip, 9000);
             offload(&mut b, start, offset, GSO_TCPV4, hdr_len, size);
             assert_eq!(
-                check_tx(&b, &ME),
+                check_tx(&mut b, &ME),
                 Err(Refusal::Malformed),
                 "{start} {offset} {hdr_len} {size}"
             );
@@ -210,6 +238,12 @@ mod tests {
         // A partial checksum on a plain frame is fine where it belongs.
         let mut b = tcp(ME.mac, ME.ip, 100);
         offload(&mut b, 34, 16, 0, 0, 0);
-        assert_eq!(check_tx(&b, &ME), Ok(()));
+        assert_eq!(check_tx(&mut b, &ME), Ok(()));
+        // On ICMP (no TCP/UDP checksum) the request is dropped.
+        let mut b = tcp(ME.mac, ME.ip, 100);
+        b[VNET_HDR_LEN + 23] = 1;
+        offload(&mut b, 34, 0, 0, 0, 0);
+        assert_eq!(check_tx(&mut b, &ME), Ok(()));
+        assert_eq!(b[0] & NEEDS_CSUM, 0);
     }
 }

@@ -57,7 +57,7 @@ pub const DEVICE_FEATURES: u64 =
 const RX: usize = 0;
 const TX: usize = 1;
 /// Device configuration: mac[6], status u16, max_virtqueue_pairs u16.
-const DEVICE_CONFIG_LEN: u32 = 10;
+const DEVICE_CONFIG_LEN: u32 = 24;
 /// Link status "up".
 const LINK_UP: u16 = 1;
 
@@ -242,7 +242,7 @@ impl VirtioNet {
         pci.set8(reg::CLASS + 2, 0x02); // network controller
         pci.set16(reg::SUBSYSTEM_VENDOR_ID, super::PCI_VENDOR);
         pci.set16(reg::SUBSYSTEM_ID, 0x40);
-        pci.set_memory_bar(0, config.bar_addr, bar::SIZE);
+        pci.set_memory_bar64(0, u64::from(config.bar_addr), u64::from(bar::SIZE));
         pci.set8(reg::INTERRUPT_LINE, config.gsi as u8);
         pci.set8(reg::INTERRUPT_PIN, 1);
         super::add_capabilities(&mut pci, DEVICE_CONFIG_LEN);
@@ -312,10 +312,21 @@ impl VirtioNet {
                 }
             }
             o if (bar::DEVICE..bar::DEVICE + u64::from(DEVICE_CONFIG_LEN)).contains(&o) => {
+                // The whole virtio_net_config (virtio 1.2, 5.1.4): mac,
+                // status, max_virtqueue_pairs, mtu, speed (unknown), duplex
+                // (unknown), and no RSS. Drivers that map the structure
+                // (RustyHermit's) need all of it. `mtu` means nothing
+                // without VIRTIO_NET_F_MTU, which Ferry does not offer,
+                // but RustyHermit 0.11 sizes its buffers from it all the
+                // same (receive: that many bytes; send: less than that),
+                // so it says the largest Ethernet frame, 1518 bytes.
                 let mut cfg = [0u8; DEVICE_CONFIG_LEN as usize];
                 cfg[..6].copy_from_slice(&self.mac);
                 cfg[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
                 cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+                cfg[10..12].copy_from_slice(&1518u16.to_le_bytes());
+                cfg[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+                cfg[16] = 0xFF;
                 let start = (o - bar::DEVICE) as usize;
                 for (k, d) in data.iter_mut().enumerate() {
                     *d = cfg.get(start + k).copied().unwrap_or(0);
@@ -679,23 +690,14 @@ impl VirtioNet {
     }
 
     /// Lets the worker run again (delivering any backlog first). A card
-    /// that was capturing takes a last pass first, so that frames still
-    /// waiting in the tap are checked against the source's before the
-    /// guest gets them.
+    /// that was capturing at a migration's destination still holds the
+    /// source's digests: the worker's first pass checks the frames left
+    /// in the tap against them before the guest gets any, then drops
+    /// them. Nothing here waits for the worker: this is on the pause's
+    /// critical path.
     pub fn resume(&mut self) {
-        if self.shared.capture.load(Ordering::Acquire) {
-            let guard = self.shared.active.lock().expect("net state lock");
-            let start = guard.capture_passes;
-            self.wake.write(1).ok();
-            let _ = self.shared.passed.wait_timeout_while(
-                guard,
-                std::time::Duration::from_millis(200),
-                |a| a.capture_passes == start,
-            );
-        }
         self.shared.capture.store(false, Ordering::Release);
         self.shared.paused.store(false, Ordering::Release);
-        self.shared.active.lock().expect("net state lock").overlap = Default::default();
         self.wake.write(1).ok();
     }
 

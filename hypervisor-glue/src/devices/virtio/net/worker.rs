@@ -169,6 +169,18 @@ impl Worker {
                 continue;
             }
             let active = &mut *guard;
+            if !active.overlap.is_empty() {
+                // The first pass after a migration's destination resumed:
+                // frames still waiting in the tap are checked against the
+                // source's (one last capture pass) before the guest gets
+                // any; the list goes with it.
+                self.capture(
+                    &mut active.backlog,
+                    &mut active.recorded,
+                    &mut active.overlap,
+                );
+                active.overlap = Default::default();
+            }
             match active.queues.as_mut() {
                 Some(queues) => {
                     let mut notify = false;
@@ -330,7 +342,7 @@ impl Worker {
                     r.read_exact(&mut self.buf[..n]).ok().map(|()| n)
                 });
                 let refused = frame
-                    .is_some_and(|n| super::guard::check_tx(&self.buf[..n], &self.me).is_err());
+                    .is_some_and(|n| super::guard::check_tx(&mut self.buf[..n], &self.me).is_err());
                 if refused {
                     stats.tx_refused.fetch_add(1, Ordering::Relaxed);
                 }
