@@ -182,9 +182,17 @@ live-migrate DOWNTIME_MS="1": build
     target/release/ferry-cluster migrate --downtime-ms {{DOWNTIME_MS}}
 
 # The main job: stream to a verifying client (plus an echoed upstream), live-migrate A->B->A, report.
-demo: setup build
-    for i in stream; do images/build $i >/dev/null; done
-    target/release/ferry-demo
+# `just demo hermit`: the same with the stream app in std Rust on RustyHermit (apps/hermit-stream).
+demo KIND="ferry": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    case "{{KIND}}" in
+      ferry) app=stream ;;
+      hermit) app=hermit-stream ;;
+      *) echo "demo: KIND is ferry (the default) or hermit, not {{KIND}}" >&2; exit 2 ;;
+    esac
+    images/build $app >/dev/null
+    target/release/ferry-demo --app $app
 
 # Fuzz every target for SECONDS each (cargo-fuzz, nightly); fails when it cannot run or finds a crash.
 fuzz SECONDS="20":
@@ -233,7 +241,7 @@ lint:
 # Run all tests: unit tests and the KVM integration tests on Ferry, uhyve and QEMU, then fuzzing.
 # A test that cannot run here (no KVM, not root, a missing tool) fails; FERRY_ALLOW_SKIP=1 skips it instead, loudly.
 test: setup build build-failpoints
-    images/build hello misbehave echo kv http stream udpcount template hermit-probe hermit-echo >/dev/null
+    images/build hello misbehave echo kv http stream udpcount template hermit-probe hermit-echo hermit-http hermit-stream >/dev/null
     images/build --kernel stock hermit-probe >/dev/null
     rm -f target/test-skips.log
     target/release/ferry-cluster clean-tests

@@ -116,6 +116,7 @@ fn write_boot_hints(mem: &GuestRam, params: &BootParams<'_>) -> Result<(), Error
         magic: ferry_abi::BootHints::MAGIC,
         abi_version: ferry_abi::ABI_VERSION,
         flags: ferry_abi::BootHints::CLOCK_PAGE
+            | ferry_abi::BootHints::IDENTITY_MAPPED
             | if params.pvm_native {
                 ferry_abi::BootHints::PVM_NATIVE
             } else {

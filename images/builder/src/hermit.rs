@@ -58,12 +58,12 @@ pub enum Flavour {
 
 impl Flavour {
     /// The kernel's features: PCI (virtio-net), TCP and UDP; for Ferry's,
-    /// `pvm` (native mode on PVM hosts, from the patches) and
-    /// `ferry-clock` (time from Ferry's clock page). No DHCP: Ferry gives
-    /// the address.
+    /// `pvm` (native mode on PVM hosts, from the patches), `ferry-clock`
+    /// (time from Ferry's clock page) and `ferry-dma` (device memory
+    /// without mappings). No DHCP: Ferry gives the address.
     fn features(self) -> &'static str {
         match self {
-            Flavour::Ferry => "pci,tcp,udp,pvm,ferry-clock",
+            Flavour::Ferry => "pci,tcp,udp,fsgsbase,pvm,ferry-clock,ferry-dma",
             Flavour::Stock => "pci,tcp,udp",
         }
     }

@@ -60,6 +60,10 @@ impl BootHints {
     /// (always, from Ferry's VMM; a Hermit kernel patched for Ferry reads
     /// time there).
     pub const CLOCK_PAGE: u32 = 2;
+    /// The boot page tables map all RAM at its own address and stay valid:
+    /// a guest may use physical memory without mapping it (a Hermit
+    /// kernel patched for Ferry allocates device buffers so).
+    pub const IDENTITY_MAPPED: u32 = 4;
 
     /// Whether these are hints from a Ferry VMM of this ABI.
     pub fn valid(&self) -> bool {

@@ -26,6 +26,10 @@ struct Args {
     /// Downtime budget per migration, ms.
     #[arg(long, default_value_t = 1)]
     downtime_ms: u64,
+    /// The stream app: `stream` (Ferry's runtime) or `hermit-stream` (std
+    /// Rust on RustyHermit), from images/out/.
+    #[arg(long, default_value = "stream")]
+    app: String,
 }
 
 fn main() -> Result<()> {
@@ -41,14 +45,17 @@ fn main() -> Result<()> {
     let rate_arg = format!("rate={}", a.rate);
     c.start_vm_with(
         "hostA",
-        &image("stream"),
+        &image(&a.app),
         "64M",
         &["--api", api_a.to_str().expect("utf-8")],
         &[&rate_arg, "echo=7"],
         &dir.join("hostA.log"),
         "listening",
     )?;
-    println!("demo: stream runs on hostA as {VIP} ({rate_arg}, echo on port 7)");
+    println!(
+        "demo: {} runs on hostA as {VIP} ({rate_arg}, echo on port 7)",
+        a.app
+    );
     let before = c.client_tcp_counters()?;
     let client_out = dir.join("client.json");
     let mut client = c
