@@ -117,6 +117,7 @@ fn write_boot_hints(mem: &GuestRam, params: &BootParams<'_>) -> Result<(), Error
         abi_version: ferry_abi::ABI_VERSION,
         flags: ferry_abi::BootHints::CLOCK_PAGE
             | ferry_abi::BootHints::IDENTITY_MAPPED
+            | ferry_abi::BootHints::EDGE_INTERRUPTS
             | if params.pvm_native {
                 ferry_abi::BootHints::PVM_NATIVE
             } else {

@@ -59,11 +59,12 @@ pub enum Flavour {
 impl Flavour {
     /// The kernel's features: PCI (virtio-net), TCP and UDP; for Ferry's,
     /// `pvm` (native mode on PVM hosts, from the patches), `ferry-clock`
-    /// (time from Ferry's clock page) and `ferry-dma` (device memory
-    /// without mappings). No DHCP: Ferry gives the address.
+    /// (time from Ferry's clock page), `ferry-dma` (device memory without
+    /// mappings) and `ferry-net` (no ISR reads). No DHCP: Ferry gives the
+    /// address; `fsgsbase` (thread pointers without MSR writes).
     fn features(self) -> &'static str {
         match self {
-            Flavour::Ferry => "pci,tcp,udp,fsgsbase,pvm,ferry-clock,ferry-dma",
+            Flavour::Ferry => "pci,tcp,udp,fsgsbase,pvm,ferry-clock,ferry-dma,ferry-net",
             Flavour::Stock => "pci,tcp,udp",
         }
     }

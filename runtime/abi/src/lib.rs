@@ -64,6 +64,10 @@ impl BootHints {
     /// a guest may use physical memory without mapping it (a Hermit
     /// kernel patched for Ferry allocates device buffers so).
     pub const IDENTITY_MAPPED: u32 = 4;
+    /// The network card raises its interrupt as an edge (irqfd) and never
+    /// for a configuration change: its ISR needs no read (a Hermit kernel
+    /// patched for Ferry skips it; each read is an exit to the VMM).
+    pub const EDGE_INTERRUPTS: u32 = 8;
 
     /// Whether these are hints from a Ferry VMM of this ABI.
     pub fn valid(&self) -> bool {

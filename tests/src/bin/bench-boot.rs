@@ -24,17 +24,27 @@ struct Args {
     /// Image name under images/out.
     #[arg(long, default_value = "hello")]
     image: String,
+    /// A std program on RustyHermit, booted by Ferry's VMM beside it (its
+    /// `exit` argument: print one line, exit); empty to leave it out.
+    #[arg(long, default_value = "hermit-probe")]
+    hermit_image: String,
 }
 
 /// Builds the command that boots the image under one VMM.
 type CommandFactory<'a> = Box<dyn Fn() -> Command + 'a>;
+
+/// A VMM's name, how to boot the image under it, and which line counts as
+/// the first (`None`: any).
+type Vmm<'a> = (&'a str, CommandFactory<'a>, Option<&'a str>);
 
 struct Sample {
     first_line: Duration,
     exit: Duration,
 }
 
-fn measure(mut cmd: Command) -> anyhow::Result<Sample> {
+/// Runs `cmd` to its end: the time to the first console line (the first
+/// one containing `marker`, if given) and to its exit.
+fn measure(mut cmd: Command, marker: Option<&str>) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -44,14 +54,22 @@ fn measure(mut cmd: Command) -> anyhow::Result<Sample> {
         .context("spawn")?;
     let mut out = child.stdout.take().expect("piped");
     let mut first_line = None;
+    let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         let n = out.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        if first_line.is_none() && buf[..n].contains(&b'\n') {
-            first_line = Some(start.elapsed());
+        if first_line.is_none() {
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            let done = text
+                .split_inclusive('\n')
+                .any(|l| l.ends_with('\n') && marker.is_none_or(|m| l.contains(m)));
+            if done {
+                first_line = Some(start.elapsed());
+            }
         }
     }
     child.wait()?;
@@ -77,15 +95,24 @@ fn main() -> anyhow::Result<()> {
         bail!("--runs must be at least 1");
     }
     let img: PathBuf = image(&args.image);
-    let vmms: [(&str, CommandFactory<'_>); 3] = [
-        ("ferry", Box::new(|| ferry_run(&img, &[], &[]))),
-        ("uhyve", Box::new(|| uhyve_run(&img, &[]))),
-        ("qemu-microvm", Box::new(|| qemu_run(&img, &[]))),
+    // The kernel may log a warning first: the app's own line counts.
+    let hermit = (!args.hermit_image.is_empty()).then(|| image(&args.hermit_image));
+    let mut vmms: Vec<Vmm<'_>> = vec![
+        ("ferry", Box::new(|| ferry_run(&img, &[], &[])), None),
+        ("uhyve", Box::new(|| uhyve_run(&img, &[])), None),
+        ("qemu-microvm", Box::new(|| qemu_run(&img, &[])), None),
     ];
+    if let Some(h) = &hermit {
+        vmms.push((
+            "ferry, hermit",
+            Box::new(move || ferry_run(h, &[], &["exit"])),
+            Some("std on RustyHermit"),
+        ));
+    }
     let mut samples: Vec<Vec<Sample>> = vmms.iter().map(|_| Vec::new()).collect();
     for run in 0..args.runs + 1 {
-        for (i, (name, cmd)) in vmms.iter().enumerate() {
-            let s = measure(cmd()).with_context(|| format!("{name}, run {run}"))?;
+        for (i, (name, cmd, marker)) in vmms.iter().enumerate() {
+            let s = measure(cmd(), *marker).with_context(|| format!("{name}, run {run}"))?;
             if run > 0 {
                 samples[i].push(s); // run 0 warms caches, not counted
             }
@@ -94,7 +121,7 @@ fn main() -> anyhow::Result<()> {
     let stats: Vec<(&str, [Duration; 3], [Duration; 3])> = vmms
         .iter()
         .zip(&samples)
-        .map(|((name, _), s)| {
+        .map(|((name, _, _), s)| {
             let mut first: Vec<Duration> = s.iter().map(|x| x.first_line).collect();
             let mut exit: Vec<Duration> = s.iter().map(|x| x.exit).collect();
             first.sort();

@@ -46,6 +46,10 @@ struct Args {
     /// `$FERRY_BIN` picks the VMM).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// The stream app migrated: `stream` (Ferry's runtime) or
+    /// `hermit-stream` (std Rust on RustyHermit).
+    #[arg(long, default_value = "stream")]
+    app: String,
 }
 
 /// When to migrate (s after the client starts) and how long the client
@@ -171,8 +175,10 @@ fn tcp_summary(runs: &[Value]) -> Value {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn one_run(
     c: &mut Cluster,
+    app: &str,
     size: u64,
     rate: &str,
     capture: bool,
@@ -195,7 +201,7 @@ fn one_run(
     }
     let a = c.start_vm_with(
         "hostA",
-        &image("stream"),
+        &image(app),
         &memory,
         &["--api", api_a.to_str().expect("utf-8")],
         &args,
@@ -392,7 +398,7 @@ fn main() -> Result<()> {
                 let mut runs = Vec::new();
                 for _ in 0..a.runs {
                     n += 1;
-                    match one_run(&mut c, size, rate, capture, true, a.seconds, n) {
+                    match one_run(&mut c, &a.app, size, rate, capture, true, a.seconds, n) {
                         Ok(r) => runs.push(r),
                         Err(e) => {
                             eprintln!("bench-migrate: {size} MiB {rate} capture={capture}: {e:#}")
@@ -402,7 +408,7 @@ fn main() -> Result<()> {
                     // --insecure channel, interleaved (120M, capture on).
                     if rate == a.loads[0] && capture {
                         n += 1;
-                        match one_run(&mut c, size, rate, capture, false, a.seconds, n) {
+                        match one_run(&mut c, &a.app, size, rate, capture, false, a.seconds, n) {
                             Ok(r) => insecure.push(r),
                             Err(e) => eprintln!("bench-migrate: {size} MiB insecure: {e:#}"),
                         }

@@ -39,6 +39,9 @@ struct Args {
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
     Ferry,
+    /// Ferry's VMM with the std apps on RustyHermit (`hermit-stream`; there
+    /// is no Hermit kv, so no redis numbers).
+    Hermit,
     Native,
     Qemu,
 }
@@ -47,9 +50,23 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Ferry => "ferry",
+            Target::Hermit => "ferry, hermit",
             Target::Native => "native",
             Target::Qemu => "qemu",
         }
+    }
+
+    /// The apps measured on this target.
+    fn apps(self) -> &'static [&'static str] {
+        match self {
+            Target::Hermit => &["stream"],
+            _ => &["stream", "kv"],
+        }
+    }
+
+    /// A VM under Ferry's VMM (with a control socket and counters).
+    fn ferry_vm(self) -> bool {
+        matches!(self, Target::Ferry | Target::Hermit)
     }
 }
 
@@ -57,10 +74,15 @@ impl Target {
 /// A Ferry VM gets a control socket at `api`.
 fn start(c: &mut Cluster, target: Target, app: &str, log: &Path, api: &Path) -> Result<u32> {
     let (ready, cmd) = match target {
-        Target::Ferry => {
+        Target::Ferry | Target::Hermit => {
+            let img = if target == Target::Hermit {
+                image(&format!("hermit-{app}"))
+            } else {
+                image(app)
+            };
             let mut cmd = c.command("hostA", ferry_tests::ferry_bin());
             cmd.arg("run")
-                .arg(image(app))
+                .arg(img)
                 .args(cluster::service_args("64M"))
                 .arg("--api")
                 .arg(api);
@@ -205,7 +227,7 @@ fn main() -> Result<()> {
     let targets: &[Target] = if a.ferry_only {
         &[Target::Ferry]
     } else {
-        &[Target::Ferry, Target::Native, Target::Qemu]
+        &[Target::Ferry, Target::Hermit, Target::Native, Target::Qemu]
     };
     for &target in targets {
         if target == Target::Native {
@@ -225,7 +247,7 @@ fn main() -> Result<()> {
             per_mb_bytes: 0,
             per_request: None,
         };
-        for app in ["stream", "kv"] {
+        for &app in target.apps() {
             let log = logs.join(format!("{}-{app}.log", target.name()));
             let api = logs.join(format!("{}-{app}.sock", target.name()));
             let pid = match start(&mut c, target, app, &log, &api) {
@@ -235,10 +257,19 @@ fn main() -> Result<()> {
                     continue;
                 }
             };
-            if target != Target::Native {
+            if target == Target::Hermit {
+                row.mode = ferry_ctl(&["status", "--json", "--api"], &api)
+                    .ok()
+                    .and_then(|t| {
+                        let v: serde_json::Value = serde_json::from_str(&t).ok()?;
+                        Some(format!("RustyHermit, {}", v["cpu_mode"].as_str()?))
+                    })
+                    .unwrap_or_else(|| "?".into());
+            } else if target != Target::Native {
                 row.mode = ferry_tests::guest_cpu_mode(&log).unwrap_or_else(|| "?".into());
             }
-            let before = (target == Target::Ferry)
+            let before = target
+                .ferry_vm()
                 .then(|| Counters::read(&api))
                 .transpose()?;
             let r = if app == "stream" {
@@ -284,29 +315,32 @@ fn main() -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let kv = r.target.apps().contains(&"kv");
+        let redis = |v: Option<f64>| if kv { fmt(v, 1.0, "req/s") } else { "-".into() };
         println!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.target.name(),
             r.mode,
             fmt(r.stream, 1e6, "MB/s"),
             ratio(r.stream, native.and_then(|n| n.stream)),
-            fmt(r.set, 1.0, "req/s"),
+            redis(r.set),
             ratio(r.set, native.and_then(|n| n.set)),
-            fmt(r.get, 1.0, "req/s"),
+            redis(r.get),
             ratio(r.get, native.and_then(|n| n.get)),
         );
     }
     println!(
-        "\n{} s of streaming per run; redis-benchmark -n {} -c {} -t set,get. Guest code: what the runtime reported at boot (on PVM it enters native mode under any VMM of this KVM; docs/pvm-emulation.md is the fallback).",
+        "\n{} s of streaming per run; redis-benchmark -n {} -c {} -t set,get. Guest code: what the runtime reported at boot (on PVM it enters native mode under any VMM of this KVM; docs/pvm-emulation.md is the fallback); for RustyHermit, what `ferry status` says (std apps: `hermit-stream`; there is no Hermit kv).",
         a.seconds, a.requests, a.clients
     );
-    if let Some(r) = rows.iter().find(|r| r.target == Target::Ferry) {
-        println!("\n| Ferry vCPU | exits | interrupts injected | card interrupts |");
-        println!("|---|---|---|---|");
+    println!("\n| Ferry vCPU | exits | interrupts injected | card interrupts |");
+    println!("|---|---|---|---|");
+    for r in rows.iter().filter(|r| r.target.ferry_vm()) {
         if let Some(u) = r.per_mb {
             let mb = (r.per_mb_bytes as f64 / 1e6).max(1e-9);
             println!(
-                "| per MB streamed ({:.0} MB) | {:.1} | {:.1} | {:.1} |",
+                "| {}: per MB streamed ({:.0} MB) | {:.1} | {:.1} | {:.1} |",
+                r.target.name(),
                 mb,
                 u.exits as f64 / mb,
                 u.injections as f64 / mb,
@@ -316,7 +350,8 @@ fn main() -> Result<()> {
         if let Some((u, n)) = r.per_request {
             let n = n.max(1) as f64;
             println!(
-                "| per redis request ({n:.0}) | {:.2} | {:.2} | {:.2} |",
+                "| {}: per redis request ({n:.0}) | {:.2} | {:.2} | {:.2} |",
+                r.target.name(),
                 u.exits as f64 / n,
                 u.injections as f64 / n,
                 u.card_interrupts as f64 / n

@@ -12,6 +12,7 @@
 //! started, `SystemTime`, and the kernel's raw CLOCK_MONOTONIC, which on
 //! Ferry is its guest time), `sleep MS` gets `slept_ns=N` after sleeping.
 //! `spin=N`: N rounds of a busy loop, and the time they took.
+//! `exit`: exit at once after the first line (for boot timings).
 
 use ferry_hermit as _;
 
@@ -153,6 +154,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     println!("hermit-probe: std on RustyHermit, args {:?}", &args[1..]);
     for a in &args[1..] {
+        if a == "exit" {
+            std::process::exit(0);
+        }
         if let Some(p) = a.strip_prefix("serve=") {
             serve(p.parse().unwrap_or(7));
         }

@@ -294,7 +294,15 @@ impl Worker {
                     }
                 },
             };
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let chain = q.pop_descriptor_chain(mem);
+            if chain.is_some() && !delivered {
+                // While the guest has posted buffers, it need not tell us
+                // about more (a driver without EVENT_IDX would otherwise
+                // trap once per buffer it posts); when they run out, the
+                // branch below asks again.
+                let _ = q.disable_notification(mem);
+            }
+            let Some(chain) = chain else {
                 // No buffer: the frame waits at the head of the backlog.
                 backlog.push_front(self.buf[..len].to_vec());
                 // Ask the guest to notify us when it posts buffers; if it
@@ -332,6 +340,10 @@ impl Worker {
         let stats = &self.shared.stats;
         let mut completed = false;
         loop {
+            // No notifications while we are at it (for a driver without
+            // EVENT_IDX: one trap per frame otherwise); asked for again
+            // once the ring is empty.
+            let _ = q.disable_notification(mem);
             while let Some(chain) = q.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 let frame = chain.reader(mem).ok().and_then(|mut r| {
