@@ -118,7 +118,7 @@ pub fn kernel(
     let lib = lib_dir.join("libhermit.a");
     let stamp_file = lib_dir.join("stamp");
     let patches = root.join("images/hermit/patches");
-    let stamp = stamp(sh, &patches, tc, flavour)?;
+    let stamp = stamp(sh, root, &patches, tc, flavour)?;
     if !force
         && lib.is_file()
         && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp)
@@ -151,6 +151,9 @@ pub fn kernel(
             c,
             flavour,
         )?;
+    }
+    if flavour == Flavour::Ferry {
+        copy_ferry_abi(root, &src.join("ferry-abi"))?;
     }
     let kdir = src.join(KERNEL.dir_name());
     // The crate pins its own (older) nightly; Ferry builds with its pinned one.
@@ -199,6 +202,36 @@ pub fn kernel(
         lib.display()
     );
     Ok(lib_dir)
+}
+
+/// Ferry's guest/host contract (`runtime/abi`), which the kernel's
+/// `ferry-net` feature uses (its TCP offload helpers), as a crate of its
+/// own next to the kernel: the workspace's manifest cannot be used outside
+/// the workspace.
+fn copy_ferry_abi(root: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to.join("src"))?;
+    for f in abi_sources(root)? {
+        std::fs::copy(&f, to.join("src").join(file_name(&f)))
+            .with_context(|| format!("{}", f.display()))?;
+    }
+    std::fs::write(
+        to.join("Cargo.toml"),
+        "[package]\nname = \"ferry-abi\"\nversion = \"0.1.0\"\nedition = \"2024\"\npublish = false\n\n[lib]\npath = \"src/lib.rs\"\n",
+    )
+    .with_context(|| format!("{}", to.display()))?;
+    Ok(())
+}
+
+/// The source files of `runtime/abi`, sorted.
+fn abi_sources(root: &Path) -> Result<Vec<PathBuf>> {
+    let dir = root.join("runtime/abi/src");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The crate's `.crate` file, downloaded from crates.io once and checked
@@ -266,7 +299,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A digest of everything the library depends on.
-fn stamp(sh: &Shell, patches: &Path, tc: &str, flavour: Flavour) -> Result<String> {
+fn stamp(sh: &Shell, root: &Path, patches: &Path, tc: &str, flavour: Flavour) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
         "recipe {RECIPE}\nflavour {}\nfeatures {}\nrustflags {RUSTFLAGS}\nlog {}\n",
@@ -282,6 +315,12 @@ fn stamp(sh: &Shell, patches: &Path, tc: &str, flavour: Flavour) -> Result<Strin
         .read()
         .context("rustc -vV")?;
     h.update(version);
+    if flavour == Flavour::Ferry {
+        for f in abi_sources(root)? {
+            h.update(file_name(&f));
+            h.update(std::fs::read(&f)?);
+        }
+    }
     for c in [&KERNEL, &INTERRUPTS] {
         h.update(format!("{} {}\n", c.dir_name(), c.sha256));
         let files = patch_files(&patches.join(c.patches))?;
