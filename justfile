@@ -58,9 +58,9 @@ build-failpoints:
     cp target/release/ferry target/release/ferry-failpoints.new && mv -f target/release/ferry-failpoints.new target/release/ferry-failpoints
     cargo build --release --quiet -p ferry
 
-# Make a new service apps/NAME from the template (apps/template); `just run-app NAME` runs it.
-new-app NAME:
-    images/new-app {{NAME}}
+# Make a new service apps/NAME from the template (apps/template; `just new-app NAME hermit`: std Rust on RustyHermit, from apps/hermit-echo); `just run-app NAME` runs it.
+new-app NAME KIND="ferry":
+    images/new-app {{NAME}} {{KIND}}
 
 # Build an app image into images/out/APP and print its path.
 build-image APP:

@@ -375,3 +375,68 @@ fn a_new_app_from_the_template_builds_and_serves() {
             .contains(&format!("{name}: listening on port 7000"))
     );
 }
+
+/// `just new-app NAME hermit` makes a std Rust service (from
+/// apps/hermit-echo) that builds with nothing else edited and serves.
+#[test]
+fn a_new_std_app_from_the_hermit_template_builds_and_serves() {
+    if !needs(
+        "a_new_std_app_from_the_hermit_template",
+        &[
+            Need::Kvm,
+            Need::Root,
+            Need::Program("ip"),
+            Need::Program("rustup"),
+        ],
+    ) {
+        return;
+    }
+    let name = format!("htpl{}", std::process::id());
+    let _cleanup = TempApp {
+        dir: root().join("apps").join(&name),
+        image: root().join("images/out").join(&name),
+        lock: std::fs::read(root().join("Cargo.lock")).unwrap(),
+    };
+    for cmd in [
+        vec![
+            root().join("images/new-app"),
+            name.clone().into(),
+            "hermit".into(),
+        ],
+        vec![root().join("images/build"), name.clone().into()],
+    ] {
+        let out = Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let image = root().join("images/out").join(&name);
+    let Some(mut c) =
+        ferry_tests::cluster::for_test("a_new_std_app_from_the_hermit_template", "fh")
+    else {
+        return;
+    };
+    let log =
+        ferry_tests::cluster::log_dir("a_new_std_app_from_the_hermit_template").join("vm.log");
+    c.start_vm("hostA", &image, "64M", &[], &log, "listening")
+        .unwrap();
+    let echoed = c
+        .in_ns("client", || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect((VIP, 7)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"std on hermit").unwrap();
+            let mut got = [0u8; 13];
+            s.read_exact(&mut got).unwrap();
+            got
+        })
+        .unwrap();
+    assert_eq!(&echoed, b"std on hermit");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains(&format!("{name}: listening on port 7"))
+    );
+}
