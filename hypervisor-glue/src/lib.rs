@@ -42,6 +42,7 @@ pub mod clock;
 pub mod control;
 pub mod devices;
 pub mod failpoint;
+pub mod fleet;
 pub mod id;
 pub mod kick;
 pub mod kvm;
