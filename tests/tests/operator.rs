@@ -307,6 +307,35 @@ impl Drop for TempApp {
     }
 }
 
+/// `images/new-app PREFIXPID KIND` then `images/build` on it, both
+/// asserted to succeed: the app's cleanup (its directory, its image and
+/// the workspace lock restored when dropped), its name and its image.
+fn new_app(prefix: &str, kind: &str) -> (TempApp, String, PathBuf) {
+    let name = format!("{prefix}{}", std::process::id());
+    let cleanup = TempApp {
+        dir: root().join("apps").join(&name),
+        image: root().join("images/out").join(&name),
+        lock: std::fs::read(root().join("Cargo.lock")).unwrap(),
+    };
+    let mut image = PathBuf::new();
+    for (tool, args) in [
+        ("images/new-app", vec![name.as_str(), kind]),
+        ("images/build", vec![name.as_str()]),
+    ] {
+        let out = Command::new(root().join(tool))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        image = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    }
+    (cleanup, name, image)
+}
+
 /// A newcomer's path: `just new-app NAME` (images/new-app) makes a service
 /// from the template, it builds without editing the workspace, boots on
 /// Ferry in the cluster and serves a real client.
@@ -322,31 +351,7 @@ fn a_new_app_from_the_template_builds_and_serves() {
     if !needs("a_new_app_from_the_template", &all) {
         return;
     }
-    let name = format!("tpl{}", std::process::id());
-    let _cleanup = TempApp {
-        dir: root().join("apps").join(&name),
-        image: root().join("images/out").join(&name),
-        lock: std::fs::read(root().join("Cargo.lock")).unwrap(),
-    };
-    let out = Command::new(root().join("images/new-app"))
-        .arg(&name)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(root().join("images/build"))
-        .arg(&name)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let image = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let (_cleanup, name, image) = new_app("tpl", "ferry");
     let Some(mut c) = ferry_tests::cluster::for_test("a_new_app_from_the_template", "ft") else {
         return;
     };
@@ -386,33 +391,13 @@ fn a_new_std_app_from_the_hermit_template_builds_and_serves() {
             Need::Kvm,
             Need::Root,
             Need::Program("ip"),
+            Need::Program("cargo"),
             Need::Program("rustup"),
         ],
     ) {
         return;
     }
-    let name = format!("htpl{}", std::process::id());
-    let _cleanup = TempApp {
-        dir: root().join("apps").join(&name),
-        image: root().join("images/out").join(&name),
-        lock: std::fs::read(root().join("Cargo.lock")).unwrap(),
-    };
-    for cmd in [
-        vec![
-            root().join("images/new-app"),
-            name.clone().into(),
-            "hermit".into(),
-        ],
-        vec![root().join("images/build"), name.clone().into()],
-    ] {
-        let out = Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let image = root().join("images/out").join(&name);
+    let (_cleanup, name, image) = new_app("htpl", "hermit");
     let Some(mut c) =
         ferry_tests::cluster::for_test("a_new_std_app_from_the_hermit_template", "fh")
     else {

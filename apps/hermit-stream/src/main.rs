@@ -17,23 +17,12 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_abi::stream;
+use ferry_abi::stream::{self, parse_amount};
 
 /// Most bytes written per call.
 const CHUNK: u64 = 64 * 1024;
 /// At a set rate, the stream goes out in quanta of this much time's worth.
 const QUANTUM: Duration = Duration::from_millis(1);
-
-/// Parses `120M`, `64K`, `1G` or a plain number.
-fn parse_amount(s: &str) -> Option<u64> {
-    let (num, mult) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1_000),
-        b'M' | b'm' => (&s[..s.len() - 1], 1_000_000),
-        b'G' | b'g' => (&s[..s.len() - 1], 1_000_000_000),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
 
 #[derive(Clone, Copy)]
 struct Settings {

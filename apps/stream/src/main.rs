@@ -16,7 +16,7 @@ extern crate alloc;
 
 use core::time::Duration;
 
-use ferry_abi::stream;
+use ferry_abi::stream::{self, parse_amount};
 use ferry_runtime::net::{self, BufferSizes, NetError, TcpListener, TcpStream};
 use ferry_runtime::{Env, println};
 
@@ -33,17 +33,6 @@ const QUANTUM: Duration = Duration::from_micros(500);
 
 /// Fewest bytes worth a write at a set rate: one full segment.
 const MIN_QUANTUM: u64 = 1448;
-
-/// Parses `120M`, `64K`, `1G` or a plain number.
-fn parse_amount(s: &str) -> Option<u64> {
-    let (num, mult) = match s.as_bytes().last()? {
-        b'K' | b'k' => (&s[..s.len() - 1], 1_000),
-        b'M' | b'm' => (&s[..s.len() - 1], 1_000_000),
-        b'G' | b'g' => (&s[..s.len() - 1], 1_000_000_000),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
 
 fn main(env: &Env) -> i32 {
     let port = match env.arg("port").map(str::parse::<u16>) {

@@ -162,12 +162,12 @@ pub fn build_hermit(
     sh: &Shell,
     root: &Path,
     app: &App,
-    toolchain: &str,
+    toolchain: &crate::toolchain::Toolchain,
     lib: &Path,
     image: &str,
 ) -> Result<PathBuf> {
     let p = &app.package;
-    let tc = format!("+{toolchain}");
+    let tc = format!("+{}", toolchain.name);
     eprintln!(
         "ferry-images: building {} (std for x86_64-unknown-hermit)",
         app.name

@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use xshell::{Shell, cmd};
 
-use crate::{archive, toolchain};
+use crate::archive;
+use crate::toolchain::{self, Toolchain};
 
 /// A crate from crates.io, pinned by its checksum.
 struct Crate {
@@ -105,7 +106,7 @@ const RECIPE: u32 = 1;
 pub fn kernel(
     sh: &Shell,
     root: &Path,
-    tc: &str,
+    tc: &Toolchain,
     flavour: Flavour,
     force: bool,
     warnings: bool,
@@ -118,7 +119,7 @@ pub fn kernel(
     let lib = lib_dir.join("libhermit.a");
     let stamp_file = lib_dir.join("stamp");
     let patches = root.join("images/hermit/patches");
-    let stamp = stamp(sh, root, &patches, tc, flavour)?;
+    let stamp = stamp(root, &patches, tc, flavour)?;
     if !force
         && lib.is_file()
         && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(&stamp)
@@ -159,12 +160,13 @@ pub fn kernel(
     // The crate pins its own (older) nightly; Ferry builds with its pinned one.
     let _ = std::fs::remove_file(kdir.join("rust-toolchain.toml"));
     eprintln!(
-        "ferry-images: building the Hermit kernel {} ({}, {}) with {tc} (a minute or two, once)",
+        "ferry-images: building the Hermit kernel {} ({}, {}) with {} (a minute or two, once)",
         KERNEL.version,
         flavour.name(),
-        flavour.features()
+        flavour.features(),
+        tc.name
     );
-    let plus = format!("+{tc}");
+    let plus = format!("+{}", tc.name);
     let target_dir = work.join("build");
     let features = flavour.features();
     let manifest = kdir.join("Cargo.toml");
@@ -299,7 +301,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A digest of everything the library depends on.
-fn stamp(sh: &Shell, root: &Path, patches: &Path, tc: &str, flavour: Flavour) -> Result<String> {
+fn stamp(root: &Path, patches: &Path, tc: &Toolchain, flavour: Flavour) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
         "recipe {RECIPE}\nflavour {}\nfeatures {}\nrustflags {RUSTFLAGS}\nlog {}\n",
@@ -307,14 +309,7 @@ fn stamp(sh: &Shell, root: &Path, patches: &Path, tc: &str, flavour: Flavour) ->
         flavour.features(),
         log_level()
     ));
-    let plus = format!("+{tc}");
-    let version = cmd!(sh, "rustc {plus} -vV")
-        .env_remove("RUSTC")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .quiet()
-        .read()
-        .context("rustc -vV")?;
-    h.update(version);
+    h.update(&tc.version);
     if flavour == Flavour::Ferry {
         for f in abi_sources(root)? {
             h.update(file_name(&f));

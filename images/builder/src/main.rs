@@ -109,18 +109,24 @@ fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|a| app::find(&root, a))
                 .collect::<Result<Vec<_>>>()?;
+            // The toolchain and the kernel, once for all the Hermit apps.
+            let hermit = if apps.iter().any(|a| a.kind == Kind::Hermit) {
+                let tc = toolchain::ensure(&sh)?;
+                let lib = hermit::kernel(&sh, &root, &tc, kernel, false, false)?;
+                Some((tc, lib))
+            } else {
+                None
+            };
             for a in &apps {
-                let image = match a.kind {
-                    Kind::Ferry => app::build_ferry(&sh, &root, a)?,
-                    Kind::Hermit => {
-                        let tc = toolchain::ensure(&sh, true)?;
-                        let lib = hermit::kernel(&sh, &root, &tc, kernel, false, false)?;
+                let image = match (a.kind, &hermit) {
+                    (Kind::Hermit, Some((tc, lib))) => {
                         let name = match kernel {
                             hermit::Flavour::Ferry => a.name.clone(),
                             hermit::Flavour::Stock => format!("{}.stock", a.name),
                         };
-                        app::build_hermit(&sh, &root, a, &tc, &lib, &name)?
+                        app::build_hermit(&sh, &root, a, tc, lib, &name)?
                     }
+                    _ => app::build_ferry(&sh, &root, a)?,
                 };
                 println!("{}", image.display());
             }
@@ -142,11 +148,11 @@ fn run(cli: Cli) -> Result<()> {
             force,
             warnings,
         } => {
-            let tc = toolchain::ensure(&sh, true)?;
+            let tc = toolchain::ensure(&sh)?;
             let lib = hermit::kernel(&sh, &root, &tc, flavour, force || warnings, warnings)?;
             println!("{}", lib.display());
         }
-        Command::Toolchain => println!("{}", toolchain::ensure(&sh, true)?),
+        Command::Toolchain => println!("{}", toolchain::ensure(&sh)?.name),
     }
     Ok(())
 }

@@ -11,32 +11,46 @@ pub const CHANNEL: &str = "nightly-2026-05-20";
 pub const COMMIT: &str = "e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a";
 const COMPONENTS: [&str; 2] = ["rust-src", "llvm-tools"];
 
-/// The commit of toolchain `tc`, if it is installed.
-fn commit(sh: &Shell, tc: &str) -> Option<String> {
-    let tc = format!("+{tc}");
-    let out = cmd!(sh, "rustc {tc} -vV")
+/// An installed toolchain that is the pinned nightly.
+#[derive(Clone, Debug)]
+pub struct Toolchain {
+    /// Its rustup name (`+NAME`).
+    pub name: String,
+    /// What its `rustc -vV` says (part of the kernel's stamp).
+    pub version: String,
+}
+
+/// `rustc +tc ARGS`'s output, with nothing from the environment choosing
+/// another compiler.
+fn rustc(sh: &Shell, tc: &str, args: &[&str]) -> xshell::Result<String> {
+    let plus = format!("+{tc}");
+    cmd!(sh, "rustc {plus} {args...}")
         .env("RUSTUP_AUTO_INSTALL", "0")
         .env_remove("RUSTC")
         .env_remove("RUSTUP_TOOLCHAIN")
         .quiet()
         .ignore_stderr()
         .read()
-        .ok()?;
-    out.lines()
-        .find_map(|l| l.strip_prefix("commit-hash: "))
-        .map(str::to_owned)
 }
 
-/// The name of an installed toolchain that is the pinned nightly (the
-/// dated channel, or a `nightly` that happens to be it), with its
-/// components; installs what is missing when `install`.
-pub fn ensure(sh: &Shell, install: bool) -> Result<String> {
+/// `rustc -vV` of toolchain `tc` if it is installed and is the pinned one.
+fn pinned(sh: &Shell, tc: &str) -> Option<String> {
+    let out = rustc(sh, tc, &["-vV"]).ok()?;
+    out.lines()
+        .any(|l| l.strip_prefix("commit-hash: ") == Some(COMMIT))
+        .then_some(out)
+}
+
+/// The installed toolchain that is the pinned nightly (the dated channel,
+/// or a `nightly` that happens to be it), with its components; installs
+/// what is missing.
+pub fn ensure(sh: &Shell) -> Result<Toolchain> {
     let found = [CHANNEL, "nightly"]
         .into_iter()
-        .find(|tc| commit(sh, tc).as_deref() == Some(COMMIT));
-    let tc = match found {
-        Some(tc) => tc.to_owned(),
-        None if install => {
+        .find_map(|tc| pinned(sh, tc).map(|v| (tc, v)));
+    let (name, version) = match found {
+        Some((tc, v)) => (tc.to_owned(), v),
+        None => {
             eprintln!(
                 "ferry-images: installing {CHANNEL} (the nightly that builds Hermit images; once)"
             );
@@ -46,45 +60,38 @@ pub fn ensure(sh: &Shell, install: bool) -> Result<String> {
             )
             .run()
             .with_context(|| format!("cannot install {CHANNEL}"))?;
-            CHANNEL.to_owned()
+            let v = pinned(sh, CHANNEL)
+                .with_context(|| format!("{CHANNEL} is installed but is not commit {COMMIT}"))?;
+            (CHANNEL.to_owned(), v)
         }
-        None => bail!("the pinned nightly {CHANNEL} is not installed (just setup installs it)"),
     };
-    let installed = cmd!(sh, "rustup component list --installed --toolchain {tc}")
+    let installed = cmd!(sh, "rustup component list --installed --toolchain {name}")
         .quiet()
         .read()
-        .with_context(|| format!("cannot list {tc}'s components"))?;
+        .with_context(|| format!("cannot list {name}'s components"))?;
     let missing: Vec<&str> = COMPONENTS
         .into_iter()
         .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
         .collect();
     if !missing.is_empty() {
-        if !install {
-            bail!("{tc} lacks {} (just setup adds them)", missing.join(", "));
-        }
         let list = missing.join(", ");
-        eprintln!("ferry-images: adding {list} to {tc}");
-        cmd!(sh, "rustup component add {missing...} --toolchain {tc}")
+        eprintln!("ferry-images: adding {list} to {name}");
+        cmd!(sh, "rustup component add {missing...} --toolchain {name}")
             .run()
-            .with_context(|| format!("cannot add {list} to {tc}"))?;
+            .with_context(|| format!("cannot add {list} to {name}"))?;
     }
-    Ok(tc)
+    Ok(Toolchain { name, version })
 }
 
 /// Where the toolchain's LLVM tools (llvm-nm, llvm-objcopy) are.
-pub fn llvm_bin(sh: &Shell, tc: &str) -> Result<std::path::PathBuf> {
-    let plus = format!("+{tc}");
-    let sysroot = cmd!(sh, "rustc {plus} --print sysroot")
-        .env_remove("RUSTC")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .quiet()
-        .read()
-        .context("rustc --print sysroot")?;
+pub fn llvm_bin(sh: &Shell, tc: &Toolchain) -> Result<std::path::PathBuf> {
+    let sysroot = rustc(sh, &tc.name, &["--print", "sysroot"]).context("rustc --print sysroot")?;
     let bin = std::path::Path::new(sysroot.trim()).join("lib/rustlib/x86_64-unknown-linux-gnu/bin");
     if !bin.join("llvm-objcopy").is_file() {
         bail!(
-            "{}: no llvm-objcopy (rustup component add llvm-tools --toolchain {tc})",
-            bin.display()
+            "{}: no llvm-objcopy (rustup component add llvm-tools --toolchain {})",
+            bin.display(),
+            tc.name
         );
     }
     Ok(bin)

@@ -282,6 +282,28 @@ pub const fn virtio_need_event(event: u16, new: u16, old: u16) -> bool {
 /// assert_eq!(stream::check(&buf, 5), Err(4200));
 /// ```
 pub mod stream {
+    /// Parses the stream apps' sizes and rates (`rate=120M`, `bytes=1G`,
+    /// `ballast=256M`): a number with an optional decimal suffix K, M or G
+    /// (either case). `None` for anything else or a value past u64.
+    ///
+    /// ```
+    /// use ferry_abi::stream::parse_amount;
+    /// assert_eq!(parse_amount("120M"), Some(120_000_000));
+    /// assert_eq!(parse_amount("64k"), Some(64_000));
+    /// assert_eq!(parse_amount("7"), Some(7));
+    /// assert_eq!(parse_amount("M"), None);
+    /// assert_eq!(parse_amount("99999999999G"), None);
+    /// ```
+    pub fn parse_amount(s: &str) -> Option<u64> {
+        let (num, mult) = match s.as_bytes().last()? {
+            b'K' | b'k' => (&s[..s.len() - 1], 1_000),
+            b'M' | b'm' => (&s[..s.len() - 1], 1_000_000),
+            b'G' | b'g' => (&s[..s.len() - 1], 1_000_000_000),
+            _ => (s, 1),
+        };
+        num.parse::<u64>().ok()?.checked_mul(mult)
+    }
+
     /// Bytes per block.
     pub const BLOCK: usize = 4096;
     const HEAD: usize = 8;
