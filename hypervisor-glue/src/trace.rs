@@ -29,8 +29,13 @@ impl Trace {
     /// Prints `phase` with the time since the process started.
     pub fn mark(&self, phase: &str) {
         if let Some(t) = self.0 {
+            // The wall clock too (seconds within the minute), to line up
+            // the traces of two processes (a migration's ends).
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| (d.as_micros() % 60_000_000) as f64 / 1e6);
             eprintln!(
-                "ferry: trace: {:>8.3} ms  {phase}",
+                "ferry: trace: {:>8.3} ms  (wall :{wall:09.6})  {phase}",
                 t.elapsed().as_secs_f64() * 1e3
             );
         }

@@ -385,8 +385,13 @@ fn destination_dies_after_ready() {
         return;
     };
     let err = k.migrate(&[]).unwrap_err();
+    // Ready now crosses the last pages: the source may still be sending
+    // them when the connection breaks (it resumes before Commit), or have
+    // sent Commit (then it asks, and the receiver says the session was
+    // aborted). Either way the VM runs on at the source.
     assert!(
-        err.contains("aborted at the destination") && err.contains("runs on here"),
+        err.contains("runs on here")
+            && (err.contains("aborted at the destination") || !err.contains("Commit")),
         "{err}"
     );
     k.assert_runs(Where::Source, Duration::from_secs(5));

@@ -10,7 +10,10 @@
 //! ```
 //!
 //! Every step that can fail on this host (memory, the KVM VM, the tap, the
-//! control socket, loading the state) happens before Ready. READY is left
+//! control socket, loading the state) happens before Ready. Ready is said
+//! as soon as the state is loaded, while the last pages still come (its
+//! trip overlaps theirs); the source sends Commit after Done, so a Commit
+//! read here always follows every page. READY is left
 //! once, under the [`Phase`] lock: to COMMITTED when Commit is read or a
 //! resolve query carries it, to ABORTED when the connection breaks or
 //! `commit_wait` passes. The receiver hears "committed" before the VM runs
@@ -446,6 +449,7 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         incoming,
         &h,
         &phase,
+        &ipc,
         &|d| mailbox.set_arriving(Some(arriving(d))),
         console,
     );
@@ -471,14 +475,8 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         open.source
     ))));
 
-    // READY: the source's Commit, a resolve question, or the deadline.
-    if !phase.ready() {
-        say("the session was aborted before Ready");
-        return Ok(1);
-    }
-    ipc.step(&Step::Ready);
-    ch.send(&Message::Ready)?;
-    cut_at(&ch, "dst-ready");
+    // READY (said when the state loaded; every page is in now): the
+    // source's Commit, a resolve question, or the deadline.
     let until = Instant::now() + Duration::from_millis(u64::from(open.commit_wait_ms));
     ch.set_deadline(Some(until));
     // This thread reads Commit; a resolve question that decides first
@@ -492,6 +490,7 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         Err(e) => phase.abort(&format!("no Commit: {e}")),
     };
     let committed_at = Instant::now();
+    crate::trace::Trace::new().mark("destination: commit received");
     if let PhaseState::Aborted(why) = decided {
         ipc.step(&Step::Aborted(why.clone()));
         shut(std::net::Shutdown::Both);
@@ -500,8 +499,6 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     }
     // COMMITTED: the receiver hears it before the first instruction runs.
     ipc.step(&Step::Committed);
-    // The vCPU runs on this thread, at its normal priority.
-    drop(urgent);
     failpoint::hit("dst-committed");
     if !h.capture {
         // What queued in the tap meanwhile is not the VM's.
@@ -511,13 +508,20 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     let ch = Some(ch);
     let generation = open.generation;
     let ipc2 = ipc.clone();
+    let vm_name = open.vm;
     vm.on_running(Box::new(move |vm| {
         ipc2.step(&Step::Running);
         let commit_to_running_us = committed_at.elapsed().as_micros() as u64;
-        let Some(mut ch) = ch else { return };
+        let ran = || {
+            say(&format!(
+                "VM {vm_name} runs here at generation {generation}"
+            ));
+            let _ = std::io::stderr().flush();
+        };
+        let Some(mut ch) = ch else { return ran() };
         if failpoint::hit("dst-running") == Some(Action::Cut) {
             ch.shutdown();
-            return;
+            return ran();
         }
         let net = vm.net_status();
         let _ = ch.send(&Message::Committed(Committed {
@@ -526,12 +530,11 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
             captured: net.as_ref().map_or(0, |n| n.captured),
             duplicates: net.as_ref().map_or(0, |n| n.duplicates),
         }));
+        // The vCPU runs on this thread, at its normal priority, once it
+        // has started again (urgent until then: the VM waits for all this).
+        drop(urgent);
+        ran();
     }));
-    say(&format!(
-        "VM {} runs here at generation {generation}",
-        open.vm
-    ));
-    let _ = std::io::stderr().flush();
     let end = vm.run(&mailbox);
     drop(api);
     vm.end();
@@ -602,7 +605,9 @@ pub enum Next {
     Wait,
     /// Say that capture is on, then wait.
     CaptureOn,
-    /// Everything arrived: the VM waits for Ready and Commit.
+    /// The state is loaded: say Ready, then wait.
+    Loaded,
+    /// Everything arrived: the VM waits for Commit.
     Finished,
 }
 
@@ -623,11 +628,16 @@ impl Receiving {
                 Ok(Next::CaptureOn)
             }
             (Receiving::Capturing, Message::State(bytes)) => {
+                crate::trace::Trace::new().mark("destination: state received");
                 vm.load(bytes)?;
+                crate::trace::Trace::new().mark("destination: state loaded");
                 *self = Receiving::Loaded;
-                Ok(Next::Wait)
+                Ok(Next::Loaded)
             }
-            (Receiving::Loaded, Message::Done) => Ok(Next::Finished),
+            (Receiving::Loaded, Message::Done) => {
+                crate::trace::Trace::new().mark("destination: last pages in");
+                Ok(Next::Finished)
+            }
             (_, Message::Abort { reason }) => Err(Error::Peer(reason)),
             (at, m) => Err(Error::Protocol(format!(
                 "unexpected {} while {}",
@@ -695,6 +705,7 @@ fn receive(
     incoming: Incoming,
     h: &Handoff,
     phase: &Phase,
+    ipc: &Ipc,
     status: &dyn Fn(String),
     console: Console,
 ) -> Result<(Vm, Option<crate::sched::Urgent>), Error> {
@@ -731,8 +742,18 @@ fn receive(
                     h.open.source
                 ));
             }
+            Next::Loaded => {
+                // Ready now: its trip overlaps the last pages'.
+                if !phase.ready() {
+                    return Err(Error::Local("the session was aborted before Ready".into()));
+                }
+                ipc.step(&Step::Ready);
+                ch.send(&Message::Ready)?;
+                crate::trace::Trace::new().mark("destination: ready sent");
+                cut_at(ch, "dst-ready");
+            }
             Next::Finished => {
-                // Still urgent: the VM waits for Ready, Commit and resume.
+                // Still urgent: the VM waits for Commit and resume.
                 let loaded = vm.loaded.take().ok_or(Error::Local("no VM".into()))?;
                 return Ok((loaded, urgent.take()));
             }
@@ -839,7 +860,7 @@ mod tests {
             at.on(Message::StartCapture, &mut vm).unwrap(),
             Next::CaptureOn
         );
-        assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Wait);
+        assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Loaded);
         assert_eq!(at.on(Message::Done, &mut vm).unwrap(), Next::Finished);
         assert_eq!((vm.captures, vm.loads), (1, 1));
         // Out of order: refused, and nothing is loaded twice.

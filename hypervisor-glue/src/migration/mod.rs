@@ -19,8 +19,9 @@
 //!    | -- StartCapture -------------------------------> |  captures the VM's frames
 //!    | <-------------------------------------- CaptureOn|
 //!    |  [pause]  deadline: budget + margin              |
-//!    | -- State, Pages (the last), Done --------------> |  loads vCPU, clock, devices
+//!    | -- State --------------------------------------> |  loads vCPU, clock, devices
 //!    | <------------------------------------------ Ready |  READY: nothing left can fail
+//!    | -- Pages (the last), Done ---------------------> |  (Ready crosses them)
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver
 //!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects
 //!    | <------------------------------ Committed {N+1}   |  RUNNING at generation N+1

@@ -457,7 +457,9 @@ impl Source {
         };
         let deadline = paused_at + deadline_budget;
         ch.set_deadline(Some(deadline));
+        let trace = crate::trace::Trace::new();
         let mut mark = |name: &str, since: &mut Instant| {
+            trace.mark(name);
             stats.phases.insert(name.into(), json!(ms(since.elapsed())));
             *since = Instant::now();
         };

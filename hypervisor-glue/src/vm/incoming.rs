@@ -57,6 +57,8 @@ pub struct Incoming {
     mem: GuestRam,
     machine: Machine,
     fd: kvm_ioctls::VcpuFd,
+    /// The vCPU's state as created (what need not be set again).
+    fresh: kvm::VcpuState,
     tsc_khz: u32,
     net: Option<VirtioNet>,
     tap: Option<String>,
@@ -91,6 +93,7 @@ impl Incoming {
         }
         let fd = kvm::create_vcpu(&machine, 0)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
+        let fresh = kvm::save_vcpu(&machine.kvm, &fd)?;
         let net = match &config.net {
             Some(saved) => {
                 let tap = tap.ok_or_else(|| {
@@ -117,6 +120,7 @@ impl Incoming {
             mem,
             machine,
             fd,
+            fresh,
             tsc_khz,
             net,
             tap: tap.map(str::to_string),
@@ -175,7 +179,7 @@ impl Incoming {
             }
         };
         kvm::restore_irqchip(&self.machine.vm, &st.irqchip)?;
-        kvm::restore_vcpu(&self.machine.kvm, &self.fd, &st.vcpu)?;
+        kvm::restore_vcpu(&self.machine.kvm, &self.fd, &st.vcpu, Some(&self.fresh))?;
         let console = Console::restore(console.into_output(), &st.console).expect("infallible");
         Ok(Vm {
             vcpu: Vcpu::new(self.fd),
