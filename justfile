@@ -33,6 +33,9 @@ setup:
     command -v curl >/dev/null || missing+=(curl)
     command -v redis-cli >/dev/null || missing+=(redis-tools)
     command -v patch >/dev/null || missing+=(patch)
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    # etcd-client's build compiles etcd's protocol files.
+    command -v protoc >/dev/null || missing+=(protobuf-compiler)
     if [ ${#missing[@]} -gt 0 ]; then
       echo "setup: installing ${missing[*]}"
       sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -89,9 +92,13 @@ snapshot FILE THEN="resume": build
 restore FILE HOST="hostA": build
     target/release/ferry-cluster restore "{{FILE}}" --host {{HOST}}
 
-# Build the namespace cluster (ferry-client, ferry-router, ferry-hostA, ferry-hostB); prints the service IP.
+# Build the namespace cluster (ferry-client, ferry-router, ferry-hostA/B/C) with a receiver on hostA and hostB and a 3-member etcd on the backplane; prints the service IP.
 cluster-up: build
-    target/release/ferry-cluster up
+    target/release/ferry-cluster up --fleet
+
+# The fleet's records in the cluster's etcd, e.g. `just fleet ls`, `just fleet cordon hostB` (`ferry fleet --help`).
+fleet *ARGS: build
+    ip netns exec ferry-hostA target/release/ferry fleet --etcd 10.77.2.1:2379,10.77.2.2:2379,10.77.2.3:2379 {{ARGS}}
 
 # End everything running in the cluster and remove its namespaces.
 cluster-down: build

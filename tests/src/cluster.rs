@@ -4,7 +4,9 @@
 //! ```text
 //!  {p}-client --- {p}-router (br0: learning off, flooding) ---+--- {p}-hostA (brv: e0 + tap0)
 //!  10.77.1.2      10.77.1.1 / 10.77.0.1                        +--- {p}-hostB (brv: e0 + tap0)
-//!                                                 hostA m0 10.77.2.1 <-> hostB m0 10.77.2.2
+//!                                                             +--- {p}-hostC (fleets only)
+//!  backplane (bp0 in {p}-router, no address there): hostA m0 10.77.2.1, hostB m0 10.77.2.2,
+//!  hostC m0 10.77.2.3; migrations and etcd (a member per host of a fleet) use it
 //! ```
 //!
 //! The router floods every frame for the service MAC to both hosts; each
@@ -36,10 +38,17 @@ pub const GATEWAY: &str = "10.77.0.1";
 pub const CLIENT_IP: &str = "10.77.1.2";
 /// The tap each host gives its VM.
 pub const TAP: &str = "tap0";
-/// The hosts.
+/// The hosts of the two-host cluster.
 pub const HOSTS: [&str; 2] = ["hostA", "hostB"];
-/// Each host's address on the migration link.
-pub const MIGRATION_IPS: [&str; 2] = ["10.77.2.1", "10.77.2.2"];
+/// The hosts of a fleet ([`Cluster::up_fleet`]): one more.
+pub const FLEET_HOSTS: [&str; 3] = ["hostA", "hostB", "hostC"];
+/// Each host's address on the backplane (migrations, etcd).
+pub const MIGRATION_IPS: [&str; 3] = ["10.77.2.1", "10.77.2.2", "10.77.2.3"];
+/// The port of each host's etcd member for clients (peers: one more).
+pub const ETCD_PORT: u16 = 2379;
+
+/// Every namespace a cluster may have, for clean-up.
+const NODES: [&str; 5] = ["client", "router", "hostA", "hostB", "hostC"];
 
 /// The `ferry run` options that make a VM the cluster's service on a
 /// host: memory, its tap, the service MAC and IP, the router as gateway.
@@ -65,6 +74,7 @@ pub fn service_args(memory: &str) -> Vec<String> {
 #[derive(Debug)]
 pub struct Cluster {
     prefix: String,
+    hosts: usize,
     keep: bool,
     procs: Vec<Child>,
     key: PathBuf,
@@ -133,6 +143,15 @@ impl Cluster {
 
     /// Builds the cluster; any leftover with the same prefix is removed first.
     pub fn up(prefix: &str) -> Result<Cluster> {
+        Cluster::up_with(prefix, HOSTS.len())
+    }
+
+    /// Builds a fleet's cluster: three hosts ([`FLEET_HOSTS`]).
+    pub fn up_fleet(prefix: &str) -> Result<Cluster> {
+        Cluster::up_with(prefix, FLEET_HOSTS.len())
+    }
+
+    fn up_with(prefix: &str, hosts: usize) -> Result<Cluster> {
         if prefix.is_empty()
             || prefix.len() > 12
             || !prefix
@@ -145,6 +164,7 @@ impl Cluster {
         let _ = std::fs::remove_file(key_path(prefix));
         let c = Cluster {
             prefix: prefix.to_string(),
+            hosts,
             keep: false,
             procs: Vec::new(),
             key: ensure_key(prefix)?,
@@ -156,7 +176,8 @@ impl Cluster {
 
     fn build(&self) -> Result<()> {
         let (cli, rtr) = (self.ns("client"), self.ns("router"));
-        for n in ["client", "router", "hostA", "hostB"] {
+        let hosts = &FLEET_HOSTS[..self.hosts];
+        for n in ["client", "router"].iter().chain(hosts) {
             let ns = self.ns(n);
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -227,9 +248,9 @@ impl Cluster {
             "nud",
             "permanent",
         ])?;
-        for (i, h) in HOSTS.iter().enumerate() {
+        for (i, h) in hosts.iter().enumerate() {
             let hn = self.ns(h);
-            let port = format!("r-{}", if i == 0 { "ha" } else { "hb" });
+            let port = format!("r-h{}", i + 1);
             ip(&[
                 "link", "add", "e0", "netns", &hn, "type", "veth", "peer", "name", &port, "netns",
                 &rtr,
@@ -281,14 +302,32 @@ impl Cluster {
             ip(&["-n", &hn, "link", "set", TAP, "up"])?;
             ip(&["-n", &hn, "link", "set", "brv", "up"])?;
         }
-        // The in-cluster link for migration traffic.
-        let (ha, hb) = (self.ns("hostA"), self.ns("hostB"));
+        // The backplane for migrations and etcd: a bridge of its own in
+        // the router's namespace, with no address there (nothing routes
+        // between it and the service network).
         ip(&[
-            "link", "add", "m0", "netns", &ha, "type", "veth", "peer", "name", "m0", "netns", &hb,
+            "-n",
+            &rtr,
+            "link",
+            "add",
+            "bp0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
         ])?;
-        for (ns, a) in [(&ha, MIGRATION_IPS[0]), (&hb, MIGRATION_IPS[1])] {
-            ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", "m0"])?;
-            ip(&["-n", ns, "link", "set", "m0", "up"])?;
+        ip(&["-n", &rtr, "link", "set", "bp0", "up"])?;
+        for (i, h) in hosts.iter().enumerate() {
+            let (hn, port) = (self.ns(h), format!("r-m{}", i + 1));
+            ip(&[
+                "link", "add", "m0", "netns", &hn, "type", "veth", "peer", "name", &port, "netns",
+                &rtr,
+            ])?;
+            ip(&["-n", &rtr, "link", "set", &port, "master", "bp0"])?;
+            ip(&["-n", &rtr, "link", "set", &port, "up"])?;
+            let a = MIGRATION_IPS[i];
+            ip(&["-n", &hn, "addr", "add", &format!("{a}/24"), "dev", "m0"])?;
+            ip(&["-n", &hn, "link", "set", "m0", "up"])?;
         }
         Ok(())
     }
@@ -306,6 +345,14 @@ impl Cluster {
         }
         Ok(Cluster {
             prefix: prefix.to_string(),
+            hosts: if Path::new("/run/netns")
+                .join(format!("{prefix}-hostC"))
+                .exists()
+            {
+                FLEET_HOSTS.len()
+            } else {
+                HOSTS.len()
+            },
             keep: true,
             procs: Vec::new(),
             key: ensure_key(prefix)?,
@@ -479,6 +526,81 @@ impl Cluster {
         let pid = self.spawn(cmd, log)?;
         wait_for_line(log, "waiting for VMs", Duration::from_secs(10), pid)?;
         Ok(pid)
+    }
+
+    /// The hosts of this cluster.
+    pub fn hosts(&self) -> &'static [&'static str] {
+        &FLEET_HOSTS[..self.hosts]
+    }
+
+    /// The etcd client endpoints of a fleet's members (`IP:PORT`).
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        MIGRATION_IPS[..self.hosts]
+            .iter()
+            .map(|ip| format!("{ip}:{ETCD_PORT}"))
+            .collect()
+    }
+
+    /// Where member `host` of the fleet's etcd keeps its data.
+    pub fn etcd_dir(&self, host: &str) -> PathBuf {
+        crate::root()
+            .join("target/cluster")
+            .join(&self.prefix)
+            .join(format!("etcd-{host}"))
+    }
+
+    /// Debian's `etcd` as member `host` of the fleet's cluster (one per
+    /// host, on the backplane; heartbeats of 100 ms, elections after 1 s),
+    /// its data directory made anew.
+    pub fn etcd_command(&self, host: &str) -> Result<Command> {
+        if self.hosts < 3 {
+            bail!("etcd needs the fleet's three hosts (`Cluster::up_fleet`)");
+        }
+        let i = FLEET_HOSTS
+            .iter()
+            .position(|h| *h == host)
+            .with_context(|| format!("no host {host}"))?;
+        let dir = self.etcd_dir(host);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.parent().expect("a parent"))?;
+        let ip = MIGRATION_IPS[i];
+        let peers: Vec<String> = FLEET_HOSTS
+            .iter()
+            .zip(MIGRATION_IPS)
+            .map(|(h, a)| format!("{h}=http://{a}:{}", ETCD_PORT + 1))
+            .collect();
+        let mut c = self.command(host, "etcd");
+        c.arg("--name")
+            .arg(host)
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg(format!("--listen-client-urls=http://{ip}:{ETCD_PORT}"))
+            .arg(format!("--advertise-client-urls=http://{ip}:{ETCD_PORT}"))
+            .arg(format!("--listen-peer-urls=http://{ip}:{}", ETCD_PORT + 1))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://{ip}:{}",
+                ETCD_PORT + 1
+            ))
+            .arg(format!("--initial-cluster={}", peers.join(",")))
+            .arg("--initial-cluster-state=new")
+            .arg(format!("--initial-cluster-token={}", self.prefix))
+            .args(["--heartbeat-interval=100", "--election-timeout=1000"]);
+        Ok(c)
+    }
+
+    /// Starts the fleet's etcd cluster, a member on each host (ended with
+    /// the cluster), and waits until it has a leader. Returns the
+    /// members' PIDs by host.
+    pub fn start_etcd(&mut self, logs: &Path) -> Result<Vec<(&'static str, u32)>> {
+        let mut pids = Vec::new();
+        for h in self.hosts() {
+            let cmd = self.etcd_command(h)?;
+            pids.push((*h, self.spawn(cmd, &logs.join(format!("etcd-{h}.log")))?));
+        }
+        let eps = self.etcd_endpoints();
+        // The backplane exists only in the hosts' namespaces.
+        self.in_ns("hostA", || wait_for_etcd(&eps, Duration::from_secs(30)))??;
+        Ok(pids)
     }
 
     /// `ferry receive` on `host`'s migration-link address and `port`, with
@@ -733,7 +855,7 @@ pub fn namespace_pids(ns: &str) -> Vec<i32> {
 /// cluster `prefix`.
 pub fn end_namespace_processes(prefix: &str) {
     let all = || {
-        ["client", "router", "hostA", "hostB"]
+        NODES
             .iter()
             .flat_map(|n| namespace_pids(&format!("{prefix}-{n}")))
             .collect::<Vec<_>>()
@@ -758,7 +880,7 @@ pub fn end_namespace_processes(prefix: &str) {
 
 /// Removes every namespace of the cluster `prefix` (best effort).
 pub fn remove(prefix: &str) {
-    for n in ["client", "router", "hostA", "hostB"] {
+    for n in NODES {
         let _ = Command::new("ip")
             .args(["netns", "del", &format!("{prefix}-{n}")])
             .stderr(Stdio::null())
@@ -771,7 +893,31 @@ impl Drop for Cluster {
         self.end_processes();
         if !self.keep {
             remove(&self.prefix);
+            for h in self.hosts() {
+                let _ = std::fs::remove_dir_all(self.etcd_dir(h));
+            }
         }
+    }
+}
+
+/// Waits until the etcd cluster at `endpoints` has a leader (call it in a
+/// namespace that reaches the backplane).
+pub fn wait_for_etcd(endpoints: &[String], limit: Duration) -> Result<(u64, String)> {
+    let t = Instant::now();
+    loop {
+        let r = ferry::fleet::store::Store::connect(endpoints, Duration::from_secs(2))
+            .and_then(|s| s.leader());
+        match r {
+            Ok((id, name)) if id != 0 => return Ok((id, name)),
+            Ok(_) if t.elapsed() < limit => {}
+            Err(_) if t.elapsed() < limit => {}
+            Ok(_) => bail!(
+                "etcd at {} has no leader after {limit:?}",
+                endpoints.join(",")
+            ),
+            Err(e) => bail!("etcd did not come up within {limit:?}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -383,11 +383,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet: hosts and VMs as recorded in etcd.
+    Fleet {
+        /// The etcd cluster: IP:PORT of its members, comma-separated.
+        #[arg(long, env = "FERRY_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Give up on etcd after this long, per call.
+        #[arg(long, default_value = "3000")]
+        timeout_ms: u64,
+        #[command(subcommand)]
+        action: FleetAction,
+    },
     /// (internal) the process of a VM arriving by migration.
     #[command(name = "__session", hide = true)]
     Session {
         #[command(flatten)]
         hardening: Hardening,
+    },
+}
+
+/// What `ferry fleet` does.
+#[derive(Subcommand, Debug)]
+enum FleetAction {
+    /// Hosts (alive, schedulable, memory, load) and VMs (owner, generation, state).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take no new VMs on HOST (its VMs stay; `drain` moves them).
+    Cordon {
+        /// The host's name.
+        host: String,
+    },
+    /// Let HOST take new VMs again.
+    Uncordon {
+        /// The host's name.
+        host: String,
     },
 }
 
@@ -734,6 +766,33 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         After::Stop => "stopped",
                     }
                 );
+            }
+            Ok(0)
+        }
+        Command::Fleet {
+            etcd,
+            timeout_ms,
+            action,
+        } => {
+            use ferry::fleet::{show, store::Store};
+            let store = Store::connect(&etcd, std::time::Duration::from_millis(timeout_ms))?;
+            match action {
+                FleetAction::Ls { json } => {
+                    let v = store.view()?;
+                    if json {
+                        print_json(&show::to_json(&v));
+                    } else {
+                        print!("{}", show::to_text(&v));
+                    }
+                }
+                FleetAction::Cordon { host } => {
+                    store.cordon(&host, true)?;
+                    println!("{host}: cordoned (no new VMs)");
+                }
+                FleetAction::Uncordon { host } => {
+                    store.cordon(&host, false)?;
+                    println!("{host}: schedulable");
+                }
             }
             Ok(0)
         }

@@ -9,7 +9,13 @@
 //! [`Policy::max_load`] of its cores by a move. Plans come in waves: the
 //! moves of one wave run at once, and no host takes part in more than
 //! [`Policy::per_host`] of them (each host has one migration link).
+//!
+//! [`store`] keeps the fleet's records in etcd (hosts under leases, VMs
+//! with owner and generation, changed only by transactions that fence
+//! stale writers); [`show`] renders them for `ferry fleet ls`.
 
 pub mod plan;
+pub mod show;
+pub mod store;
 
 pub use plan::{Fleet, Host, Move, Plan, PlanError, Policy, Vm};

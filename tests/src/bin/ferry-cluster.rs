@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use ferry_tests::cluster::{self, Cluster, HOSTS, MIGRATION_IPS, SERVICE_MAC, TAP, VIP};
+use ferry_tests::cluster::{
+    self, Cluster, FLEET_HOSTS, HOSTS, MIGRATION_IPS, SERVICE_MAC, TAP, VIP,
+};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -37,7 +39,12 @@ struct Cli {
 enum Cmd {
     /// Build the cluster and start a receiver on each host (no-op for
     /// what is up already); prints the service IP.
-    Up,
+    Up {
+        /// A fleet's cluster: a third host (hostC) and a three-member etcd
+        /// cluster, a member on each host's backplane address.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// End every process in the cluster's namespaces, then remove them.
     Down,
     /// Where the service runs (host, app, state, generation, uptime,
@@ -171,18 +178,37 @@ impl Ctx {
         Ok(())
     }
 
-    fn up(&self) -> Result<()> {
+    fn up(&self, fleet: bool) -> Result<()> {
         if Cluster::exists(&self.prefix) {
+            if fleet && Cluster::attach(&self.prefix)?.hosts().len() < FLEET_HOSTS.len() {
+                bail!(
+                    "the cluster {}-* is up without a fleet's third host: `just cluster-down` first",
+                    self.prefix
+                );
+            }
             println!("cluster: up");
         } else {
-            Cluster::up(&self.prefix)?.keep();
+            let c = if fleet {
+                Cluster::up_fleet(&self.prefix)?
+            } else {
+                Cluster::up(&self.prefix)?
+            };
             println!(
-                "cluster: up (namespaces {p}-client, {p}-router, {p}-hostA, {p}-hostB)",
+                "cluster: up (namespaces {p}-client, {p}-router, {})",
+                c.hosts()
+                    .iter()
+                    .map(|h| format!("{}-{h}", self.prefix))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 p = self.prefix
             );
+            c.keep();
         }
         for h in HOSTS {
             self.ensure_receiver(h)?;
+        }
+        if fleet {
+            self.ensure_etcd()?;
         }
         println!(
             "cluster: service IP {VIP}; clients run in {}, e.g. `ip netns exec {} curl http://{VIP}/`",
@@ -246,6 +272,53 @@ impl Ctx {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    fn etcd_pidfile(&self, host: &str) -> PathBuf {
+        self.run_dir().join(format!("etcd-{host}.pid"))
+    }
+
+    fn etcd_alive(&self, host: &str) -> bool {
+        std::fs::read_to_string(self.etcd_pidfile(host))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("etcd"))
+            })
+    }
+
+    /// Starts the fleet's etcd members (detached, a member per host),
+    /// unless they run, and waits for a leader.
+    fn ensure_etcd(&self) -> Result<()> {
+        let c = Cluster::attach(&self.prefix)?;
+        let alive: Vec<bool> = FLEET_HOSTS.iter().map(|h| self.etcd_alive(h)).collect();
+        if alive.iter().any(|a| *a) && !alive.iter().all(|a| *a) {
+            bail!(
+                "some of the fleet's etcd members run and some do not ({}); `just cluster-down` and `just cluster-up` start them anew",
+                FLEET_HOSTS
+                    .iter()
+                    .zip(&alive)
+                    .map(|(h, a)| format!("{h}: {}", if *a { "up" } else { "down" }))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if !alive[0] {
+            for h in FLEET_HOSTS {
+                let pid = self.detached(c.etcd_command(h)?, &format!("etcd-{h}"))?;
+                std::fs::write(self.etcd_pidfile(h), pid.to_string())?;
+            }
+        }
+        let eps = c.etcd_endpoints();
+        let (_, leader) = c.in_ns("hostA", || {
+            cluster::wait_for_etcd(&eps, Duration::from_secs(30))
+        })??;
+        println!(
+            "cluster: etcd members on {} (leader {leader}); `just fleet ls` shows the fleet",
+            eps.join(", ")
+        );
+        Ok(())
     }
 
     /// Starts `cmd` in a session of its own (no terminal owns it), stdin
@@ -312,7 +385,7 @@ impl Ctx {
                 image.display()
             );
         }
-        self.up()?;
+        self.up(false)?;
         self.refuse_if_taken()?;
         let api = self.api(host);
         let mut cmd = Command::new("ip");
@@ -427,7 +500,7 @@ impl Ctx {
         if !file.is_file() {
             bail!("{} does not exist", file.display());
         }
-        self.up()?;
+        self.up(false)?;
         self.refuse_if_taken()?;
         let file = std::path::absolute(file)?;
         let key = Cluster::attach(&self.prefix)?.key().to_path_buf();
@@ -548,7 +621,7 @@ fn clean_tests() -> Result<()> {
         .iter()
         .filter_map(|n| n.rsplit_once('-').map(|(p, _)| p.to_string()))
         .filter(|p| {
-            ["ft", "fs", "fm", "fx", "fo"]
+            ["ft", "fs", "fm", "fx", "fo", "fl", "fc"]
                 .iter()
                 .any(|t| p.starts_with(t) && p[2..].bytes().all(|b| b.is_ascii_digit()))
         })
@@ -575,7 +648,7 @@ fn main() -> ExitCode {
         prefix: cli.prefix.clone(),
     };
     let r = match cli.command {
-        Cmd::Up => ctx.up(),
+        Cmd::Up { fleet } => ctx.up(fleet),
         Cmd::Down => ctx.down(),
         Cmd::Status { json } => ctx.status(json),
         Cmd::Run {

@@ -1,0 +1,321 @@
+//! The fleet's store on a real etcd cluster: three members (Debian's
+//! `etcd`), one in each host namespace of a fleet's cluster, on the
+//! backplane. Hosts register under leases; VM records change only by
+//! transactions that fence stale writers; the store rides out the loss of
+//! etcd's leader; a host cut off from the backplane loses its record and
+//! must register again.
+
+use std::time::{Duration, Instant};
+
+use ferry::fleet::store::{HostRecord, Registration, Store, StoreError, VmRecord, VmState};
+use ferry_tests::Need;
+use ferry_tests::cluster::{self, Cluster, MIGRATION_IPS};
+use serde_json::Value;
+
+const TTL: Duration = Duration::from_secs(2);
+const CALL: Duration = Duration::from_secs(3);
+
+fn fleet(test: &str, tag: &str) -> Option<Cluster> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if !ferry_tests::needs(
+        test,
+        &[Need::Root, Need::Program("ip"), Need::Program("etcd")],
+    ) {
+        return None;
+    }
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let prefix = format!("{tag}{}{n}", std::process::id() % 100_000);
+    Some(Cluster::up_fleet(&prefix).expect("building the fleet's cluster"))
+}
+
+fn host(i: usize) -> HostRecord {
+    HostRecord {
+        name: cluster::FLEET_HOSTS[i].into(),
+        migrate: format!("{}:7000", MIGRATION_IPS[i]),
+        memory: 4 << 30,
+        cores: 2.0,
+        load: 0.0,
+        agent_pid: std::process::id(),
+    }
+}
+
+/// Registers host `i` from inside its own namespace (as its agent would:
+/// the lease's renewals then go over that host's backplane link).
+fn register(c: &Cluster, i: usize) -> Registration {
+    let eps = c.etcd_endpoints();
+    c.in_ns(cluster::FLEET_HOSTS[i], move || {
+        Store::connect(&eps, CALL)?.register(&host(i), TTL)
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("registering {}: {e}", cluster::FLEET_HOSTS[i]))
+}
+
+/// `ferry fleet ARGS` run on `node`: its output.
+fn fleet_run(c: &Cluster, node: &str, args: &[&str]) -> String {
+    let out = c
+        .command(node, ferry_tests::ferry_bin())
+        .arg("fleet")
+        .arg("--etcd")
+        .arg(c.etcd_endpoints().join(","))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ferry fleet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `ferry fleet ARGS --json` run on `node`.
+fn fleet_json(c: &Cluster, node: &str, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&fleet_run(c, node, &a)).unwrap()
+}
+
+fn alive(v: &Value) -> Vec<String> {
+    v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["alive"] == true)
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until `f` holds, or fails after `limit` with `what`.
+fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss() {
+    let Some(mut c) = fleet(
+        "hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss",
+        "fl",
+    ) else {
+        return;
+    };
+    let logs = cluster::log_dir("fleet-etcd");
+    let members = c.start_etcd(&logs).expect("etcd");
+    let eps = c.etcd_endpoints();
+
+    // Three hosts register; `ferry fleet ls` on any host sees them.
+    let regs: Vec<Registration> = (0..3).map(|i| register(&c, i)).collect();
+    let v = fleet_json(&c, "hostB", &["ls"]);
+    let mut names = alive(&v);
+    names.sort();
+    assert_eq!(names, ["hostA", "hostB", "hostC"], "{v}");
+    // A second agent for a live host is refused.
+    let e2 = eps.clone();
+    let dup = c
+        .in_ns("hostA", move || {
+            Store::connect(&e2, CALL)?.register(&host(0), TTL)
+        })
+        .unwrap();
+    assert!(
+        matches!(dup, Err(StoreError::Exists(_))),
+        "a second registration of hostA: {dup:?}"
+    );
+
+    // A VM owned by hostA at generation 0; two movers race from that
+    // generation: exactly one wins, the other is fenced and told who won.
+    let e2 = eps.clone();
+    let (a, b) = c
+        .in_ns("hostA", move || {
+            let s = Store::connect(&e2, CALL).unwrap();
+            s.create_vm(&VmRecord {
+                id: "0123456789abcdef0123456789abcdef".into(),
+                name: "web".into(),
+                image: "stream".into(),
+                memory: 64 << 20,
+                args: vec![],
+                owner: "hostA".into(),
+                generation: 0,
+                state: VmState::Running,
+            })
+            .unwrap();
+            let id = "0123456789abcdef0123456789abcdef";
+            std::thread::scope(|t| {
+                let go = |to: &'static str| {
+                    let e3 = e2.clone();
+                    t.spawn(move || {
+                        Store::connect(&e3, CALL)
+                            .unwrap()
+                            .advance(id, "hostA", 0, |r| {
+                                r.owner = to.into();
+                                r.generation = 1;
+                            })
+                    })
+                };
+                let (x, y) = (go("hostB"), go("hostC"));
+                (x.join().unwrap(), y.join().unwrap())
+            })
+        })
+        .unwrap();
+    let (won, lost) = match (&a, &b) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w.clone(), l.to_string()),
+        _ => panic!("exactly one of two racing moves must win: {a:?} / {b:?}"),
+    };
+    assert_eq!(won.generation, 1);
+    assert!(
+        lost.contains("fenced") && lost.contains(&format!("on {}", won.owner)),
+        "{lost}"
+    );
+    // The create is refused for an existing id.
+    let e2 = eps.clone();
+    let again = c
+        .in_ns("hostC", move || {
+            Store::connect(&e2, CALL).unwrap().create_vm(&VmRecord {
+                id: "0123456789abcdef0123456789abcdef".into(),
+                name: "other".into(),
+                image: "x".into(),
+                memory: 1,
+                args: vec![],
+                owner: "hostC".into(),
+                generation: 0,
+                state: VmState::Running,
+            })
+        })
+        .unwrap();
+    assert!(matches!(again, Err(StoreError::Exists(_))), "{again:?}");
+
+    // etcd's leader is killed: a new one is elected, and the next move
+    // goes through the members left.
+    let e2 = eps.clone();
+    let (_, leader) = c
+        .in_ns("hostA", move || Store::connect(&e2, CALL).unwrap().leader())
+        .unwrap()
+        .unwrap();
+    let pid = members
+        .iter()
+        .find(|(h, _)| *h == leader)
+        .expect("the leader")
+        .1;
+    // SAFETY: kill(2) on the PID of a member this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let survivor = *["hostA", "hostB", "hostC"]
+        .iter()
+        .find(|h| **h != leader)
+        .unwrap();
+    let from = won.owner.clone();
+    let e2 = eps.clone();
+    let moved = c
+        .in_ns(survivor, move || {
+            let t = Instant::now();
+            loop {
+                let r = Store::connect(&e2, CALL).and_then(|s| {
+                    s.advance("0123456789abcdef0123456789abcdef", &from, 1, |r| {
+                        r.owner = "hostA".into();
+                        r.generation = 2;
+                    })
+                });
+                match r {
+                    Ok(v) => return Ok(v),
+                    Err(e) if t.elapsed() < Duration::from_secs(15) => {
+                        eprintln!("while etcd elects a leader: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .unwrap()
+        .expect("a move after the leader was killed");
+    assert_eq!((moved.owner.as_str(), moved.generation), ("hostA", 2));
+    let e2 = eps.clone();
+    let (_, new_leader) = c
+        .in_ns(survivor, move || {
+            Store::connect(&e2, CALL).unwrap().leader()
+        })
+        .unwrap()
+        .unwrap();
+    assert_ne!(new_leader, leader, "a new leader");
+    let v = fleet_json(&c, survivor, &["ls"]);
+    assert_eq!(v["vms"][0]["generation"], 2, "{v}");
+    assert_eq!(v["vms"][0]["owner"], "hostA", "{v}");
+    drop(regs);
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_loses_its_record_and_must_register_again() {
+    let Some(mut c) = fleet(
+        "a_host_cut_off_from_etcd_loses_its_record_and_must_register_again",
+        "fc",
+    ) else {
+        return;
+    };
+    let logs = cluster::log_dir("fleet-etcd-partition");
+    c.start_etcd(&logs).expect("etcd");
+    let eps = c.etcd_endpoints();
+    let regs: Vec<Registration> = (0..3).map(|i| register(&c, i)).collect();
+    assert_eq!(alive(&fleet_json(&c, "hostA", &["ls"])).len(), 3);
+
+    // hostC loses the backplane (its member too: the other two keep the
+    // quorum): its lease expires, and the others see it gone.
+    c.exec("hostC", "ip", &["link", "set", "m0", "down"])
+        .unwrap();
+    eventually(
+        TTL * 5,
+        "hostC's record expires while it is cut off",
+        || !alive(&fleet_json(&c, "hostA", &["ls"])).contains(&"hostC".to_string()),
+    );
+    // Cordon and uncordon work meanwhile (a quorum is enough).
+    let said = fleet_run(&c, "hostB", &["cordon", "hostB"]);
+    assert!(said.contains("cordoned"), "{said}");
+    let v = fleet_json(&c, "hostA", &["ls"]);
+    let b = v["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "hostB")
+        .unwrap()
+        .clone();
+    assert_eq!(b["schedulable"], false, "{v}");
+
+    // The link heals: the old lease stays gone (its record is not
+    // revived by the renewer), and the host registers anew.
+    c.exec("hostC", "ip", &["link", "set", "m0", "up"]).unwrap();
+    let e2 = eps.clone();
+    let stale = c
+        .in_ns("hostC", move || {
+            let t = Instant::now();
+            loop {
+                let r = Store::connect(&e2, CALL).and_then(|s| s.view());
+                if r.is_ok() || t.elapsed() > Duration::from_secs(15) {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .unwrap()
+        .expect("hostC reaches etcd again");
+    assert!(
+        !stale.hosts.iter().any(|h| h.name == "hostC"),
+        "an expired lease is not revived: {stale:?}"
+    );
+    let mut regs = regs;
+    let old_c = regs.pop().unwrap();
+    let e2 = eps.clone();
+    let refused = c
+        .in_ns("hostC", move || {
+            Store::connect(&e2, CALL)?.update_host(&host(2), &old_c)
+        })
+        .unwrap();
+    assert!(
+        matches!(refused, Err(StoreError::Missing(_))),
+        "a write under the expired lease: {refused:?}"
+    );
+    let again = register(&c, 2);
+    eventually(TTL * 3, "hostC registered again", || {
+        alive(&fleet_json(&c, "hostA", &["ls"])).contains(&"hostC".to_string())
+    });
+    drop(again);
+    drop(regs);
+}
