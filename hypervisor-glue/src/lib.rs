@@ -27,7 +27,7 @@
 //!
 //! ```no_run
 //! use ferry::{devices::console::Console, vm::{Vm, VmConfig}};
-//! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![], guest_args: vec![], net: None };
+//! let config = VmConfig { image: "images/out/hello".into(), memory: 64 << 20, cpus: 1, app_args: vec![], guest_args: vec![], net: None, id: None, generation: 0 };
 //! let mut vm = Vm::create(&config, Console::new(Box::new(std::io::stdout()))).unwrap();
 //! let end = vm.run(&ferry::control::Mailbox::new()).unwrap();
 //! # let _ = end;

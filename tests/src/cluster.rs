@@ -528,6 +528,36 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// Service `i` of a fleet (0, 1, ...): its address with prefix and its
+    /// MAC; the router knows it ([`Cluster::add_service`]).
+    pub fn fleet_service(i: u8) -> (String, String) {
+        (
+            format!("10.77.0.{}/24", 20 + u32::from(i)),
+            format!("02:bf:0a:4d:01:{:02x}", i),
+        )
+    }
+
+    /// Tells the router where fleet service `i` is (its MAC, flooded to
+    /// every host, as for the cluster's own service).
+    pub fn add_service(&self, i: u8) -> Result<()> {
+        let (cidr, mac) = Cluster::fleet_service(i);
+        let addr = cidr.split('/').next().expect("an address");
+        let rtr = self.ns("router");
+        ip(&[
+            "-n",
+            &rtr,
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac,
+            "dev",
+            "br0",
+            "nud",
+            "permanent",
+        ])
+    }
+
     /// The hosts of this cluster.
     pub fn hosts(&self) -> &'static [&'static str] {
         &FLEET_HOSTS[..self.hosts]

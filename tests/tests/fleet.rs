@@ -136,6 +136,7 @@ fn hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss() {
                 image: "stream".into(),
                 memory: 64 << 20,
                 args: vec![],
+                net: None,
                 owner: "hostA".into(),
                 generation: 0,
                 state: VmState::Running,
@@ -178,6 +179,7 @@ fn hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss() {
                 image: "x".into(),
                 memory: 1,
                 args: vec![],
+                net: None,
                 owner: "hostC".into(),
                 generation: 0,
                 state: VmState::Running,
@@ -318,4 +320,219 @@ fn a_host_cut_off_from_etcd_loses_its_record_and_must_register_again() {
     });
     drop(again);
     drop(regs);
+}
+
+/// Starts `ferry agent` on each host of `c` (logs and sockets under `dir`).
+fn start_agents(c: &mut Cluster, dir: &std::path::Path) -> Vec<u32> {
+    let eps = c.etcd_endpoints().join(",");
+    let key = c.key().to_path_buf();
+    (0..3).map(|i| start_agent(c, dir, i, &eps, &key)).collect()
+}
+
+fn start_agent(
+    c: &mut Cluster,
+    dir: &std::path::Path,
+    i: usize,
+    eps: &str,
+    key: &std::path::Path,
+) -> u32 {
+    let h = cluster::FLEET_HOSTS[i];
+    let mut cmd = c.command(h, ferry_tests::ferry_bin());
+    cmd.args(["agent", "--name", h, "--etcd", eps, "--bridge", "brv"])
+        .args(["--listen", &format!("{}:7100", MIGRATION_IPS[i])])
+        .arg("--key")
+        .arg(key)
+        .arg("--dir")
+        .arg(dir.join(h))
+        .args(["--memory", "1G", "--cores", "2", "--ttl-s", "2"]);
+    // A restarted agent logs beside the first one.
+    let mut log = dir.join(format!("agent-{h}.log"));
+    for n in 2.. {
+        if !log.exists() {
+            break;
+        }
+        log = dir.join(format!("agent-{h}-{n}.log"));
+    }
+    let pid = c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "registered", Duration::from_secs(20), pid).unwrap();
+    pid
+}
+
+/// A verifying stream client of fleet service `i` (the stream app on
+/// port 5001), for `seconds`.
+fn stream_client(c: &Cluster, i: u8, seconds: u32) -> std::process::Child {
+    let (cidr, _) = Cluster::fleet_service(i);
+    let addr = cidr.split('/').next().unwrap().to_string();
+    c.command(
+        "client",
+        ferry_tests::root().join("target/release/stream-client"),
+    )
+    .arg(format!("{addr}:5001"))
+    .args([
+        "--json",
+        "--seconds",
+        &seconds.to_string(),
+        "--upstream",
+        "20000",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+fn fleet_run_vm(c: &Cluster, i: u8, host: &str) -> Value {
+    let (cidr, mac) = Cluster::fleet_service(i);
+    let image = ferry_tests::root().join("images/out/stream");
+    let name = format!("s{i}");
+    let text = fleet_run(
+        c,
+        "hostA",
+        &[
+            "run",
+            "--json",
+            image.to_str().unwrap(),
+            "--name",
+            &name,
+            "--memory",
+            "64M",
+            "--mac",
+            &mac,
+            "--ip",
+            &cidr,
+            "--gateway",
+            cluster::GATEWAY,
+            "--host",
+            host,
+            "--",
+            "rate=300K",
+        ],
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
+    let Some(mut c) = fleet(
+        "agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms",
+        "fa",
+    ) else {
+        return;
+    };
+    if !ferry_tests::needs(
+        "agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms",
+        &[Need::Kvm],
+    ) {
+        return;
+    }
+    let logs = cluster::log_dir("fleet-agents");
+    let dir = logs.join(format!("run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    c.start_etcd(&logs).expect("etcd");
+    let agents = start_agents(&mut c, &dir);
+    for i in 0..2 {
+        c.add_service(i).unwrap();
+    }
+    let before = c.client_tcp_counters().unwrap();
+
+    // Two VMs, placed by name on hostA and hostB; their agents start them.
+    let v0 = fleet_run_vm(&c, 0, "hostA");
+    let v1 = fleet_run_vm(&c, 1, "hostB");
+    assert_eq!(
+        (v0["owner"].as_str(), v0["generation"].as_u64()),
+        (Some("hostA"), Some(1))
+    );
+    assert_eq!(v1["owner"], "hostB");
+    // Both serve; verifying clients run through what follows.
+    let sock = |h: &str, v: &Value| {
+        dir.join(h)
+            .join("vms")
+            .join(format!("{}.sock", v["id"].as_str().unwrap()))
+    };
+    for (h, v) in [("hostA", &v0), ("hostB", &v1)] {
+        let api = sock(h, v);
+        eventually(
+            Duration::from_secs(20),
+            "the VM's control socket answers",
+            || cluster::ferry_ctl(&["status", "--json", "--api"], &api).is_ok(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let clients: Vec<_> = (0..2).map(|i| stream_client(&c, i, 12)).collect();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // s0 moves hostA -> hostC through the records: the source's agent
+    // migrates it, the record names hostC at generation 2.
+    let moved = fleet_json(&c, "hostB", &["move", "s0", "hostC"]);
+    assert_eq!(
+        (moved["owner"].as_str(), moved["generation"].as_u64()),
+        (Some("hostC"), Some(2)),
+        "{moved}"
+    );
+    let at_c = sock("hostC", &v0);
+    eventually(Duration::from_secs(10), "s0 answers on hostC", || {
+        cluster::ferry_ctl(&["status", "--json", "--api"], &at_c)
+            .is_ok_and(|s| s.contains("\"state\":\"running\"") && s.contains("\"generation\":2"))
+    });
+    // A move to a host without the memory, or to itself, is refused.
+    let out = c
+        .command("hostA", ferry_tests::ferry_bin())
+        .args([
+            "fleet",
+            "--etcd",
+            &c.etcd_endpoints().join(","),
+            "move",
+            "s1",
+            "hostB",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // hostC's agent is killed and started again: it registers anew and
+    // finds s0 running (no second copy, the record unchanged).
+    // SAFETY: kill(2) on the PID of an agent this test started.
+    unsafe { libc::kill(agents[2] as i32, libc::SIGKILL) };
+    let eps = c.etcd_endpoints().join(",");
+    let key = c.key().to_path_buf();
+    start_agent(&mut c, &dir, 2, &eps, &key);
+    std::thread::sleep(Duration::from_secs(2));
+    let v = fleet_json(&c, "hostA", &["ls"]);
+    let rec = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "s0")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (rec["owner"].as_str(), rec["generation"].as_u64()),
+        (Some("hostC"), Some(2)),
+        "{v}"
+    );
+    let copies = cluster::namespace_pids(&c.ns("hostC"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|cl| String::from_utf8_lossy(&cl).contains(v0["id"].as_str().unwrap()))
+        })
+        .count();
+    assert!(copies <= 1, "{copies} processes of s0 on hostC");
+
+    // The streams were verified through all of it.
+    for (i, cl) in clients.into_iter().enumerate() {
+        let out = cl.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("\"error\":null"),
+            "s{i}: {text}"
+        );
+    }
+    let d = c.client_tcp_counters().unwrap().since(&before);
+    assert_eq!(d.estab_resets, 0, "{d:?}");
 }

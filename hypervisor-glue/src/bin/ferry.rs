@@ -186,6 +186,14 @@ enum Command {
         /// turns TCP segmentation offload off.
         #[arg(long = "guest-arg", value_name = "KEY=VALUE")]
         guest_args: Vec<String>,
+        /// The VM's identity, 32 hex digits (default: a new random one).
+        /// Only for a VM that runs nowhere else: a fleet's agent gives the
+        /// one its record names.
+        #[arg(long, value_name = "VM-ID")]
+        id: Option<VmId>,
+        /// The generation it boots at (with --id: its record's).
+        #[arg(long, requires = "id", default_value_t = 0)]
+        generation: u64,
         #[command(flatten)]
         hardening: Hardening,
         /// Arguments for the application, after `--` (e.g. `-- exit=3`).
@@ -320,11 +328,18 @@ enum Command {
         #[command(flatten)]
         creds: CredArgs,
         /// The tap for arriving VMs' network cards on this host.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bridge")]
         tap: Option<String>,
-        /// The control socket of an arriving VM (bound before it is ready).
+        /// Give each arriving VM a tap of its own (`fv` and its id's first
+        /// ten hex digits), made on this bridge: a host that runs many VMs.
         #[arg(long)]
+        bridge: Option<String>,
+        /// The control socket of an arriving VM (bound before it is ready).
+        #[arg(long, conflicts_with = "api_dir")]
         api: Option<PathBuf>,
+        /// Give each arriving VM a control socket ID.sock in this directory.
+        #[arg(long)]
+        api_dir: Option<PathBuf>,
         /// This host's name in messages to sources (default: the listen address).
         #[arg(long)]
         name: Option<String>,
@@ -383,6 +398,43 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A host's agent: registers the host in the fleet's etcd, receives
+    /// migrations, and starts and moves the VMs the records give it.
+    ///
+    /// VMs run in processes of their own, each with a tap on --bridge and a
+    /// control socket in DIR/vms; they outlive the agent, and an agent
+    /// started again finds them.
+    Agent {
+        /// This host's name in the fleet.
+        #[arg(long)]
+        name: String,
+        /// The etcd cluster: IP:PORT of its members, comma-separated.
+        #[arg(long, env = "FERRY_ETCD", value_delimiter = ',', required = true)]
+        etcd: Vec<String>,
+        /// Where this host receives migrations (IP:PORT other hosts reach).
+        #[arg(long)]
+        listen: String,
+        /// The fleet's migration key (`ferry keygen`; every host holds it).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The bridge the VMs' taps go on (their service network).
+        #[arg(long)]
+        bridge: String,
+        /// The agent's directory (control sockets, logs).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Memory this host gives VMs, e.g. 8G (default: what it has
+        /// available now, less a margin).
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// Cores this host gives VMs (default: its CPUs).
+        #[arg(long)]
+        cores: Option<f64>,
+        /// The host's lease, in seconds: it is taken for dead this long
+        /// after its agent stops renewing it.
+        #[arg(long, default_value_t = 3)]
+        ttl_s: u64,
+    },
     /// The fleet: hosts and VMs as recorded in etcd.
     Fleet {
         /// The etcd cluster: IP:PORT of its members, comma-separated.
@@ -420,6 +472,49 @@ enum FleetAction {
     Uncordon {
         /// The host's name.
         host: String,
+    },
+    /// Start a VM in the fleet: on --host, or on the live, schedulable
+    /// host with the most memory free; waits until its agent starts it.
+    Run {
+        /// The image (a path that every host has).
+        image: PathBuf,
+        /// A name for it (unique in the fleet).
+        #[arg(long)]
+        name: String,
+        /// Guest memory, e.g. 64M.
+        #[arg(long, short = 'm', default_value = "64M", value_parser = parse_size)]
+        memory: u64,
+        /// Its MAC (unique in the fleet); with --ip, it gets a network card.
+        #[arg(long, requires = "ip")]
+        mac: Option<ferry::net::Mac>,
+        /// Its IPv4 address with prefix, the service address it keeps wherever it runs.
+        #[arg(long, requires = "mac")]
+        ip: Option<ferry::net::Ipv4Cidr>,
+        /// Its default gateway.
+        #[arg(long, requires = "ip")]
+        gateway: Option<std::net::Ipv4Addr>,
+        /// The host to start it on.
+        #[arg(long)]
+        host: Option<String>,
+        /// Print the VM's record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Arguments for the application, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Move a VM (its id or name) to HOST, live; waits until it runs there.
+    Move {
+        /// The VM: its id or its name.
+        vm: String,
+        /// The host it goes to.
+        host: String,
+        /// Give up waiting after this many seconds (the move may still end).
+        #[arg(long, default_value_t = 120)]
+        wait_s: u64,
+        /// Print the VM's record as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -793,7 +888,105 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     store.cordon(&host, false)?;
                     println!("{host}: schedulable");
                 }
+                FleetAction::Run {
+                    image,
+                    name,
+                    memory,
+                    mac,
+                    ip,
+                    gateway,
+                    host,
+                    json,
+                    args,
+                } => {
+                    let image = std::fs::canonicalize(&image)
+                        .with_context(|| format!("the image {}", image.display()))?;
+                    let new = ferry::fleet::ops::NewVm {
+                        name,
+                        image: image.display().to_string(),
+                        memory,
+                        args,
+                        net: match (mac, ip) {
+                            (Some(m), Some(i)) => Some(ferry::fleet::store::VmNet {
+                                mac: m.to_string(),
+                                ip: i.to_string(),
+                                gateway: gateway.map(|g| g.to_string()),
+                            }),
+                            _ => None,
+                        },
+                        host,
+                    };
+                    let r =
+                        ferry::fleet::ops::run(&store, &new, std::time::Duration::from_secs(30))?;
+                    if json {
+                        print_json(&serde_json::to_value(&r)?);
+                    } else {
+                        println!(
+                            "VM {} ({}) runs on {} at generation {}",
+                            r.id, r.name, r.owner, r.generation
+                        );
+                    }
+                }
+                FleetAction::Move {
+                    vm,
+                    host,
+                    wait_s,
+                    json,
+                } => {
+                    eprintln!("ferry: fleet: moving {vm} to {host}");
+                    let t = std::time::Instant::now();
+                    let r = ferry::fleet::ops::move_to(
+                        &store,
+                        &vm,
+                        &host,
+                        std::time::Duration::from_secs(wait_s),
+                    )?;
+                    if json {
+                        print_json(&serde_json::to_value(&r)?);
+                    } else {
+                        println!(
+                            "VM {} ({}) runs on {} at generation {} ({:.1} s)",
+                            r.id,
+                            r.name,
+                            r.owner,
+                            r.generation,
+                            t.elapsed().as_secs_f64()
+                        );
+                    }
+                }
             }
+            Ok(0)
+        }
+        Command::Agent {
+            name,
+            etcd,
+            listen,
+            key,
+            bridge,
+            dir,
+            memory,
+            cores,
+            ttl_s,
+        } => {
+            ferry::stop::install().context("cannot install signal handling")?;
+            // The key is checked now (mode, format), not at the first move.
+            Psk::from_file(&key)?;
+            let total = ferry::migration::receiver::available_memory();
+            let cfg = ferry::fleet::agent::Config {
+                dir: dir.unwrap_or_else(|| PathBuf::from(format!("/run/ferry/agent-{name}"))),
+                name,
+                etcd,
+                listen,
+                key,
+                bridge,
+                memory: memory.unwrap_or(total),
+                cores: cores.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+                }),
+                ttl: std::time::Duration::from_secs(ttl_s.clamp(1, 60)),
+                tick: std::time::Duration::from_millis(300),
+            };
+            ferry::fleet::agent::Agent::start(cfg)?.run()?;
             Ok(0)
         }
         Command::Keygen { out } => {
@@ -886,7 +1079,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             listen,
             creds,
             tap,
+            bridge,
             api,
+            api_dir,
             name,
             max_memory,
             expect,
@@ -910,8 +1105,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 name: name.unwrap_or_else(|| listen.clone()),
                 listen,
                 creds,
-                tap,
-                api,
+                tap: match bridge {
+                    Some(b) => receiver::TapFor::PerVm { bridge: b },
+                    None => receiver::TapFor::Fixed(tap),
+                },
+                api: match api_dir {
+                    Some(d) => receiver::ApiFor::PerVm(d),
+                    None => receiver::ApiFor::Fixed(api),
+                },
                 max_memory,
                 expect,
                 once,
@@ -973,6 +1174,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             net,
             api,
             guest_args,
+            id,
+            generation,
             hardening,
             args,
         } => {
@@ -985,6 +1188,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 app_args: args,
                 guest_args,
                 net: net.settings()?,
+                id,
+                generation,
             };
             ferry::stop::install().context("cannot install signal handling")?;
             let console = Console::new(Box::new(std::io::stdout()));

@@ -14,6 +14,8 @@
 //! with owner and generation, changed only by transactions that fence
 //! stale writers); [`show`] renders them for `ferry fleet ls`.
 
+pub mod agent;
+pub mod ops;
 pub mod plan;
 pub mod show;
 pub mod store;

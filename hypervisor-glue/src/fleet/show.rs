@@ -153,6 +153,7 @@ mod tests {
                 image: "stream".into(),
                 memory: 64 << 20,
                 args: vec![],
+                net: None,
                 owner: "h2".into(),
                 generation: 4,
                 state: VmState::Fenced,

@@ -124,6 +124,9 @@ pub struct VmRecord {
     pub memory: u64,
     /// Arguments for the guest.
     pub args: Vec<String>,
+    /// Its network card: the service address it keeps wherever it runs.
+    #[serde(default)]
+    pub net: Option<VmNet>,
     /// The host that owns generation `generation`.
     pub owner: String,
     /// Its generation: each move's commit adds one.
@@ -131,6 +134,17 @@ pub struct VmRecord {
     /// What it is doing.
     #[serde(flatten)]
     pub state: VmState,
+}
+
+/// A VM's network card in its record (as `ferry run` takes them).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNet {
+    /// MAC, e.g. 02:bf:0a:4d:00:0a.
+    pub mac: String,
+    /// IPv4 with prefix, e.g. 10.77.0.10/24.
+    pub ip: String,
+    /// Default gateway.
+    pub gateway: Option<String>,
 }
 
 /// A record with the revision it was read at.
@@ -673,6 +687,7 @@ mod tests {
             image: "stream".into(),
             memory: 64 << 20,
             args: vec!["ballast=4M".into()],
+            net: None,
             owner: "h1".into(),
             generation: 3,
             state: VmState::Moving { to: "h2".into() },

@@ -46,6 +46,27 @@ const MAX_RECORDS: usize = 1024;
 /// What admission keeps back of the host's available memory.
 pub const MEMORY_MARGIN: u64 = 256 << 20;
 
+/// Which tap an arriving VM's card gets.
+#[derive(Clone, Debug)]
+pub enum TapFor {
+    /// This one for every VM (`None`: no card).
+    Fixed(Option<String>),
+    /// One of its own, made on this bridge.
+    PerVm {
+        /// The bridge.
+        bridge: String,
+    },
+}
+
+/// Which control socket an arriving VM answers on.
+#[derive(Clone, Debug)]
+pub enum ApiFor {
+    /// This one (`None`: none).
+    Fixed(Option<PathBuf>),
+    /// `ID.sock` in this directory.
+    PerVm(PathBuf),
+}
+
 /// How the receiver runs.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -56,9 +77,9 @@ pub struct Settings {
     /// The credentials.
     pub creds: Credentials,
     /// The tap for arriving VMs' cards.
-    pub tap: Option<String>,
+    pub tap: TapFor,
     /// The control socket for an arriving VM.
-    pub api: Option<PathBuf>,
+    pub api: ApiFor,
     /// Largest VM admitted, bytes (None: what this host can give now).
     pub max_memory: Option<u64>,
     /// Admit only this VM.
@@ -352,6 +373,19 @@ impl Receiver {
 
     /// Starts the VM's process for an admitted session.
     fn start(self: &Arc<Self>, ch: Channel, open: Open) -> std::io::Result<()> {
+        let tap = match &self.s.tap {
+            TapFor::Fixed(t) => t.clone(),
+            TapFor::PerVm { bridge } => {
+                let name = crate::devices::virtio::net::tap::name_for_vm(&open.vm);
+                crate::devices::virtio::net::tap::ensure_on_bridge(&name, bridge)
+                    .map_err(std::io::Error::other)?;
+                Some(name)
+            }
+        };
+        let api = match &self.s.api {
+            ApiFor::Fixed(a) => a.clone(),
+            ApiFor::PerVm(dir) => Some(dir.join(format!("{}.sock", open.vm))),
+        };
         let (stream, keys) = ch.export();
         let (ours, theirs) = seqpacket_pair()?;
         let handoff = Handoff {
@@ -360,8 +394,8 @@ impl Receiver {
                 recv: keys.recv,
             },
             open: open.clone(),
-            tap: self.s.tap.clone(),
-            api: self.s.api.clone(),
+            tap,
+            api,
             capture: self.s.capture,
             host: self.s.name.clone(),
         };

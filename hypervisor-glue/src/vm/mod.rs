@@ -50,6 +50,12 @@ pub struct VmConfig {
     pub guest_args: Vec<String>,
     /// The network card, if any.
     pub net: Option<NetSettings>,
+    /// The VM's identity (`None`: a new random one). Given by a fleet's
+    /// agent, which starts the VM its record names.
+    pub id: Option<crate::id::VmId>,
+    /// The generation it boots at (0 unless an agent restarts a VM from
+    /// its image: its record's next generation).
+    pub generation: u64,
 }
 
 /// How a VM ended here.
@@ -350,8 +356,8 @@ impl Vm {
             paused: None,
             lifecycle: Lifecycle::Running,
             identity: Identity {
-                id: crate::id::VmId::random().0,
-                generation: 0,
+                id: config.id.unwrap_or_else(crate::id::VmId::random).0,
+                generation: config.generation,
             },
             cpu,
             config: ConfigState {

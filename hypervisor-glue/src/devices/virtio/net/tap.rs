@@ -86,6 +86,53 @@ pub fn exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
+/// The tap a fleet host gives VM `id`: `fv` and the id's first ten hex
+/// digits (a name within IFNAMSIZ).
+pub fn name_for_vm(id: &crate::id::VmId) -> String {
+    format!("fv{}", &id.to_string()[..10])
+}
+
+/// Makes a persistent tap `name` (unless it exists) and puts it, up, on
+/// `bridge`: where a host's agent or receiver attaches a VM's card (the
+/// VM's process opens the tap). Uses iproute2.
+pub fn ensure_on_bridge(name: &str, bridge: &str) -> Result<(), String> {
+    if !valid_name(name) || !valid_name(bridge) {
+        return Err(format!("bad interface name {name:?} or bridge {bridge:?}"));
+    }
+    if !std::path::Path::new("/sys/class/net")
+        .join(bridge)
+        .join("bridge")
+        .exists()
+    {
+        return Err(format!(
+            "{bridge} is not a bridge in this network namespace"
+        ));
+    }
+    let ip = |args: &[&str]| -> Result<(), String> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    if !exists(name) {
+        ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+    }
+    if self::bridge(name).as_deref() != Some(bridge) {
+        ip(&["link", "set", name, "master", bridge])?;
+    }
+    ip(&["link", "set", name, "up"])
+}
+
 /// The bridge interface `name` is a port of, if any.
 pub fn bridge(name: &str) -> Option<String> {
     if !valid_name(name) {

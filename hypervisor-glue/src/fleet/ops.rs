@@ -1,0 +1,205 @@
+//! The operator's fleet commands on the records: place a new VM, ask for
+//! a move and wait for the agents to carry it out.
+
+use std::time::{Duration, Instant};
+
+use super::store::{Store, StoreError, View, VmNet, VmRecord, VmState};
+
+/// Memory the VMs a host owns take, bytes.
+pub fn memory_used(v: &View, host: &str) -> u64 {
+    v.vms
+        .iter()
+        .filter(|vm| vm.owner == host)
+        .map(|vm| vm.memory)
+        .sum()
+}
+
+/// Why `host` cannot take a VM of `memory` bytes now, if it cannot.
+pub fn refuse(v: &View, host: &str, memory: u64) -> Option<String> {
+    let Some(h) = v.hosts.iter().find(|h| h.name == host) else {
+        return Some(format!("{host} has no live agent"));
+    };
+    if v.cordoned.iter().any(|c| c == host) {
+        return Some(format!(
+            "{host} is cordoned (`ferry fleet uncordon {host}`)"
+        ));
+    }
+    let free = h.memory.saturating_sub(memory_used(v, host));
+    if free < memory {
+        return Some(format!(
+            "{host} has {} MiB free for VMs; the VM needs {} MiB",
+            free >> 20,
+            memory >> 20
+        ));
+    }
+    None
+}
+
+/// Where a new VM of `memory` bytes goes: `host` if given (and able), else
+/// the live, schedulable host with the most memory free.
+pub fn place(v: &View, memory: u64, host: Option<&str>) -> Result<String, StoreError> {
+    if let Some(h) = host {
+        return match refuse(v, h, memory) {
+            None => Ok(h.to_string()),
+            Some(why) => Err(StoreError::Invalid(why)),
+        };
+    }
+    v.hosts
+        .iter()
+        .filter(|h| refuse(v, &h.name, memory).is_none())
+        .max_by_key(|h| h.memory.saturating_sub(memory_used(v, &h.name)))
+        .map(|h| h.name.clone())
+        .ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "no live, schedulable host has {} MiB free: {}",
+                memory >> 20,
+                v.hosts
+                    .iter()
+                    .filter_map(|h| refuse(v, &h.name, memory))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })
+}
+
+/// The VM named `key` (its id, or its unique name).
+pub fn find<'a>(v: &'a View, key: &str) -> Result<&'a VmRecord, StoreError> {
+    if let Some(vm) = v.vms.iter().find(|vm| vm.id == key) {
+        return Ok(vm);
+    }
+    let named: Vec<&VmRecord> = v.vms.iter().filter(|vm| vm.name == key).collect();
+    match named.as_slice() {
+        [one] => Ok(one),
+        [] => Err(StoreError::Missing(format!("VM {key}"))),
+        _ => Err(StoreError::Invalid(format!(
+            "{} VMs are named {key}: give the id",
+            named.len()
+        ))),
+    }
+}
+
+/// What `ferry fleet run` asks for.
+#[derive(Clone, Debug)]
+pub struct NewVm {
+    /// A name for operators.
+    pub name: String,
+    /// The image (a path every host has).
+    pub image: String,
+    /// Memory, bytes.
+    pub memory: u64,
+    /// Guest arguments.
+    pub args: Vec<String>,
+    /// Its card.
+    pub net: Option<VmNet>,
+    /// Where (default: placed).
+    pub host: Option<String>,
+}
+
+/// Records a new VM on a host and waits (up to `wait`) until that host's
+/// agent has taken it (started it at generation 1).
+pub fn run(store: &Store, new: &NewVm, wait: Duration) -> Result<VmRecord, StoreError> {
+    let v = store.view()?;
+    let clash = |vm: &&VmRecord| {
+        let (Some(n), Some(o)) = (&new.net, &vm.net) else {
+            return false;
+        };
+        o.mac == n.mac || o.ip == n.ip
+    };
+    if let Some(other) = v.vms.iter().find(clash) {
+        return Err(StoreError::Invalid(format!(
+            "VM {} ({}) has that MAC or address already",
+            other.id, other.name
+        )));
+    }
+    if v.vms.iter().any(|vm| vm.name == new.name) {
+        return Err(StoreError::Exists(format!("a VM named {}", new.name)));
+    }
+    let host = place(&v, new.memory, new.host.as_deref())?;
+    let rec = VmRecord {
+        id: crate::id::VmId::random().to_string(),
+        name: new.name.clone(),
+        image: new.image.clone(),
+        memory: new.memory,
+        args: new.args.clone(),
+        net: new.net.clone(),
+        owner: host,
+        generation: 0,
+        state: VmState::Running,
+    };
+    store.create_vm(&rec)?;
+    wait_for(store, &rec.id, wait, "its host's agent to start it", |r| {
+        (r.generation >= 1).then(|| Ok(r.clone()))
+    })
+}
+
+/// Asks for VM `key` to move to `host` and waits (up to `wait`) for the
+/// agents: the record then names `host` at the next generation, or the
+/// VM is back to running where it was (the move failed).
+pub fn move_to(
+    store: &Store,
+    key: &str,
+    host: &str,
+    wait: Duration,
+) -> Result<VmRecord, StoreError> {
+    let v = store.view()?;
+    let vm = find(&v, key)?.clone();
+    if vm.owner == host {
+        return Err(StoreError::Invalid(format!(
+            "VM {} runs on {host} already",
+            vm.name
+        )));
+    }
+    if vm.state != VmState::Running {
+        return Err(StoreError::Invalid(format!(
+            "VM {} is not running on {} (its record says {:?})",
+            vm.name, vm.owner, vm.state
+        )));
+    }
+    if let Some(why) = refuse(&v, host, vm.memory) {
+        return Err(StoreError::Invalid(why));
+    }
+    let from = vm.owner.clone();
+    let asked = store.advance(&vm.id, &from, vm.generation, |r| {
+        r.state = VmState::Moving {
+            to: host.to_string(),
+        };
+    })?;
+    wait_for(store, &vm.id, wait, "the move to end", |r| {
+        if r.owner == host && r.generation > asked.generation {
+            Some(Ok(r.clone()))
+        } else if r.owner == from && r.state == VmState::Running {
+            Some(Err(StoreError::Invalid(format!(
+                "the move of VM {} to {host} failed; it runs on at {from} (its agent's log says why)",
+                r.name
+            ))))
+        } else {
+            None
+        }
+    })
+}
+
+fn wait_for<T>(
+    store: &Store,
+    id: &str,
+    wait: Duration,
+    what: &str,
+    mut done: impl FnMut(&VmRecord) -> Option<Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let t = Instant::now();
+    loop {
+        let r = store.vm(id)?.record;
+        if let Some(out) = done(&r) {
+            return out;
+        }
+        if t.elapsed() > wait {
+            return Err(StoreError::Invalid(format!(
+                "VM {id}: gave up waiting for {what} after {} s (its record: owner {}, generation {}, {:?})",
+                wait.as_secs(),
+                r.owner,
+                r.generation,
+                r.state
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
