@@ -88,8 +88,10 @@ fn exe() -> std::io::Result<PathBuf> {
     std::env::current_exe()
 }
 
-/// Starts `cmd` in a session of its own, output appended to `log`.
-fn detached(mut cmd: Command, log: &Path) -> std::io::Result<Child> {
+/// Starts `cmd` in a session of its own (no terminal's signals reach it;
+/// it outlives its starter), stdin from /dev/null, output appended to
+/// `log`.
+pub fn detached(mut cmd: Command, log: &Path) -> std::io::Result<Child> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::OpenOptions::new()
         .create(true)

@@ -10,9 +10,8 @@
 //! on that host's control socket, `/run/ferry/PREFIX/HOST.sock`. Where the
 //! VM runs is found by asking those sockets, so every command finds it
 //! wherever it went, however it got there (started, moved, restored).
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -323,26 +322,13 @@ impl Ctx {
 
     /// Starts `cmd` in a session of its own (no terminal owns it), stdin
     /// from /dev/null, output appended to `host`'s log; returns its PID.
-    fn detached(&self, mut cmd: Command, host: &str) -> Result<u32> {
+    fn detached(&self, cmd: Command, host: &str) -> Result<u32> {
         let log = self.log(host);
         std::fs::create_dir_all(log.parent().expect("a directory"))?;
         std::fs::create_dir_all(self.run_dir())?;
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .with_context(|| format!("opening {}", log.display()))?;
-        cmd.stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: setsid is async-signal-safe and touches only the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            })
-        };
-        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        let what = format!("{cmd:?}");
+        let child = ferry::fleet::agent::detached(cmd, &log)
+            .with_context(|| format!("starting {what} (log {})", log.display()))?;
         Ok(child.id())
     }
 
