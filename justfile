@@ -96,6 +96,11 @@ restore FILE HOST="hostA": build
 cluster-up: build
     target/release/ferry-cluster up --fleet
 
+# A fleet of 3 hosts (etcd, an agent each) with 3 streaming VMs and verifying clients: drain hostA, consolidate, report (target/fleet-demo/report.json).
+fleet-demo SECONDS="24": setup build
+    images/build stream >/dev/null
+    target/release/fleet-demo --seconds {{SECONDS}}
+
 # The fleet's records in the cluster's etcd, e.g. `just fleet ls`, `just fleet cordon hostB` (`ferry fleet --help`).
 fleet *ARGS: build
     ip netns exec ferry-hostA target/release/ferry fleet --etcd 10.77.2.1:2379,10.77.2.2:2379,10.77.2.3:2379 {{ARGS}}

@@ -633,6 +633,92 @@ impl Cluster {
         Ok(pids)
     }
 
+    /// Starts `ferry agent` on fleet host `i` (its directory under `dir`,
+    /// its log `dir/agent-HOST.log`, or `-2`, `-3`... for a restart), and
+    /// waits until it has registered. Returns its PID.
+    pub fn start_agent(&mut self, dir: &Path, i: usize) -> Result<u32> {
+        let h = FLEET_HOSTS[i];
+        let eps = self.etcd_endpoints().join(",");
+        let mut cmd = self.command(h, crate::ferry_bin());
+        cmd.args(["agent", "--name", h, "--etcd", &eps, "--bridge", "brv"])
+            .args(["--listen", &format!("{}:7100", MIGRATION_IPS[i])])
+            .arg("--key")
+            .arg(&self.key)
+            .arg("--dir")
+            .arg(dir.join(h))
+            .args(["--memory", "1G", "--cores", "2", "--ttl-s", "2"]);
+        let mut log = dir.join(format!("agent-{h}.log"));
+        for n in 2.. {
+            if !log.exists() {
+                break;
+            }
+            log = dir.join(format!("agent-{h}-{n}.log"));
+        }
+        let pid = self.spawn(cmd, &log)?;
+        wait_for_line(&log, "registered", Duration::from_secs(20), pid)?;
+        Ok(pid)
+    }
+
+    /// The control socket an agent on `host` (directory under `dir`) gives
+    /// VM `id`.
+    pub fn agent_socket(dir: &Path, host: &str, id: &str) -> PathBuf {
+        dir.join(host).join("vms").join(format!("{id}.sock"))
+    }
+
+    /// `ferry fleet ARGS` on `node` against the fleet's etcd: its output,
+    /// or an error with what it said.
+    pub fn fleet(&self, node: &str, args: &[&str]) -> Result<String> {
+        let out = self
+            .command(node, crate::ferry_bin())
+            .arg("fleet")
+            .arg("--etcd")
+            .arg(self.etcd_endpoints().join(","))
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "ferry fleet {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `ferry fleet run --json IMAGE` as fleet service `i` (named `s{i}`,
+    /// 64 MiB, its address and MAC, the router as gateway) on `host`,
+    /// with `args` for the guest: the record, as JSON text.
+    pub fn fleet_run_service(
+        &self,
+        i: u8,
+        image: &Path,
+        host: &str,
+        args: &[&str],
+    ) -> Result<String> {
+        let (cidr, mac) = Cluster::fleet_service(i);
+        let name = format!("s{i}");
+        let mut a = vec![
+            "run",
+            "--json",
+            image.to_str().context("a UTF-8 image path")?,
+            "--name",
+            &name,
+            "--memory",
+            "64M",
+            "--mac",
+            &mac,
+            "--ip",
+            &cidr,
+            "--gateway",
+            GATEWAY,
+            "--host",
+            host,
+            "--",
+        ];
+        a.extend_from_slice(args);
+        self.fleet("hostA", &a)
+    }
+
     /// `ferry receive` on `host`'s migration-link address and `port`, with
     /// the host's tap, its name and the cluster's key (unless `extra` says
     /// `--insecure` or `--key`); add the rest.

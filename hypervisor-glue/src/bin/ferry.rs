@@ -440,8 +440,9 @@ enum Command {
         /// The etcd cluster: IP:PORT of its members, comma-separated.
         #[arg(long, env = "FERRY_ETCD", value_delimiter = ',', required = true)]
         etcd: Vec<String>,
-        /// Give up on etcd after this long, per call.
-        #[arg(long, default_value = "3000")]
+        /// Give up on etcd after this long, per call (an election after
+        /// etcd's leader is lost takes a second or more).
+        #[arg(long, default_value = "10000")]
         timeout_ms: u64,
         #[command(subcommand)]
         action: FleetAction,
@@ -503,6 +504,24 @@ enum FleetAction {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Move every VM off HOST, live, a bounded number at a time (HOST is
+    /// cordoned first); it ends empty and unschedulable.
+    Drain {
+        /// The host to empty.
+        host: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Spread the load: moves from the most loaded hosts to the least.
+    Balance {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Pack the VMs onto the fewest hosts; reports the hosts freed.
+    Consolidate {
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
     /// Move a VM (its id or name) to HOST, live; waits until it runs there.
     Move {
         /// The VM: its id or its name.
@@ -516,6 +535,131 @@ enum FleetAction {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `ferry fleet drain|balance|consolidate` run.
+#[derive(clap::Args, Debug)]
+struct PlanArgs {
+    /// Print the plan (moves in waves) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Moves one host takes part in at once.
+    #[arg(long, default_value_t = 2)]
+    per_host: usize,
+    /// Give up waiting for one wave after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    wait_s: u64,
+    /// Print the plan and the outcome as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Plans `action` on the fleet and carries it out (or only prints it).
+fn fleet_plan(
+    store: &ferry::fleet::store::Store,
+    action: ferry::fleet::ops::Action,
+    a: PlanArgs,
+) -> anyhow::Result<i32> {
+    use ferry::fleet::ops::{self, Action};
+    if a.per_host == 0 {
+        anyhow::bail!("--per-host must be at least 1");
+    }
+    if let (Action::Drain(h), false) = (&action, a.dry_run) {
+        store.cordon(h, true)?;
+        eprintln!("ferry: fleet: {h} cordoned (no new VMs)");
+    }
+    let policy = ferry::fleet::Policy {
+        per_host: a.per_host,
+        ..Default::default()
+    };
+    let view = store.view()?;
+    let plan = ops::plan(&view, &action, &policy)?;
+    let moves: usize = plan.waves.iter().map(Vec::len).sum();
+    if !a.json {
+        println!(
+            "plan: {moves} moves in {} waves (at most {} per host at once){}",
+            plan.waves.len(),
+            a.per_host,
+            if plan.emptied.is_empty() {
+                String::new()
+            } else {
+                format!("; empties {}", plan.emptied.join(", "))
+            }
+        );
+        for (i, w) in plan.waves.iter().enumerate() {
+            for m in w {
+                println!(
+                    "  wave {}: {} ({}) {} -> {}",
+                    i + 1,
+                    m.name,
+                    &m.id[..8.min(m.id.len())],
+                    m.from,
+                    m.to
+                );
+            }
+        }
+    }
+    if a.dry_run {
+        if a.json {
+            print_json(&serde_json::json!({"dry_run": true, "plan": plan}));
+        }
+        return Ok(0);
+    }
+    let t = std::time::Instant::now();
+    let json = a.json;
+    let outcomes = ops::execute(
+        store,
+        &plan,
+        std::time::Duration::from_secs(a.wait_s),
+        &mut |o| {
+            if !json {
+                match &o.error {
+                    None => println!(
+                        "  [{:5.1} s] {} runs on {} (generation {})",
+                        t.elapsed().as_secs_f64(),
+                        o.planned.name,
+                        o.runs_on,
+                        o.generation
+                    ),
+                    Some(e) => println!(
+                        "  [{:5.1} s] {} did not move: {e}",
+                        t.elapsed().as_secs_f64(),
+                        o.planned.name
+                    ),
+                }
+            }
+        },
+    )?;
+    let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
+    let after = store.view()?;
+    let empty: Vec<String> = plan
+        .emptied
+        .iter()
+        .filter(|h| !after.vms.iter().any(|v| &v.owner == *h))
+        .cloned()
+        .collect();
+    if a.json {
+        print_json(&serde_json::json!({
+            "plan": plan,
+            "outcomes": outcomes,
+            "moved": outcomes.len() - failed,
+            "failed": failed,
+            "emptied": empty,
+            "seconds": t.elapsed().as_secs_f64(),
+        }));
+    } else {
+        println!(
+            "{} moved, {failed} failed in {:.1} s{}",
+            outcomes.len() - failed,
+            t.elapsed().as_secs_f64(),
+            if empty.is_empty() {
+                String::new()
+            } else {
+                format!("; empty now: {}", empty.join(", "))
+            }
+        );
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
 }
 
 /// What a VM does after its snapshot.
@@ -926,6 +1070,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                             r.id, r.name, r.owner, r.generation
                         );
                     }
+                }
+                FleetAction::Drain { host, plan } => {
+                    return fleet_plan(&store, ferry::fleet::ops::Action::Drain(host), plan);
+                }
+                FleetAction::Balance { plan } => {
+                    return fleet_plan(&store, ferry::fleet::ops::Action::Balance, plan);
+                }
+                FleetAction::Consolidate { plan } => {
+                    return fleet_plan(&store, ferry::fleet::ops::Action::Consolidate, plan);
                 }
                 FleetAction::Move {
                     vm,

@@ -125,7 +125,20 @@ impl Agent {
         super::store::check_name("host", &cfg.name)?;
         std::fs::create_dir_all(cfg.dir.join("vms"))
             .map_err(|e| StoreError::Invalid(format!("{}: {e}", cfg.dir.display())))?;
-        let store = Store::connect(&cfg.etcd, Duration::from_secs(3))?;
+        // etcd may not answer yet (a host booting with it): wait for it.
+        let store = loop {
+            match Store::connect(&cfg.etcd, Duration::from_secs(3)) {
+                Ok(s) => break s,
+                Err(StoreError::Etcd { why, .. }) => {
+                    say(&format!("etcd does not answer yet ({why}); trying again"));
+                    if crate::stop::requested().is_some() {
+                        return Err(StoreError::Invalid("stopped".into()));
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let mut a = Agent {
             cfg,
             store,

@@ -203,3 +203,222 @@ fn wait_for<T>(
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A fleet-wide change the operator asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Every VM off this host (cordoned first), a bounded number at a time.
+    Drain(String),
+    /// Spread the load.
+    Balance,
+    /// Pack VMs onto the fewest hosts.
+    Consolidate,
+}
+
+/// A plan on the records: moves in waves, by VM and host names.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NamedPlan {
+    /// Waves of (VM id, VM name, from, to).
+    pub waves: Vec<Vec<NamedMove>>,
+    /// Hosts the plan leaves with no VM.
+    pub emptied: Vec<String>,
+}
+
+/// One move of a [`NamedPlan`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NamedMove {
+    /// The VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// From host.
+    pub from: String,
+    /// To host.
+    pub to: String,
+}
+
+/// The scheduler's view of the records: live hosts (schedulable unless
+/// cordoned), hosts that own VMs without a lease (never schedulable), and
+/// VMs with an equal share of their host's measured load.
+pub fn to_fleet(v: &View) -> (super::Fleet, Vec<String>) {
+    let mut names: Vec<String> = v.hosts.iter().map(|h| h.name.clone()).collect();
+    let mut hosts: Vec<super::Host> = v
+        .hosts
+        .iter()
+        .map(|h| super::Host {
+            name: h.name.clone(),
+            memory: h.memory.max(memory_used(v, &h.name)),
+            cores: h.cores,
+            schedulable: !v.cordoned.contains(&h.name),
+        })
+        .collect();
+    for vm in &v.vms {
+        if !names.contains(&vm.owner) {
+            names.push(vm.owner.clone());
+            hosts.push(super::Host {
+                name: vm.owner.clone(),
+                memory: memory_used(v, &vm.owner),
+                cores: 0.0,
+                schedulable: false,
+            });
+        }
+    }
+    let load_of = |vm: &VmRecord| {
+        let n = v.vms.iter().filter(|o| o.owner == vm.owner).count().max(1);
+        v.hosts
+            .iter()
+            .find(|h| h.name == vm.owner)
+            .map_or(0.0, |h| h.load / n as f64)
+    };
+    let vms = v
+        .vms
+        .iter()
+        .map(|vm| super::Vm {
+            id: vm.id.clone(),
+            memory: vm.memory,
+            load: load_of(vm),
+            host: names.iter().position(|n| *n == vm.owner).expect("a host"),
+        })
+        .collect();
+    (super::Fleet { hosts, vms }, names)
+}
+
+/// The plan for `action` on the records in `v`. Only running VMs on live
+/// hosts move (a VM of a host without a lease stays fenced there).
+pub fn plan(v: &View, action: &Action, policy: &super::Policy) -> Result<NamedPlan, StoreError> {
+    let (fleet, names) = to_fleet(v);
+    let bad = |e: super::PlanError| StoreError::Invalid(format!("no plan: {e}"));
+    let p = match action {
+        Action::Drain(h) => {
+            let i = names
+                .iter()
+                .position(|n| n == h)
+                .ok_or_else(|| StoreError::Missing(format!("host {h}")))?;
+            if !v.hosts.iter().any(|x| &x.name == h) {
+                return Err(StoreError::Invalid(format!(
+                    "{h} has no live agent: its VMs are fenced there and cannot be moved live"
+                )));
+            }
+            super::plan::drain(&fleet, i, policy).map_err(bad)?
+        }
+        Action::Balance => super::plan::balance(&fleet, policy).map_err(bad)?,
+        Action::Consolidate => super::plan::consolidate(&fleet, policy).map_err(bad)?,
+    };
+    let live = |h: usize| v.hosts.iter().any(|x| x.name == names[h]);
+    Ok(NamedPlan {
+        waves: p
+            .waves
+            .iter()
+            .map(|w| {
+                w.iter()
+                    .filter(|m| live(m.from) && v.vms[m.vm].state == VmState::Running)
+                    .map(|m| NamedMove {
+                        id: v.vms[m.vm].id.clone(),
+                        name: v.vms[m.vm].name.clone(),
+                        from: names[m.from].clone(),
+                        to: names[m.to].clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .filter(|w| !w.is_empty())
+            .collect(),
+        emptied: p.emptied.iter().map(|&h| names[h].clone()).collect(),
+    })
+}
+
+/// How one move of a plan ended.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    /// The move.
+    #[serde(flatten)]
+    pub planned: NamedMove,
+    /// Where the VM runs now.
+    pub runs_on: String,
+    /// Its generation now.
+    pub generation: u64,
+    /// Why it did not move, if it did not.
+    pub error: Option<String>,
+}
+
+/// Carries out `plan` wave by wave (each wave's moves at once, the next
+/// when they have ended); `progress` hears of each move's end. A move
+/// that fails leaves its VM where it ran and the plan goes on.
+pub fn execute(
+    store: &Store,
+    plan: &NamedPlan,
+    wait: Duration,
+    progress: &mut dyn FnMut(&Outcome),
+) -> Result<Vec<Outcome>, StoreError> {
+    let mut out = Vec::new();
+    for wave in &plan.waves {
+        let mut asked = Vec::new();
+        for m in wave {
+            let cur = store.vm(&m.id)?.record;
+            let r = if cur.owner != m.from || cur.state != VmState::Running {
+                Err(StoreError::Invalid(format!(
+                    "VM {} changed since the plan (on {}, {:?})",
+                    m.name, cur.owner, cur.state
+                )))
+            } else {
+                store.advance(&m.id, &m.from, cur.generation, |r| {
+                    r.state = VmState::Moving { to: m.to.clone() };
+                })
+            };
+            match r {
+                Ok(rec) => asked.push((m, rec.generation)),
+                Err(e) => {
+                    let o = Outcome {
+                        planned: m.clone(),
+                        runs_on: cur.owner,
+                        generation: cur.generation,
+                        error: Some(e.to_string()),
+                    };
+                    progress(&o);
+                    out.push(o);
+                }
+            }
+        }
+        let t = Instant::now();
+        while !asked.is_empty() {
+            let mut left = Vec::new();
+            for (m, g) in asked {
+                let r = store.vm(&m.id)?.record;
+                let done = if r.owner == m.to && r.generation > g {
+                    Some(None)
+                } else if r.owner == m.from && r.state == VmState::Running {
+                    Some(Some(format!(
+                        "the move to {} failed; it runs on at {}",
+                        m.to, m.from
+                    )))
+                } else if t.elapsed() > wait {
+                    Some(Some(format!(
+                        "gave up waiting after {} s (owner {}, {:?})",
+                        wait.as_secs(),
+                        r.owner,
+                        r.state
+                    )))
+                } else {
+                    None
+                };
+                match done {
+                    Some(error) => {
+                        let o = Outcome {
+                            planned: m.clone(),
+                            runs_on: r.owner,
+                            generation: r.generation,
+                            error,
+                        };
+                        progress(&o);
+                        out.push(o);
+                    }
+                    None => left.push((m, g)),
+                }
+            }
+            asked = left;
+            if !asked.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Ok(out)
+}

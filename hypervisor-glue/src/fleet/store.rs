@@ -269,8 +269,9 @@ impl Pool {
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let n = self.endpoints.len();
-        // One member may hang (cut off): it gets a share of the time.
-        let each = (self.timeout / 2).max(Duration::from_millis(300));
+        // One member may hang (cut off): it gets a share of the time, and
+        // the others (an election takes a second or more) the rest.
+        let each = (self.timeout / 3).clamp(Duration::from_millis(300), Duration::from_secs(2));
         let mut last = String::from("no member answered");
         let mut tries = 0usize;
         while tokio::time::Instant::now() < deadline {

@@ -607,7 +607,7 @@ fn clean_tests() -> Result<()> {
         .iter()
         .filter_map(|n| n.rsplit_once('-').map(|(p, _)| p.to_string()))
         .filter(|p| {
-            ["ft", "fs", "fm", "fx", "fo", "fl", "fc"]
+            ["ft", "fs", "fm", "fx", "fo", "fl", "fc", "fa", "fd"]
                 .iter()
                 .any(|t| p.starts_with(t) && p[2..].bytes().all(|b| b.is_ascii_digit()))
         })

@@ -340,6 +340,9 @@ fn main() -> std::process::ExitCode {
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Segments this end sent again on the stream's connection (its
+    // upstream bytes and ACKs), before it closes.
+    let retransmits = ferry_tests::tcpinfo::sample(&conn).map_or(0, |s| s.total_retrans);
     let _ = conn.shutdown(std::net::Shutdown::Both);
     drop(conn);
     let up = upstream.map(|h| h.join().unwrap_or(0)).unwrap_or(0);
@@ -359,7 +362,7 @@ fn main() -> std::process::ExitCode {
             .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
             .collect();
         println!(
-            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"tcp_info\":[{}],\"error\":{}}}",
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"tcp_info\":[{}],\"retransmits\":{retransmits},\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
             tcp_info.join(","),
