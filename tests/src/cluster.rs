@@ -637,6 +637,23 @@ impl Cluster {
     /// its log `dir/agent-HOST.log`, or `-2`, `-3`... for a restart), and
     /// waits until it has registered. Returns its PID.
     pub fn start_agent(&mut self, dir: &Path, i: usize) -> Result<u32> {
+        let (cmd, log) = self.agent_command(dir, i);
+        let pid = self.spawn(cmd, &log)?;
+        wait_for_line(&log, "registered", Duration::from_secs(20), pid)?;
+        Ok(pid)
+    }
+
+    /// [`Cluster::start_agent`] from a shared cluster (a chaos test's
+    /// restart while another thread uses it): the agent is not this
+    /// cluster's child, and is ended with the namespaces' processes.
+    pub fn start_agent_detached(&self, dir: &Path, i: usize) -> Result<u32> {
+        let (cmd, log) = self.agent_command(dir, i);
+        let pid = ferry::fleet::agent::detached(cmd, &log)?.id();
+        wait_for_line(&log, "registered", Duration::from_secs(20), pid)?;
+        Ok(pid)
+    }
+
+    fn agent_command(&self, dir: &Path, i: usize) -> (Command, PathBuf) {
         let h = FLEET_HOSTS[i];
         let eps = self.etcd_endpoints().join(",");
         let mut cmd = self.command(h, crate::ferry_bin());
@@ -654,9 +671,7 @@ impl Cluster {
             }
             log = dir.join(format!("agent-{h}-{n}.log"));
         }
-        let pid = self.spawn(cmd, &log)?;
-        wait_for_line(&log, "registered", Duration::from_secs(20), pid)?;
-        Ok(pid)
+        (cmd, log)
     }
 
     /// The control socket an agent on `host` (directory under `dir`) gives

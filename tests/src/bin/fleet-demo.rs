@@ -29,6 +29,51 @@ struct Args {
     /// The namespaces' prefix.
     #[arg(long, default_value = "fdemo")]
     prefix: String,
+    /// A fault on the way (the chaos tests): `kill-agent` (hostA's agent
+    /// SIGKILLed while its VMs drain, started again after), `kill-leader`
+    /// (etcd's leader SIGKILLed during the drain), `restart-agents` (every
+    /// agent SIGKILLed and started again between drain and
+    /// consolidation), `partition` (hostB cut off from the backplane, so
+    /// from etcd and migrations, before the consolidation; healed after).
+    #[arg(long, value_parser = ["none", "kill-agent", "kill-leader", "restart-agents", "partition"], default_value = "none")]
+    chaos: String,
+}
+
+/// One fleet command (`ferry fleet ARGS --json` on `node`): its answer,
+/// its outcomes for the report, and an error if it failed.
+fn step(
+    c: &Cluster,
+    action: &str,
+    node: &str,
+    args: &[&str],
+) -> (Value, Vec<Value>, Option<String>) {
+    println!("fleet-demo: ferry fleet {}", args.join(" "));
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (v, err) = match c.fleet(node, &all) {
+        Ok(t) => (serde_json::from_str(&t).unwrap_or(Value::Null), None),
+        Err(e) => (Value::Null, Some(format!("{action}: {e:#}"))),
+    };
+    let mut moves = Vec::new();
+    for o in v["outcomes"].as_array().into_iter().flatten() {
+        println!(
+            "fleet-demo:   {} {} -> {}{}",
+            o["name"].as_str().unwrap_or("?"),
+            o["from"].as_str().unwrap_or("?"),
+            o["runs_on"].as_str().unwrap_or("?"),
+            o["error"]
+                .as_str()
+                .map(|e| format!(" FAILED: {e}"))
+                .unwrap_or_default()
+        );
+        moves.push(json!({"action": action, "outcome": o}));
+    }
+    (v, moves, err)
+}
+
+fn kill(pid: u32) {
+    // SAFETY: kill(2) on a PID this program started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 /// Which VM runs where, by the sockets that answer `running`.
@@ -67,13 +112,14 @@ fn run(a: Args) -> Result<bool> {
     std::fs::create_dir_all(&dir)?;
     println!("fleet-demo: building 3 hosts in namespaces {}-*", a.prefix);
     let mut c = Cluster::up_fleet(&a.prefix).context("building the cluster (root needed)")?;
-    c.start_etcd(&out).context("starting etcd")?;
+    let members = c.start_etcd(&out).context("starting etcd")?;
     println!(
         "fleet-demo: etcd members on {}",
         c.etcd_endpoints().join(", ")
     );
+    let mut agents = Vec::new();
     for i in 0..3 {
-        c.start_agent(&dir, i)?;
+        agents.push(c.start_agent(&dir, i)?);
     }
     println!("fleet-demo: an agent on each of {}", FLEET_HOSTS.join(", "));
     let image = root.join("images/out/stream");
@@ -85,7 +131,9 @@ fn run(a: Args) -> Result<bool> {
         c.add_service(i)?;
         let (cidr, _) = Cluster::fleet_service(i);
         let name = format!("s{i}");
-        let text = c.fleet_run_service(i, &image, host, &["rate=300K"])?;
+        // Some touched memory, so that a move takes long enough to be
+        // caught in the middle (the chaos runs).
+        let text = c.fleet_run_service(i, &image, host, &["rate=300K", "ballast=24M"])?;
         let v: Value = serde_json::from_str(&text)?;
         let id = v["id"].as_str().context("an id")?.to_string();
         let sock = Cluster::agent_socket(&dir, host, &id);
@@ -140,37 +188,107 @@ fn run(a: Args) -> Result<bool> {
 
     let mut errors: Vec<String> = Vec::new();
     let mut moves: Vec<Value> = Vec::new();
-    // One fleet command (`ferry fleet ARGS --json` on `node`): its
-    // outcomes join the report's moves.
-    let mut step = |action: &str, node: &str, args: &[&str]| -> Result<Value> {
-        println!("fleet-demo: ferry fleet {}", args.join(" "));
-        let mut all = args.to_vec();
-        all.push("--json");
-        let v: Value = match c.fleet(node, &all) {
-            Ok(t) => serde_json::from_str(&t)?,
-            Err(e) => {
-                errors.push(format!("{action}: {e:#}"));
-                Value::Null
+    let mut faults: Vec<String> = Vec::new();
+    let chaos = a.chaos.as_str();
+    // The drain, with a fault injected while it runs.
+    let (drain, m, e) = std::thread::scope(|s| -> Result<_> {
+        let d = s.spawn(|| step(&c, "drain", "hostC", &["drain", "hostA"]));
+        match chaos {
+            "kill-agent" => {
+                // Once a move off hostA is under way.
+                let t = Instant::now();
+                let under_way = || {
+                    ids.iter().any(|id| {
+                        cluster::ferry_ctl(
+                            &["status", "--json", "--api"],
+                            &Cluster::agent_socket(&dir, "hostA", id),
+                        )
+                        .is_ok_and(|s| s.contains("\"state\":\"migrating\""))
+                    })
+                };
+                let mut caught = false;
+                while t.elapsed() < Duration::from_secs(20) {
+                    if under_way() {
+                        caught = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                kill(agents[0]);
+                faults.push(format!(
+                    "hostA's agent SIGKILLed {} ms into the drain, {}",
+                    t.elapsed().as_millis(),
+                    if caught {
+                        "with a move under way"
+                    } else {
+                        "no move seen under way"
+                    }
+                ));
+                std::thread::sleep(Duration::from_millis(500));
+                let pid = c.start_agent_detached(&dir, 0)?;
+                faults.push(format!("hostA's agent started again (pid {pid})"));
             }
-        };
-        for o in v["outcomes"].as_array().into_iter().flatten() {
-            println!(
-                "fleet-demo:   {} {} -> {}{}",
-                o["name"].as_str().unwrap_or("?"),
-                o["from"].as_str().unwrap_or("?"),
-                o["runs_on"].as_str().unwrap_or("?"),
-                o["error"]
-                    .as_str()
-                    .map(|e| format!(" FAILED: {e}"))
-                    .unwrap_or_default()
-            );
-            moves.push(json!({"action": action, "outcome": o}));
+            "kill-leader" => {
+                std::thread::sleep(Duration::from_millis(100));
+                let eps = c.etcd_endpoints();
+                let (_, leader) = c.in_ns("hostC", || {
+                    ferry::fleet::store::Store::connect(&eps, Duration::from_secs(5))
+                        .and_then(|st| st.leader())
+                })??;
+                let pid = members
+                    .iter()
+                    .find(|(h, _)| *h == leader)
+                    .context("the leader's member")?
+                    .1;
+                kill(pid);
+                faults.push(format!(
+                    "etcd's leader ({leader}) SIGKILLed 100 ms into the drain"
+                ));
+            }
+            _ => {}
         }
-        Ok(v)
-    };
-    let drain = step("drain", "hostC", &["drain", "hostA"])?;
-    std::thread::sleep(Duration::from_secs(2));
-    let consolidate = step("consolidate", "hostB", &["consolidate"])?;
+        Ok(d.join().expect("the drain's thread"))
+    })?;
+    moves.extend(m);
+    errors.extend(e);
+    std::thread::sleep(Duration::from_secs(1));
+    match chaos {
+        "restart-agents" => {
+            for (i, pid) in agents.clone().into_iter().enumerate() {
+                kill(pid);
+                agents[i] = c.start_agent(&dir, i)?;
+            }
+            faults.push("every agent SIGKILLed and started again".into());
+        }
+        "partition" => {
+            c.exec("hostB", "ip", &["link", "set", "m0", "down"])?;
+            faults.push("hostB cut off from the backplane (etcd, migrations)".into());
+            let t = Instant::now();
+            // Its lease expires: it is no longer live, its VMs fenced there.
+            while c.fleet("hostA", &["ls", "--json"]).is_ok_and(|t| {
+                serde_json::from_str::<Value>(&t).is_ok_and(|v| {
+                    v["hosts"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|h| h["name"] == "hostB" && h["alive"] == true)
+                })
+            }) {
+                if t.elapsed() > Duration::from_secs(30) {
+                    bail!("hostB's lease did not expire while it was cut off");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        _ => {}
+    }
+    let (consolidate, m, e) = step(&c, "consolidate", "hostA", &["consolidate"]);
+    moves.extend(m);
+    errors.extend(e);
+    if chaos == "partition" {
+        c.exec("hostB", "ip", &["link", "set", "m0", "up"])?;
+        faults.push("hostB's backplane healed".into());
+    }
     for o in moves.iter().map(|m| &m["outcome"]) {
         if let Some(e) = o["error"].as_str() {
             errors.push(format!("{}: {e}", o["name"].as_str().unwrap_or("?")));
@@ -199,6 +317,13 @@ fn run(a: Args) -> Result<bool> {
     }
     stop.store(true, Ordering::Relaxed);
     let two_copies = watcher.join().unwrap_or_default();
+    // None lost: each VM answers `running` on exactly one host.
+    let now = running(&dir, &ids);
+    let lost: Vec<String> = vms
+        .iter()
+        .filter(|(_, id)| now.get(id).is_none_or(Vec::is_empty))
+        .map(|(name, _)| name.clone())
+        .collect();
     let counters = c.client_tcp_counters()?.since(&before);
     let view: Value = serde_json::from_str(&c.fleet("hostA", &["ls", "--json"])?)?;
     let drained = drain["emptied"]
@@ -210,6 +335,9 @@ fn run(a: Args) -> Result<bool> {
         "drained": if drained { Value::from("hostA") } else { Value::Null },
         "hosts_freed": consolidate["emptied"].clone(),
         "two_copies_seen": !two_copies.is_empty(),
+        "lost": lost,
+        "chaos": chaos,
+        "faults": faults,
         "two_copies": two_copies,
         "client_counters": {"retrans_segs": counters.retrans_segs, "estab_resets": counters.estab_resets},
         "fleet": view,
@@ -240,10 +368,16 @@ fn run(a: Args) -> Result<bool> {
         counters.retrans_segs,
         counters.estab_resets
     );
+    for f in &faults {
+        println!("fault: {f}");
+    }
     for e in &errors {
         println!("ERROR: {e}");
     }
     println!("report: {}", out.join("report.json").display());
     drop(c);
-    Ok(errors.is_empty() && !report["two_copies_seen"].as_bool().unwrap_or(true) && drained)
+    Ok(errors.is_empty()
+        && !report["two_copies_seen"].as_bool().unwrap_or(true)
+        && report["lost"].as_array().is_some_and(Vec::is_empty)
+        && drained)
 }
