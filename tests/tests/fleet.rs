@@ -131,6 +131,7 @@ fn hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss() {
                 memory: 64 << 20,
                 args: vec![],
                 net: None,
+                last_move: None,
                 owner: "hostA".into(),
                 generation: 0,
                 state: VmState::Running,
@@ -174,6 +175,7 @@ fn hosts_register_under_leases_and_moves_are_fenced_through_a_leader_loss() {
                 memory: 1,
                 args: vec![],
                 net: None,
+                last_move: None,
                 owner: "hostC".into(),
                 generation: 0,
                 state: VmState::Running,
@@ -438,6 +440,12 @@ fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
         cluster::ferry_ctl(&["status", "--json", "--api"], &at_c)
             .is_ok_and(|s| s.contains("\"state\":\"running\"") && s.contains("\"generation\":2"))
     });
+    // The live view shows the move's pause (from the source's report).
+    let top = c.fleet("hostB", &["top", "--once"]).unwrap();
+    assert!(
+        top.contains("s0") && top.contains("hostA -> hostC  pause"),
+        "{top}"
+    );
     // A move to a host without the memory, or to itself, is refused.
     let out = c
         .command("hostA", ferry_tests::ferry_bin())
@@ -609,5 +617,131 @@ fn chaos_a_host_partitioned_from_etcd() {
         (s2["owner"].as_str(), s2["generation"].as_u64()),
         (Some("hostB"), Some(1)),
         "{r}"
+    );
+}
+
+/// An operator confirms that a host is down (its agent and VMs died, its
+/// lease expired): its VM starts elsewhere from its image at the next
+/// generation and serves. When the host's agent returns, a copy of the VM
+/// found there at the old generation (as a host that was only cut off
+/// would have) is stopped: the record gives the VM to another host.
+#[test]
+fn a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped() {
+    let test = "a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped";
+    let Some(mut c) = fleet(test, "fx") else {
+        return;
+    };
+    if !ferry_tests::needs(test, &[Need::Kvm]) {
+        return;
+    }
+    let logs = cluster::log_dir("fleet-down");
+    let dir = logs.join(format!("run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    c.start_etcd(&logs).expect("etcd");
+    start_agents(&mut c, &dir);
+    c.add_service(0).unwrap();
+    let v0 = fleet_run_vm(&c, 0, "hostB");
+    let id = v0["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "s0 answers on hostB", || {
+        cluster::ferry_ctl(
+            &["status", "--json", "--api"],
+            &Cluster::agent_socket(&dir, "hostB", &id),
+        )
+        .is_ok()
+    });
+    // Confirming a live host down is refused.
+    let e = c
+        .fleet("hostA", &["confirm-down", "hostB"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("live agent"), "{e}");
+
+    // hostB loses power: everything in its namespace dies (its etcd
+    // member too; two keep the quorum).
+    for pid in cluster::namespace_pids(&c.ns("hostB")) {
+        // SAFETY: kill(2) on a PID the kernel just listed in a namespace
+        // this test made.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    eventually(TTL * 10, "hostB's lease expires", || {
+        alive_now(&c, "hostA").is_some_and(|a| !a.contains(&"hostB".to_string()))
+    });
+    let moved: Value = serde_json::from_str(
+        &c.fleet("hostA", &["confirm-down", "hostB", "--json"])
+            .unwrap(),
+    )
+    .unwrap();
+    let rec = &moved[0];
+    let to = rec["owner"].as_str().unwrap().to_string();
+    assert!(to == "hostA" || to == "hostC", "{moved}");
+    assert_eq!(rec["generation"], 2, "{moved}");
+    let sock = Cluster::agent_socket(&dir, &to, &id);
+    // Its new owner's agent raises the generation once more as it starts
+    // it (as for any start): 3.
+    eventually(
+        Duration::from_secs(30),
+        "s0 starts on its new host at generation 3",
+        || {
+            cluster::ferry_ctl(&["status", "--json", "--api"], &sock).is_ok_and(|s| {
+                s.contains("\"state\":\"running\"") && s.contains("\"generation\":3")
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = stream_client(&c, 0, 3).wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"error\":null"),
+        "{text}"
+    );
+
+    // hostB comes back with a copy of s0 at generation 1 (on a tap of its
+    // own, on no bridge: it only has to be found); its agent stops it.
+    c.start_agent(&dir, 1).unwrap();
+    let stale = Cluster::agent_socket(&dir, "hostB", &id);
+    let mut cmd = c.command("hostB", ferry_tests::ferry_bin());
+    cmd.arg("run")
+        .arg(ferry_tests::root().join("images/out/stream"))
+        .args(["--id", &id, "--generation", "1", "--api"])
+        .arg(&stale)
+        .args([
+            "--tap",
+            "stale0",
+            "--mac",
+            "02:00:00:00:99:01",
+            "--ip",
+            "10.99.0.1/24",
+        ]);
+    let pid = c.spawn(cmd, &dir.join("stale.log")).unwrap();
+    cluster::wait_for_line(
+        &dir.join("stale.log"),
+        "listening",
+        Duration::from_secs(20),
+        pid,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "hostB's agent stops the stale copy",
+        || {
+            // SAFETY: signal 0 only checks that the process exists.
+            let gone = unsafe { libc::kill(pid as i32, 0) } != 0;
+            gone || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        },
+    );
+    let log = std::fs::read_to_string(dir.join("agent-hostB-2.log")).unwrap();
+    assert!(log.contains("stale copy"), "{log}");
+    // The VM runs on where the record says.
+    let v = fleet_json(&c, "hostA", &["ls"]);
+    assert_eq!(v["vms"][0]["owner"], to.as_str(), "{v}");
+    assert_eq!(v["vms"][0]["generation"], 3, "{v}");
+    assert!(
+        cluster::ferry_ctl(&["status", "--json", "--api"], &sock)
+            .is_ok_and(|s| s.contains("\"state\":\"running\""))
     );
 }

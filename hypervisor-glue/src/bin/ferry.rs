@@ -522,6 +522,26 @@ enum FleetAction {
         #[command(flatten)]
         plan: PlanArgs,
     },
+    /// Say that HOST is down (its lease expired and you checked that its
+    /// VMs are dead): each VM it owned starts elsewhere from its image, at
+    /// the next generation. If HOST comes back, its agent stops them there.
+    ConfirmDown {
+        /// The host that is down.
+        host: String,
+        /// Print the VMs' new records as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view: hosts, VMs, moves in flight and the last moves' pauses,
+    /// refreshed every second (Ctrl-C ends it).
+    Top {
+        /// Refresh every this many milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        /// Print one view and end (for scripts and tests).
+        #[arg(long)]
+        once: bool,
+    },
     /// Move a VM (its id or name) to HOST, live; waits until it runs there.
     Move {
         /// The VM: its id or its name.
@@ -1069,6 +1089,41 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                             "VM {} ({}) runs on {} at generation {}",
                             r.id, r.name, r.owner, r.generation
                         );
+                    }
+                }
+                FleetAction::ConfirmDown { host, json } => {
+                    let moved = ferry::fleet::ops::confirm_down(&store, &host)?;
+                    if json {
+                        print_json(&serde_json::to_value(&moved)?);
+                    } else {
+                        for r in &moved {
+                            println!(
+                                "VM {} ({}) starts on {} at generation {} from its image",
+                                r.id, r.name, r.owner, r.generation
+                            );
+                        }
+                        println!(
+                            "{host}: down, cordoned; {} VMs placed elsewhere",
+                            moved.len()
+                        );
+                    }
+                }
+                FleetAction::Top { every_ms, once } => {
+                    ferry::stop::install().context("cannot install signal handling")?;
+                    loop {
+                        let v = store.view()?;
+                        let text = ferry::fleet::show::to_top(&v);
+                        if once {
+                            print!("{text}");
+                            break;
+                        }
+                        // Clear the screen, home the cursor.
+                        print!("\x1b[2J\x1b[H{text}");
+                        let _ = std::io::Write::flush(&mut std::io::stdout());
+                        std::thread::sleep(std::time::Duration::from_millis(every_ms.max(100)));
+                        if ferry::stop::requested().is_some() {
+                            break;
+                        }
                     }
                 }
                 FleetAction::Drain { host, plan } => {

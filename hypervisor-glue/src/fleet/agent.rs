@@ -392,11 +392,35 @@ impl Agent {
             let me = self.cfg.name.clone();
             let r = if ok {
                 say(&format!("VM {id} moved to {}", m.to));
-                self.store.advance(&id, &me, m.generation, |x| {
+                // The move's report (`ferry migrate --json`) gives its pause.
+                let report: serde_json::Value =
+                    std::fs::read_to_string(self.cfg.dir.join(format!("{id}.migrate.log")))
+                        .ok()
+                        .and_then(|t| t.lines().rev().find_map(|l| serde_json::from_str(l).ok()))
+                        .unwrap_or_default();
+                let last = super::store::LastMove {
+                    from: me.clone(),
+                    to: m.to.clone(),
+                    downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                    total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
+                    at: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                };
+                // The destination's agent may have recorded the arrival:
+                // the move's numbers go in either way.
+                let first = self.store.advance(&id, &me, m.generation, |x| {
                     x.owner = m.to.clone();
                     x.generation = m.generation + 1;
                     x.state = VmState::Running;
-                })
+                    x.last_move = Some(last.clone());
+                });
+                if matches!(first, Err(StoreError::Fenced { .. })) {
+                    let _ = self.store.advance(&id, &m.to, m.generation + 1, |x| {
+                        x.last_move = Some(last.clone());
+                    });
+                }
+                first
             } else {
                 say(&format!(
                     "the move of VM {id} to {} failed; it runs on here",
@@ -479,6 +503,22 @@ impl Agent {
                     Err(StoreError::Fenced { .. }) => {}
                     Err(e) => say(&format!("VM {}: recording its arrival: {e}", r.id)),
                 }
+                continue;
+            }
+            // A stale copy: the record gives the VM to another host at a
+            // later generation (an operator confirmed this host down and
+            // it came back). Only settled states: a move's own ends are
+            // the migration protocol's.
+            if let Some(l) = here
+                && r.owner != me
+                && r.generation > l.generation
+                && (l.state == "running" || l.state == "paused")
+            {
+                say(&format!(
+                    "VM {} runs here at generation {}, but its record gives generation {} to {}: stopping this stale copy",
+                    r.id, l.generation, r.generation, r.owner
+                ));
+                let _ = crate::api::call(&self.api(&r.id), &crate::api::Request::Stop);
                 continue;
             }
             if r.owner != me {

@@ -122,6 +122,7 @@ pub fn run(store: &Store, new: &NewVm, wait: Duration) -> Result<VmRecord, Store
         memory: new.memory,
         args: new.args.clone(),
         net: new.net.clone(),
+        last_move: None,
         owner: host,
         generation: 0,
         state: VmState::Running,
@@ -419,6 +420,36 @@ pub fn execute(
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+    Ok(out)
+}
+
+/// An operator's word that `host` is down (powered off, or its VMs
+/// otherwise dead): each VM it owned is given to another host at the next
+/// generation, whose agent starts it from its image (its memory is lost
+/// with the host). Refused while the host holds a lease. If the host comes
+/// back, its agent stops the copies the records no longer give it.
+pub fn confirm_down(store: &Store, host: &str) -> Result<Vec<VmRecord>, StoreError> {
+    let v = store.view()?;
+    if v.hosts.iter().any(|h| h.name == host) {
+        return Err(StoreError::Invalid(format!(
+            "{host} has a live agent (its lease holds): it is not down; `ferry fleet drain {host}` moves its VMs live"
+        )));
+    }
+    store.cordon(host, true)?;
+    let mut placed: View = v.clone();
+    let mut out = Vec::new();
+    for vm in v.vms.iter().filter(|vm| vm.owner == host) {
+        let to = place(&placed, vm.memory, None)?;
+        let rec = store.advance(&vm.id, host, vm.generation, |r| {
+            r.owner = to.clone();
+            r.generation = vm.generation + 1;
+            r.state = VmState::Running;
+        })?;
+        if let Some(p) = placed.vms.iter_mut().find(|p| p.id == vm.id) {
+            p.owner = to;
+        }
+        out.push(rec);
     }
     Ok(out)
 }

@@ -130,6 +130,56 @@ pub fn to_text(v: &View) -> String {
     s
 }
 
+/// `ferry fleet top`: the tables of [`to_text`] under a header, the moves
+/// in flight, and the last moves with their pauses.
+pub fn to_top(v: &View) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut s = format!(
+        "ferry fleet top (etcd revision {}): {} live hosts, {} VMs\n\n",
+        v.revision,
+        v.hosts.len(),
+        v.vms.len()
+    );
+    s.push_str(&to_text(v));
+    let moving: Vec<_> = v
+        .vms
+        .iter()
+        .filter_map(|vm| match &vm.state {
+            VmState::Moving { to } => Some(format!("  {} {} -> {to}", vm.name, vm.owner)),
+            _ => None,
+        })
+        .collect();
+    s.push_str(&format!("\nmoves in flight: {}\n", moving.len()));
+    for m in moving {
+        s.push_str(&m);
+        s.push('\n');
+    }
+    let mut last: Vec<_> = v
+        .vms
+        .iter()
+        .filter_map(|vm| vm.last_move.as_ref().map(|m| (vm, m)))
+        .collect();
+    last.sort_by_key(|(_, m)| std::cmp::Reverse(m.at));
+    s.push_str("\nlast moves (pause = VMM downtime):\n");
+    for (vm, m) in last.iter().take(10) {
+        s.push_str(&format!(
+            "  {:<14} {} -> {}  pause {:.2} ms, move {:.0} ms, {} s ago\n",
+            vm.name,
+            m.from,
+            m.to,
+            m.downtime_ms,
+            m.total_ms,
+            now.saturating_sub(m.at)
+        ));
+    }
+    if last.is_empty() {
+        s.push_str("  (none yet)\n");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::store::{HostRecord, VmRecord};
@@ -154,6 +204,7 @@ mod tests {
                 memory: 64 << 20,
                 args: vec![],
                 net: None,
+                last_move: None,
                 owner: "h2".into(),
                 generation: 4,
                 state: VmState::Fenced,

@@ -127,6 +127,9 @@ pub struct VmRecord {
     /// Its network card: the service address it keeps wherever it runs.
     #[serde(default)]
     pub net: Option<VmNet>,
+    /// Its last move: from, to, the pause (VMM downtime), the whole move.
+    #[serde(default)]
+    pub last_move: Option<LastMove>,
     /// The host that owns generation `generation`.
     pub owner: String,
     /// Its generation: each move's commit adds one.
@@ -134,6 +137,21 @@ pub struct VmRecord {
     /// What it is doing.
     #[serde(flatten)]
     pub state: VmState,
+}
+
+/// A VM's last move, as its source's agent recorded it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastMove {
+    /// From host.
+    pub from: String,
+    /// To host.
+    pub to: String,
+    /// VMM downtime, ms (the pause).
+    pub downtime_ms: f64,
+    /// The whole move, ms.
+    pub total_ms: f64,
+    /// When it ended, seconds since the epoch.
+    pub at: u64,
 }
 
 /// A VM's network card in its record (as `ferry run` takes them).
@@ -689,6 +707,7 @@ mod tests {
             memory: 64 << 20,
             args: vec!["ballast=4M".into()],
             net: None,
+            last_move: None,
             owner: "h1".into(),
             generation: 3,
             state: VmState::Moving { to: "h2".into() },
