@@ -427,6 +427,25 @@ fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
     let clients: Vec<_> = (0..2).map(|i| stream_client(&c, i, 12)).collect();
     std::thread::sleep(Duration::from_secs(2));
 
+    // A dry run says what would happen and changes nothing.
+    let said = c
+        .fleet("hostB", &["move", "s0", "hostC", "--dry-run"])
+        .unwrap();
+    assert!(
+        said.contains("would move live from hostA to hostC"),
+        "{said}"
+    );
+    let said = c
+        .fleet("hostB", &["run", "x", "--name", "x", "--dry-run"])
+        .unwrap();
+    assert!(said.contains("would start on host"), "{said}");
+    assert_eq!(
+        fleet_json(&c, "hostA", &["ls"])["vms"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
     // s0 moves hostA -> hostC through the records: the source's agent
     // migrates it, the record names hostC at generation 2.
     let moved = fleet_json(&c, "hostB", &["move", "s0", "hostC"]);

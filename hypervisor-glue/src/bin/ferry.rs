@@ -497,6 +497,9 @@ enum FleetAction {
         /// The host to start it on.
         #[arg(long)]
         host: Option<String>,
+        /// Say where it would go and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print the VM's record as JSON.
         #[arg(long)]
         json: bool,
@@ -551,6 +554,9 @@ enum FleetAction {
         /// Give up waiting after this many seconds (the move may still end).
         #[arg(long, default_value_t = 120)]
         wait_s: u64,
+        /// Check that the move may happen and change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print the VM's record as JSON.
         #[arg(long)]
         json: bool,
@@ -1060,9 +1066,15 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     ip,
                     gateway,
                     host,
+                    dry_run,
                     json,
                     args,
                 } => {
+                    if dry_run {
+                        let to = ferry::fleet::ops::place(&store.view()?, memory, host.as_deref())?;
+                        println!("{name} ({} MiB) would start on {to}", memory >> 20);
+                        return Ok(0);
+                    }
                     let image = std::fs::canonicalize(&image)
                         .with_context(|| format!("the image {}", image.display()))?;
                     let new = ferry::fleet::ops::NewVm {
@@ -1139,8 +1151,20 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     vm,
                     host,
                     wait_s,
+                    dry_run,
                     json,
                 } => {
+                    if dry_run {
+                        let r = ferry::fleet::ops::check_move(&store.view()?, &vm, &host)?;
+                        println!(
+                            "{} ({}) would move live from {} to {host}, to generation {}",
+                            r.name,
+                            r.id,
+                            r.owner,
+                            r.generation + 1
+                        );
+                        return Ok(0);
+                    }
                     eprintln!("ferry: fleet: moving {vm} to {host}");
                     let t = std::time::Instant::now();
                     let r = ferry::fleet::ops::move_to(

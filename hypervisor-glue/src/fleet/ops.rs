@@ -142,23 +142,7 @@ pub fn move_to(
     host: &str,
     wait: Duration,
 ) -> Result<VmRecord, StoreError> {
-    let v = store.view()?;
-    let vm = find(&v, key)?.clone();
-    if vm.owner == host {
-        return Err(StoreError::Invalid(format!(
-            "VM {} runs on {host} already",
-            vm.name
-        )));
-    }
-    if vm.state != VmState::Running {
-        return Err(StoreError::Invalid(format!(
-            "VM {} is not running on {} (its record says {:?})",
-            vm.name, vm.owner, vm.state
-        )));
-    }
-    if let Some(why) = refuse(&v, host, vm.memory) {
-        return Err(StoreError::Invalid(why));
-    }
+    let vm = check_move(&store.view()?, key, host)?;
     let from = vm.owner.clone();
     let asked = store.advance(&vm.id, &from, vm.generation, |r| {
         r.state = VmState::Moving {
@@ -203,6 +187,28 @@ fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The VM `key` as it is now, if it may move to `host` (else why not):
+/// what `ferry fleet move --dry-run` checks.
+pub fn check_move(v: &View, key: &str, host: &str) -> Result<VmRecord, StoreError> {
+    let vm = find(v, key)?.clone();
+    if vm.owner == host {
+        return Err(StoreError::Invalid(format!(
+            "VM {} runs on {host} already",
+            vm.name
+        )));
+    }
+    if vm.state != VmState::Running {
+        return Err(StoreError::Invalid(format!(
+            "VM {} is not running on {} (its record says {:?})",
+            vm.name, vm.owner, vm.state
+        )));
+    }
+    if let Some(why) = refuse(v, host, vm.memory) {
+        return Err(StoreError::Invalid(why));
+    }
+    Ok(vm)
 }
 
 /// A fleet-wide change the operator asks for.
