@@ -279,16 +279,17 @@ impl Agent {
         })
     }
 
-    /// Starts VM `r` here at its next generation (the record first).
-    fn start_vm(&mut self, r: &VmRecord) {
-        if self
-            .started
-            .get(&r.id)
+    /// Whether a start of VM `id` is under way here: started in the last
+    /// 30 s, or its process exists (its socket may not answer yet).
+    fn starting(&self, id: &str) -> bool {
+        self.started
+            .get(id)
             .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
-            || Self::process_of(&r.id)
-        {
-            return;
-        }
+            || Self::process_of(id)
+    }
+
+    /// Starts VM `r` here (its record already at the generation it runs at).
+    fn start_vm(&mut self, r: &VmRecord) {
         let Ok(id) = r.id.parse::<VmId>() else {
             say(&format!("VM record {} has no valid id; left alone", r.id));
             return;
@@ -401,8 +402,8 @@ impl Agent {
                 let last = super::store::LastMove {
                     from: me.clone(),
                     to: m.to.clone(),
-                    downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-                    total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
+                    downtime_ms: report["downtime_ms"].as_f64(),
+                    total_ms: report["total_ms"].as_f64(),
                     at: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs()),
@@ -527,15 +528,17 @@ impl Agent {
             match &r.state {
                 VmState::Running => {
                     let runs = here.is_some_and(|l| l.state != "gone");
-                    if !runs && !self.moving.contains_key(&r.id) {
+                    // A start under way is left to finish: raising the
+                    // generation again would leave the record ahead of the
+                    // VM it names.
+                    if !runs && !self.moving.contains_key(&r.id) && !self.starting(&r.id) {
                         // Fence any copy elsewhere first: the record's
                         // next generation is this start's.
                         let next = r.generation + 1;
                         match self.store.advance(&r.id, &me, r.generation, |x| {
                             x.generation = next;
                         }) {
-                            Ok(rec) if !Self::process_of(&r.id) => self.start_vm(&rec),
-                            Ok(_) => {}
+                            Ok(rec) => self.start_vm(&rec),
                             Err(e) => say(&format!("VM {}: {e}", r.id)),
                         }
                     }

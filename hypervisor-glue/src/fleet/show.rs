@@ -165,12 +165,12 @@ pub fn to_top(v: &View) -> String {
     s.push_str("\nlast moves (pause = VMM downtime):\n");
     for (vm, m) in last.iter().take(10) {
         s.push_str(&format!(
-            "  {:<14} {} -> {}  pause {:.2} ms, move {:.0} ms, {} s ago\n",
+            "  {:<14} {} -> {}  pause {}, move {}, {} s ago\n",
             vm.name,
             m.from,
             m.to,
-            m.downtime_ms,
-            m.total_ms,
+            m.downtime_ms.map_or("?".into(), |d| format!("{d:.2} ms")),
+            m.total_ms.map_or("?".into(), |t| format!("{t:.0} ms")),
             now.saturating_sub(m.at)
         ));
     }

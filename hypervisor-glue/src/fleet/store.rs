@@ -146,10 +146,10 @@ pub struct LastMove {
     pub from: String,
     /// To host.
     pub to: String,
-    /// VMM downtime, ms (the pause).
-    pub downtime_ms: f64,
-    /// The whole move, ms.
-    pub total_ms: f64,
+    /// VMM downtime, ms (the pause), if the move's report gave it.
+    pub downtime_ms: Option<f64>,
+    /// The whole move, ms, if the report gave it.
+    pub total_ms: Option<f64>,
     /// When it ended, seconds since the epoch.
     pub at: u64,
 }
@@ -354,30 +354,17 @@ impl Registration {
     pub fn lease(&self) -> i64 {
         self.lease
     }
-
-    /// Stops renewing without revoking: the record expires with the lease
-    /// (what a host that dies looks like; for tests).
-    pub fn abandon(mut self) {
-        self.stop_renewer(false);
-    }
-
-    fn stop_renewer(&mut self, revoke: bool) {
-        if let Some(stop) = self.stop.take() {
-            // A message: revoke. The sender dropped without one: let the
-            // lease expire.
-            if revoke {
-                let _ = stop.send(());
-            }
-        }
-        if let Some(t) = self.renewer.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.stop_renewer(true);
+        // The message tells the renewer to revoke the lease.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -717,6 +704,19 @@ mod tests {
         assert!(text.contains(r#""state":"moving""#), "{text}");
         assert!(text.contains(r#""to":"h2""#), "{text}");
         assert_eq!(decode::<VmRecord>(b"k", &j).unwrap(), vm);
+        // A move whose report gave no pause still reads back (a NaN would
+        // have been written as null and broken every later view).
+        let moved = VmRecord {
+            last_move: Some(LastMove {
+                from: "h1".into(),
+                to: "h2".into(),
+                downtime_ms: None,
+                total_ms: Some(55.0),
+                at: 1,
+            }),
+            ..vm
+        };
+        assert_eq!(decode::<VmRecord>(b"k", &encode(&moved)).unwrap(), moved);
     }
 
     #[test]
