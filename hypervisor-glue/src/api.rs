@@ -38,6 +38,71 @@ use crate::control::{After, Command, Mailbox, Reply};
 /// Largest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
+/// The longest path a Unix socket address holds (`sun_path` less its NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// A socket's path in a form `bind` and `connect` accept. A path longer
+/// than `sun_path` (deep directories: a checkout's `target/`, an agent's
+/// directory) is reached through its directory, held open, as
+/// `/proc/self/fd/N/NAME`; the socket's name stays the one asked for.
+struct Reachable {
+    _dir: Option<OwnedFd>,
+    path: PathBuf,
+}
+
+impl Reachable {
+    fn new(path: &Path) -> std::io::Result<Reachable> {
+        use std::os::unix::ffi::OsStrExt;
+        if path.as_os_str().as_bytes().len() <= SUN_PATH_MAX {
+            return Ok(Reachable {
+                _dir: None,
+                path: path.to_path_buf(),
+            });
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a socket's path", path.display()),
+            ));
+        };
+        let dir: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            })?
+            .into();
+        let short = Path::new("/proc/self/fd")
+            .join(dir.as_raw_fd().to_string())
+            .join(name);
+        if short.as_os_str().as_bytes().len() > SUN_PATH_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the socket name {:?} is longer than a Unix socket address holds ({SUN_PATH_MAX} bytes)",
+                    name
+                ),
+            ));
+        }
+        Ok(Reachable {
+            _dir: Some(dir),
+            path: short,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Connects to the control socket at `path`, however long the path.
+pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let p = Reachable::new(path)?;
+    UnixStream::connect(p.path())
+}
+
 /// A request, as it comes over the socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
@@ -461,7 +526,7 @@ impl Api {
     pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<Api> {
         match std::fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
-                if UnixStream::connect(path).is_ok() {
+                if connect(path).is_ok() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::AddrInUse,
                         format!("{} is the control socket of a running VM", path.display()),
@@ -481,7 +546,7 @@ impl Api {
         // The socket file takes its mode from the umask at bind time.
         // SAFETY: umask only swaps the process's file mode mask.
         let old = unsafe { libc::umask(0o177) };
-        let r = UnixListener::bind(path);
+        let r = Reachable::new(path).and_then(|p| UnixListener::bind(p.path()));
         // SAFETY: as above, restoring it.
         unsafe { libc::umask(old) };
         let listener = r?;
@@ -633,8 +698,8 @@ fn call_inner(
     progress: &mut dyn FnMut(&Value),
     on_conn: &mut dyn FnMut(UnixStream),
 ) -> Result<Value, String> {
-    let conn = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the VM at {}: {e}", path.display()))?;
+    let conn =
+        connect(path).map_err(|e| format!("cannot reach the VM at {}: {e}", path.display()))?;
     if let Ok(c) = conn.try_clone() {
         on_conn(c);
     }
@@ -702,6 +767,37 @@ mod tests {
         fn resolve(self: Arc<Self>, _: bool, _: bool) -> Value {
             error("no")
         }
+    }
+
+    #[test]
+    fn a_socket_deeper_than_sun_path_binds_answers_and_goes() {
+        let mut dir = std::env::temp_dir().join(format!("ferry-api-deep-{}", std::process::id()));
+        while dir.as_os_str().len() < 150 {
+            dir.push("a-rather-long-directory-name");
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("8f0c1c9e-3d4b-4f7a-9a55-0123456789ab.sock");
+        assert!(sock.as_os_str().len() > SUN_PATH_MAX);
+        // Rust's own bind refuses it, which is the case handled here.
+        assert!(UnixListener::bind(&sock).is_err());
+        let handle = Api::bind(&sock, None)
+            .unwrap()
+            .serve(Mailbox::new(), Arc::new(NoMigrations))
+            .unwrap();
+        assert!(
+            std::fs::symlink_metadata(&sock)
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
+        // A second VMM on the same path sees the live one.
+        let again = Api::bind(&sock, None).err().unwrap();
+        assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse, "{again}");
+        assert!(connect(&sock).is_ok());
+        drop(handle);
+        assert!(!sock.exists());
+        let top = std::env::temp_dir().join(format!("ferry-api-deep-{}", std::process::id()));
+        std::fs::remove_dir_all(top).unwrap();
     }
 
     #[test]

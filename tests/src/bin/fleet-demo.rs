@@ -140,7 +140,14 @@ fn run(a: Args) -> Result<bool> {
         let t = Instant::now();
         while cluster::ferry_ctl(&["status", "--json", "--api"], &sock).is_err() {
             if t.elapsed() > Duration::from_secs(30) {
-                bail!("{name} did not come up on {host}");
+                let log = dir.join(format!("agent-{host}.log"));
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = said.lines().rev().take(20).collect();
+                bail!(
+                    "{name} did not come up on {host}; the end of {}:\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
