@@ -653,10 +653,31 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// [`Cluster::start_agent`] with another `ferry` (the failpoints
+    /// build) and more environment (`FERRY_FAILPOINTS`): what the agent
+    /// starts (its receiver, VMs) runs with both.
+    pub fn start_agent_with(
+        &mut self,
+        dir: &Path,
+        i: usize,
+        ferry: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<u32> {
+        let (mut cmd, log) = self.agent_command_of(dir, i, ferry);
+        cmd.envs(env.iter().copied());
+        let pid = self.spawn(cmd, &log)?;
+        wait_for_line(&log, "registered", Duration::from_secs(20), pid)?;
+        Ok(pid)
+    }
+
     fn agent_command(&self, dir: &Path, i: usize) -> (Command, PathBuf) {
+        self.agent_command_of(dir, i, &crate::ferry_bin())
+    }
+
+    fn agent_command_of(&self, dir: &Path, i: usize, ferry: &Path) -> (Command, PathBuf) {
         let h = FLEET_HOSTS[i];
         let eps = self.etcd_endpoints().join(",");
-        let mut cmd = self.command(h, crate::ferry_bin());
+        let mut cmd = self.command(h, ferry);
         cmd.args(["agent", "--name", h, "--etcd", &eps, "--bridge", "brv"])
             .args(["--listen", &format!("{}:7100", MIGRATION_IPS[i])])
             .arg("--key")

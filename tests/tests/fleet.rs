@@ -355,6 +355,16 @@ fn a_host_cut_off_from_etcd_loses_its_record_and_must_register_again() {
     drop(regs);
 }
 
+/// A test's log directory `name` and, in it, a fresh directory for its
+/// agents' sockets and logs.
+fn run_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let logs = cluster::log_dir(name);
+    let dir = logs.join(format!("run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    (logs, dir)
+}
+
 /// Starts `ferry agent` on each host of `c` (logs and sockets under `dir`).
 fn start_agents(c: &mut Cluster, dir: &std::path::Path) -> Vec<u32> {
     (0..3).map(|i| c.start_agent(dir, i).unwrap()).collect()
@@ -401,10 +411,7 @@ fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
         return;
     };
     let _one = one_fleet();
-    let logs = cluster::log_dir("fleet-agents");
-    let dir = logs.join(format!("run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let (logs, dir) = run_dir("fleet-agents");
     c.start_etcd(&logs).expect("etcd");
     let agents = start_agents(&mut c, &dir);
     for i in 0..2 {
@@ -470,11 +477,15 @@ fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
         cluster::ferry_ctl(&["status", "--json", "--api"], &at_c)
             .is_ok_and(|s| s.contains("\"state\":\"running\"") && s.contains("\"generation\":2"))
     });
-    // The live view shows the move's pause (from the source's report).
-    let top = c.fleet("hostB", &["top", "--once"]).unwrap();
-    assert!(
-        top.contains("s0") && top.contains("hostA -> hostC  pause"),
-        "{top}"
+    // The live view shows the move's pause (from the source's report,
+    // which its agent records once `ferry migrate` has ended).
+    eventually(
+        Duration::from_secs(5),
+        "the move's pause in fleet top",
+        || {
+            c.fleet("hostB", &["top", "--once"])
+                .is_ok_and(|top| top.contains("s0") && top.contains("hostA -> hostC  pause"))
+        },
     );
     // A move to a host without the memory, or to itself, is refused.
     let out = c
@@ -663,10 +674,7 @@ fn a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped()
         return;
     };
     let _one = one_fleet();
-    let logs = cluster::log_dir("fleet-down");
-    let dir = logs.join(format!("run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let (logs, dir) = run_dir("fleet-down");
     c.start_etcd(&logs).expect("etcd");
     start_agents(&mut c, &dir);
     c.add_service(0).unwrap();
@@ -773,4 +781,158 @@ fn a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped()
         cluster::ferry_ctl(&["status", "--json", "--api"], &sock)
             .is_ok_and(|s| s.contains("\"state\":\"running\""))
     );
+}
+
+/// The fencing step of a fleet move: the destination's receiver claims
+/// the new generation in the record when it admits the move (while memory
+/// is copied, not in the pause), and settles the claim at the end: the
+/// record names it once the VM runs there, or goes back to the source when
+/// the move fails. A move the records do not ask for is refused.
+#[test]
+fn a_fleet_move_claims_its_generation_and_a_failed_one_gives_it_back() {
+    let Some(mut c) = fleet(
+        "a_fleet_move_claims_its_generation_and_a_failed_one_gives_it_back",
+        "ff",
+        &[Need::Kvm],
+    ) else {
+        return;
+    };
+    let _one = one_fleet();
+    let (logs, dir) = run_dir("fleet-fence");
+    c.start_etcd(&logs).expect("etcd");
+    c.start_agent(&dir, 0).unwrap();
+    let fp = ferry_tests::ferry_failpoints_bin();
+    // hostB holds each arriving VM 1.5 s after admitting it; on hostC an
+    // arriving VM's process dies as its state arrives (in the pause).
+    c.start_agent_with(
+        &dir,
+        1,
+        &fp,
+        &[("FERRY_FAILPOINTS", "dst-admitted=stall:1500")],
+    )
+    .unwrap();
+    c.start_agent_with(&dir, 2, &fp, &[("FERRY_FAILPOINTS", "dst-state=exit")])
+        .unwrap();
+    c.add_service(0).unwrap();
+    let before = c.client_tcp_counters().unwrap();
+    let v = fleet_run_vm(&c, 0, "hostA");
+    let id = v["id"].as_str().unwrap().to_string();
+    let status = |h: &str| {
+        cluster::ferry_ctl(
+            &["status", "--json", "--api"],
+            &Cluster::agent_socket(&dir, h, &id),
+        )
+        .ok()
+    };
+    eventually(Duration::from_secs(20), "s0 answers on hostA", || {
+        status("hostA").is_some()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let client = stream_client(&c, 0, 14);
+    std::thread::sleep(Duration::from_secs(2));
+    let eps = c.etcd_endpoints();
+    let record = |c: &Cluster| {
+        let (eps, id) = (eps.clone(), id.clone());
+        c.in_ns("hostA", move || {
+            Store::connect(&eps, CALL).unwrap().vm(&id).unwrap().record
+        })
+        .unwrap()
+    };
+
+    // A move to hostB: while hostB holds the VM, the record already gives
+    // it generation 2, arriving from hostA; then it runs there.
+    let mut mover = c.command("hostA", ferry_tests::ferry_bin());
+    mover.args(["fleet", "--etcd", &eps.join(","), "move", "s0", "hostB"]);
+    let mover = std::thread::spawn(move || mover.output());
+    let t = Instant::now();
+    let claimed = loop {
+        let r = record(&c);
+        if r.state
+            == (VmState::Arriving {
+                from: "hostA".into(),
+            })
+        {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "never claimed: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!((claimed.owner.as_str(), claimed.generation), ("hostB", 2));
+    // The VM still runs at its source meanwhile.
+    assert!(status("hostA").is_some_and(|s| s.contains("\"generation\":1")));
+    let out = mover.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = record(&c);
+    assert_eq!(
+        (r.owner.as_str(), r.generation, &r.state),
+        ("hostB", 2, &VmState::Running)
+    );
+    let said = std::fs::read_to_string(dir.join("hostB/receiver.log")).unwrap();
+    assert!(
+        said.contains(&format!("VM {id}: claimed generation 2")),
+        "{said}"
+    );
+    eventually(Duration::from_secs(10), "s0 runs on hostB", || {
+        status("hostB").is_some_and(|s| s.contains("\"state\":\"running\""))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A move to hostC, whose VM process dies in the pause: the source
+    // resumes, the claim goes back, nothing runs at hostC.
+    let out = c
+        .command("hostA", ferry_tests::ferry_bin())
+        .args(["fleet", "--etcd", &eps.join(","), "move", "s0", "hostC"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed; it runs on at hostB"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = record(&c);
+    assert_eq!(
+        (r.owner.as_str(), r.generation, &r.state),
+        ("hostB", 2, &VmState::Running)
+    );
+    let b = status("hostB").unwrap_or_default();
+    assert!(
+        b.contains("\"state\":\"running\"") && b.contains("\"generation\":2"),
+        "{b}"
+    );
+    assert!(
+        status("hostC").is_none_or(|s| !s.contains("\"state\":\"running\"")),
+        "s0 runs on hostC too"
+    );
+
+    // A move the records do not ask for: hostC's receiver refuses it, and
+    // the VM runs on.
+    let out = c
+        .command("hostB", ferry_tests::ferry_bin())
+        .args(["migrate", "--api"])
+        .arg(Cluster::agent_socket(&dir, "hostB", &id))
+        .args(["--to", &format!("{}:7100", MIGRATION_IPS[2]), "--key"])
+        .arg(c.key())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("does not move the VM to hostC"), "{err}");
+    assert!(status("hostB").is_some_and(|s| s.contains("\"state\":\"running\"")));
+
+    let out = client.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"error\":null"),
+        "{text}"
+    );
+    let d = c.client_tcp_counters().unwrap().since(&before);
+    assert_eq!(d.estab_resets, 0, "{d:?}");
 }

@@ -357,6 +357,12 @@ enum Command {
         /// what capture saves).
         #[arg(long)]
         no_capture: bool,
+        /// A fleet host's receiver (`ferry agent` starts it so): admit only
+        /// VMs whose record in this etcd cluster (IP:PORT of its members,
+        /// comma-separated) moves them to --name, and commit each only
+        /// once its record names --name at the new generation.
+        #[arg(long, value_delimiter = ',', requires = "name")]
+        fleet_etcd: Vec<String>,
         /// Arriving VMs run with these (each in its own process).
         #[command(flatten)]
         hardening: Hardening,
@@ -1319,9 +1325,21 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             expect,
             once,
             no_capture,
+            fleet_etcd,
             hardening,
         } => {
             let creds = creds.credentials("the migration channel")?;
+            let fleet = if fleet_etcd.is_empty() {
+                None
+            } else {
+                Some(std::sync::Arc::new(
+                    ferry::fleet::store::Store::connect(
+                        &fleet_etcd,
+                        std::time::Duration::from_secs(3),
+                    )
+                    .context("cannot reach the fleet's etcd (--fleet-etcd)")?,
+                ))
+            };
             // Checked here, applied by each arriving VM's process.
             if let Some(j) = &hardening.jail {
                 ferry::lockdown::check_jail(&ferry::lockdown::Jail {
@@ -1350,6 +1368,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                 once,
                 capture: !no_capture,
                 session_args: hardening.as_args(),
+                fleet,
             });
             receiver::install_signals(once, r.clone()).context("cannot install signal handling")?;
             Ok(r.serve(listener)?)

@@ -78,6 +78,8 @@ pub struct Agent {
     load: f64,
     /// The load last written to the host's record, and when.
     reported: (f64, Instant),
+    /// Claims on VMs arriving here with no VM here, since when.
+    orphans: HashMap<String, Instant>,
 }
 
 fn say(m: &str) {
@@ -149,6 +151,7 @@ impl Agent {
             cpu: HashMap::new(),
             load: 0.0,
             reported: (0.0, Instant::now()),
+            orphans: HashMap::new(),
         };
         a.register()?;
         Ok(a)
@@ -225,7 +228,9 @@ impl Agent {
             .arg(&self.cfg.key)
             .args(["--bridge", &self.cfg.bridge])
             .arg("--api-dir")
-            .arg(self.cfg.dir.join("vms"));
+            .arg(self.cfg.dir.join("vms"))
+            .arg("--fleet-etcd")
+            .arg(self.cfg.etcd.join(","));
         match detached(cmd, &self.cfg.dir.join("receiver.log")) {
             Ok(c) => {
                 let _ = std::fs::write(&pidfile, c.id().to_string());
@@ -417,8 +422,14 @@ impl Agent {
                     x.last_move = Some(last.clone());
                 });
                 if matches!(first, Err(StoreError::Fenced { .. })) {
+                    // The destination claimed the generation when it
+                    // admitted the move; it confirmed the commit, so the
+                    // claim is settled here too if its receiver has not.
                     let _ = self.store.advance(&id, &m.to, m.generation + 1, |x| {
                         x.last_move = Some(last.clone());
+                        if matches!(x.state, VmState::Arriving { .. }) {
+                            x.state = VmState::Running;
+                        }
                     });
                 }
                 first
@@ -437,6 +448,119 @@ impl Agent {
                 Err(StoreError::Fenced { .. }) => {}
                 Err(e) => say(&format!("VM {id}: recording the move's end: {e}")),
             }
+        }
+    }
+
+    /// Settles a move in doubt by the record: the destination won the
+    /// fencing step (it runs there: this copy ends), or the record keeps
+    /// the VM here, made final by writing it back to `running` (the
+    /// destination's step can then never win), and this copy resumes.
+    fn settle_doubt(&mut self, r: &VmRecord, l: &Local) {
+        let me = &self.cfg.name;
+        let api = self.api(&r.id);
+        if r.owner != *me && r.generation > l.generation {
+            say(&format!(
+                "VM {}: its move is in doubt here, and the record gives generation {} to {}: this copy ends",
+                r.id, r.generation, r.owner
+            ));
+            let _ = crate::api::call(&api, &crate::api::Request::Stop);
+            return;
+        }
+        if r.owner != *me || r.generation != l.generation {
+            return;
+        }
+        if matches!(r.state, VmState::Moving { .. }) {
+            match self.store.advance(&r.id, me, r.generation, |x| {
+                x.state = VmState::Running;
+            }) {
+                Ok(_) => {}
+                Err(StoreError::Fenced { .. }) => return, // the destination won: next turn
+                Err(e) => {
+                    say(&format!("VM {}: settling its move in doubt: {e}", r.id));
+                    return;
+                }
+            }
+        }
+        let v = crate::api::call(
+            &api,
+            &crate::api::Request::Resolve {
+                resume_here: true,
+                destination_down: true,
+            },
+        );
+        say(&format!(
+            "VM {}: its move was in doubt; the record keeps it here at generation {}: {}",
+            r.id,
+            r.generation,
+            match &v {
+                Ok(v) => v["detail"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .unwrap_or("?")
+                    .to_string(),
+                Err(e) => e.to_string(),
+            }
+        ));
+    }
+
+    /// A record claimed by a move's destination, seen from either end:
+    /// - at the destination, a VM that runs here at the claimed generation
+    ///   settles it (`running`), in case the receiver could not;
+    /// - at the source, a VM that runs on here (the move failed before its
+    ///   commit, or was aborted there: not in doubt) takes it back;
+    /// - at the destination, a claim with no VM here at all for a while
+    ///   (its receiver died with the session) goes back to the source.
+    fn settle_claim(
+        &mut self,
+        r: &VmRecord,
+        from: &str,
+        here: Option<&Local>,
+        orphans: &mut HashMap<String, Instant>,
+    ) {
+        let me = self.cfg.name.as_str();
+        let settle = |ran: bool, what: &str| match self.store.settle_arrival(
+            &r.id,
+            &r.owner,
+            r.generation,
+            ran,
+        ) {
+            Ok(true) => say(&format!("VM {}: {what}", r.id)),
+            Ok(false) => {}
+            Err(e) => say(&format!("VM {}: settling its move's claim: {e}", r.id)),
+        };
+        if r.owner == me {
+            match here {
+                Some(l) if l.state == "running" && l.generation == r.generation => settle(
+                    true,
+                    &format!("arrived here at generation {}", r.generation),
+                ),
+                Some(_) => {}
+                None if self.starting(&r.id) => {}
+                None => {
+                    let since = self
+                        .orphans
+                        .get(&r.id)
+                        .copied()
+                        .unwrap_or_else(Instant::now);
+                    orphans.insert(r.id.clone(), since);
+                    if since.elapsed() > Duration::from_secs(5) {
+                        settle(
+                            false,
+                            &format!(
+                                "its move here left no VM; the record gives it back to {from}"
+                            ),
+                        );
+                    }
+                }
+            }
+        } else if from == me
+            && !self.moving.contains_key(&r.id)
+            && here.is_some_and(|l| l.state == "running" && l.generation + 1 == r.generation)
+        {
+            settle(
+                false,
+                &format!("its move to {} failed; it runs on here", r.owner),
+            );
         }
     }
 
@@ -486,8 +610,13 @@ impl Agent {
         }
         let view = self.store.view()?;
         let me = self.cfg.name.clone();
+        let mut orphans = HashMap::new();
         for r in &view.vms {
             let here = locals.get(&r.id);
+            if let VmState::Arriving { from } = &r.state {
+                self.settle_claim(r, from, here, &mut orphans);
+                continue;
+            }
             // An arrival: the VM runs here past the record's generation.
             if let Some(l) = here
                 && l.state == "running"
@@ -504,6 +633,17 @@ impl Agent {
                     Err(StoreError::Fenced { .. }) => {}
                     Err(e) => say(&format!("VM {}: recording its arrival: {e}", r.id)),
                 }
+                continue;
+            }
+            // A move of this host's whose end is in doubt (Commit went out,
+            // no answer came, the destination cannot be asked): the record
+            // decides, since the destination commits only once the record
+            // names it (its receiver's fencing step).
+            if let Some(l) = here
+                && l.state == "in-doubt"
+                && !self.moving.contains_key(&r.id)
+            {
+                self.settle_doubt(r, l);
                 continue;
             }
             // A stale copy: the record gives the VM to another host at a
@@ -549,9 +689,10 @@ impl Agent {
                         self.move_vm(r, &to, &view.hosts);
                     }
                 }
-                VmState::Fenced | VmState::Lost => {}
+                VmState::Fenced | VmState::Lost | VmState::Arriving { .. } => {}
             }
         }
+        self.orphans = orphans;
         Ok(())
     }
 

@@ -150,7 +150,7 @@ pub fn move_to(
         };
     })?;
     wait_for(store, &vm.id, wait, "the move to end", |r| {
-        if r.owner == host && r.generation > asked.generation {
+        if r.owner == host && r.generation > asked.generation && r.state == VmState::Running {
             Some(Ok(r.clone()))
         } else if r.owner == from && r.state == VmState::Running {
             Some(Err(StoreError::Invalid(format!(
@@ -390,7 +390,7 @@ pub fn execute(
             let mut left = Vec::new();
             for (m, g) in asked {
                 let r = store.vm(&m.id)?.record;
-                let done = if r.owner == m.to && r.generation > g {
+                let done = if r.owner == m.to && r.generation > g && r.state == VmState::Running {
                     Some(None)
                 } else if r.owner == m.from && r.state == VmState::Running {
                     Some(Some(format!(
@@ -446,6 +446,19 @@ pub fn confirm_down(store: &Store, host: &str) -> Result<Vec<VmRecord>, StoreErr
     let mut placed: View = v.clone();
     let mut out = Vec::new();
     for vm in v.vms.iter().filter(|vm| vm.owner == host) {
+        // A move to the host that was under way: the VM runs (or waits,
+        // paused) at its source, which gets it back.
+        if let VmState::Arriving { from } = &vm.state
+            && v.hosts.iter().any(|h| &h.name == from)
+        {
+            let rec = store.advance(&vm.id, host, vm.generation, |r| {
+                r.owner = from.clone();
+                r.generation = vm.generation - 1;
+                r.state = VmState::Running;
+            })?;
+            out.push(rec);
+            continue;
+        }
         let to = place(&placed, vm.memory, None)?;
         let rec = store.advance(&vm.id, host, vm.generation, |r| {
             r.owner = to.clone();

@@ -5,10 +5,12 @@ use serde_json::{Value, json};
 
 use super::store::{View, VmState};
 
-fn state_name(s: &VmState) -> String {
+/// A VM state as `ferry fleet ls` says it.
+pub fn state_name(s: &VmState) -> String {
     match s {
         VmState::Running => "running".into(),
         VmState::Moving { to } => format!("moving to {to}"),
+        VmState::Arriving { from } => format!("arriving from {from}"),
         VmState::Fenced => "fenced (its host's lease expired)".into(),
         VmState::Lost => "lost".into(),
     }
@@ -148,6 +150,10 @@ pub fn to_top(v: &View) -> String {
         .iter()
         .filter_map(|vm| match &vm.state {
             VmState::Moving { to } => Some(format!("  {} {} -> {to}", vm.name, vm.owner)),
+            VmState::Arriving { from } => Some(format!(
+                "  {} {from} -> {} (claimed: generation {})",
+                vm.name, vm.owner, vm.generation
+            )),
             _ => None,
         })
         .collect();

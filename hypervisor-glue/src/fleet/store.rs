@@ -104,6 +104,14 @@ pub enum VmState {
         /// The destination host.
         to: String,
     },
+    /// Arriving at its owner, which claimed this generation when it
+    /// admitted the move; it runs at `from` (at the generation before)
+    /// until the move ends. Nothing else may give this generation away:
+    /// the owner's receiver settles it (`running`, or back to `from`).
+    Arriving {
+        /// The source host.
+        from: String,
+    },
     /// Its owner's lease expired: it may still run there, so it is not
     /// placed elsewhere until an operator confirms the host is down.
     Fenced,
@@ -163,6 +171,15 @@ pub struct VmNet {
     pub ip: String,
     /// Default gateway.
     pub gateway: Option<String>,
+}
+
+/// How a destination's fencing step ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fence {
+    /// The record names the destination at the new generation.
+    Won,
+    /// The record gives the VM elsewhere (why): it must not run.
+    Refused(String),
 }
 
 /// A record with the revision it was read at.
@@ -617,6 +634,84 @@ impl Store {
         Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
     }
 
+    /// Whether VM `id`'s record lets host `to` take it at generation
+    /// `generation` (the arriving copy's): the record names the previous
+    /// generation and says `moving` to `to`. The reason if not.
+    pub fn check_arrival(r: &VmRecord, to: &str, generation: u64) -> Result<(), String> {
+        let moving_here = matches!(&r.state, VmState::Moving { to: t } if t == to);
+        if r.generation + 1 == generation && moving_here {
+            return Ok(());
+        }
+        Err(format!(
+            "the fleet's record of VM {} gives generation {} to {} ({}): it does not move the VM to {to} at generation {generation} (`ferry fleet move` does)",
+            r.id,
+            r.generation,
+            r.owner,
+            super::show::state_name(&r.state),
+        ))
+    }
+
+    /// The fencing step of a fleet move, taken by the destination's
+    /// receiver when it admits the move: VM `id` becomes `to`'s at
+    /// `generation`, `arriving` from its owner, in one transaction on the
+    /// record's revision, if the record says it moves to `to` from
+    /// `generation - 1`. From then on no other host, and no confirm-down,
+    /// can take that generation; the move's end settles the claim
+    /// ([`Store::settle_arrival`]). This costs a transaction (~2 ms here)
+    /// while memory is copied, never in the pause.
+    pub fn claim_arrival(&self, id: &str, to: &str, generation: u64) -> Result<Fence, StoreError> {
+        for _ in 0..16 {
+            let cur = self.vm(id)?;
+            if let Err(why) = Self::check_arrival(&cur.record, to, generation) {
+                return Ok(Fence::Refused(why));
+            }
+            let mut next = cur.record.clone();
+            next.state = VmState::Arriving {
+                from: cur.record.owner.clone(),
+            };
+            next.owner = to.to_string();
+            next.generation = generation;
+            if self.replace_vm(&next, cur.revision)? {
+                return Ok(Fence::Won);
+            }
+        }
+        Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
+    }
+
+    /// Settles `to`'s claim on VM `id` at `generation`: the VM runs at
+    /// `to` (`ran`: the record says `running` there), or it never will (the
+    /// record gives it back to the source at the generation before,
+    /// `running`). False if the record holds no such claim (settled
+    /// already, by the other side).
+    pub fn settle_arrival(
+        &self,
+        id: &str,
+        to: &str,
+        generation: u64,
+        ran: bool,
+    ) -> Result<bool, StoreError> {
+        for _ in 0..16 {
+            let cur = self.vm(id)?;
+            let r = &cur.record;
+            let VmState::Arriving { from } = &r.state else {
+                return Ok(false);
+            };
+            if r.owner != to || r.generation != generation {
+                return Ok(false);
+            }
+            let mut next = r.clone();
+            if !ran {
+                next.owner = from.clone();
+                next.generation = generation - 1;
+            }
+            next.state = VmState::Running;
+            if self.replace_vm(&next, cur.revision)? {
+                return Ok(true);
+            }
+        }
+        Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
+    }
+
     /// The current leader's member id and name (for tests and `fleet ls`).
     pub fn leader(&self) -> Result<(u64, String), StoreError> {
         let st = self.call(|mut c| async move { c.status().await })?;
@@ -685,9 +780,9 @@ fn renew(mut pool: Pool, lease: i64, every: Duration, stop: std::sync::mpsc::Rec
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_round_trip_as_json() {
-        let vm = VmRecord {
+    /// A VM at generation 3 on h1, moving to h2.
+    fn sample() -> VmRecord {
+        VmRecord {
             id: "0123abcd".into(),
             name: "web".into(),
             image: "stream".into(),
@@ -698,7 +793,12 @@ mod tests {
             owner: "h1".into(),
             generation: 3,
             state: VmState::Moving { to: "h2".into() },
-        };
+        }
+    }
+
+    #[test]
+    fn records_round_trip_as_json() {
+        let vm = sample();
         let j = encode(&vm);
         let text = String::from_utf8(j.clone()).unwrap();
         assert!(text.contains(r#""state":"moving""#), "{text}");
@@ -717,6 +817,38 @@ mod tests {
             ..vm
         };
         assert_eq!(decode::<VmRecord>(b"k", &encode(&moved)).unwrap(), moved);
+    }
+
+    #[test]
+    fn only_a_move_to_this_host_from_the_generation_before_is_admitted() {
+        let vm = sample();
+        assert!(Store::check_arrival(&vm, "h2", 4).is_ok());
+        // Another destination, a stale or future generation.
+        for (to, g) in [("h3", 4), ("h2", 3), ("h2", 5)] {
+            let why = Store::check_arrival(&vm, to, g).unwrap_err();
+            assert!(
+                why.contains(&format!("does not move the VM to {to}")),
+                "{why}"
+            );
+        }
+        // Not moving (called off, claimed already, fenced).
+        for state in [
+            VmState::Running,
+            VmState::Arriving { from: "h1".into() },
+            VmState::Fenced,
+        ] {
+            let r = VmRecord {
+                state,
+                ..vm.clone()
+            };
+            assert!(Store::check_arrival(&r, "h2", 4).is_err());
+        }
+        let arriving = VmRecord {
+            state: VmState::Arriving { from: "h1".into() },
+            ..vm
+        };
+        let text = String::from_utf8(encode(&arriving)).unwrap();
+        assert!(text.contains(r#""state":"arriving","from":"h1""#), "{text}");
     }
 
     #[test]

@@ -493,6 +493,11 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     crate::trace::Trace::new().mark("destination: commit received");
     if let PhaseState::Aborted(why) = decided {
         ipc.step(&Step::Aborted(why.clone()));
+        // The session is decided: the source, if it still listens, resumes
+        // at once on this.
+        let _ = ch.send(&Message::Abort {
+            reason: why.clone(),
+        });
         shut(std::net::Shutdown::Both);
         say(&format!("aborted: {why}; the VM is discarded"));
         return Ok(1);

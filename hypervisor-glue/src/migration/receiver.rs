@@ -35,6 +35,7 @@ use super::channel::{Channel, SessionKeys};
 use super::dest::{self, Handoff, Report, Step};
 use super::key::Credentials;
 use super::wire::{Message, Open, Outcome, Resolve, SessionId, VmId};
+use crate::fleet::store::{Fence, Store};
 
 /// Connections in their handshake at once; more are closed at once.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -90,6 +91,10 @@ pub struct Settings {
     pub capture: bool,
     /// Arguments for each arriving VM's process (its lockdown policy).
     pub session_args: Vec<String>,
+    /// The fleet's records (an agent's receiver): a VM is admitted only if
+    /// its record moves it here, and it commits only once the record names
+    /// this host (`name`) at the new generation.
+    pub fleet: Option<Arc<Store>>,
 }
 
 #[derive(Debug)]
@@ -105,6 +110,9 @@ struct Record {
     /// Resolve questions waiting for the VM process's answer.
     waiting: Vec<mpsc::Sender<Outcome>>,
     order: u64,
+    /// This host claimed the VM's new generation in the fleet's record,
+    /// and has not settled the claim yet.
+    claimed: bool,
 }
 
 /// The receiver.
@@ -273,17 +281,27 @@ impl Receiver {
                 let _ = ch.send(&Message::Abort { reason: e });
             }
             Ok(Ok(open)) => {
-                if let Err(reason) = self.admit(&open) {
-                    say(&format!(
-                        "refused VM {} (generation {}) from {peer}: {reason}",
-                        open.vm, open.generation
-                    ));
-                    let _ = ch.send(&Message::Refused { reason });
-                    return;
-                }
-                if let Err(e) = self.start(ch, open.clone()) {
+                let record = self.admit(&open).and_then(|()| {
+                    self.admit_in_fleet(&open)
+                        .inspect_err(|_| self.forget_taken(open.session))
+                });
+                let record = match record {
+                    Ok(r) => r,
+                    Err(reason) => {
+                        say(&format!(
+                            "refused VM {} (generation {}) from {peer}: {reason}",
+                            open.vm, open.generation
+                        ));
+                        let _ = ch.send(&Message::Refused { reason });
+                        return;
+                    }
+                };
+                if let Err(e) = self.start(ch, open.clone(), record) {
                     say(&format!("cannot start the VM's process: {e}"));
                     self.forget_taken(open.session);
+                    if record {
+                        self.settle_claim(open.vm, open.generation, false);
+                    }
                 }
             }
             Ok(Err(q)) => {
@@ -364,6 +382,70 @@ impl Receiver {
         Ok(())
     }
 
+    /// Admission in a fleet: the VM's record must move it here from the
+    /// generation before the one it arrives at, and this host claims the
+    /// new generation in it (one transaction: no other host, and no
+    /// operator's confirm-down, can give that generation elsewhere while
+    /// the VM moves). Whether a claim was made.
+    fn admit_in_fleet(&self, o: &Open) -> Result<bool, String> {
+        let Some(store) = &self.s.fleet else {
+            return Ok(false);
+        };
+        let id = o.vm.to_string();
+        let t = std::time::Instant::now();
+        match store.claim_arrival(&id, &self.s.name, o.generation) {
+            Ok(Fence::Won) => {
+                say(&format!(
+                    "VM {id}: claimed generation {} in the fleet's record ({} us)",
+                    o.generation,
+                    t.elapsed().as_micros()
+                ));
+                Ok(true)
+            }
+            Ok(Fence::Refused(why)) => Err(why),
+            Err(e) => Err(format!(
+                "this host takes only the fleet's moves, and VM {id}'s record cannot be claimed: {e}"
+            )),
+        }
+    }
+
+    /// Settles this host's claim on a session's VM: it runs here (the
+    /// record names this host as its owner, `running`), or it never will
+    /// (the record goes back to the source, at the generation it runs at
+    /// there). Retried while etcd does not answer, for a while; what is
+    /// left then, the agents settle.
+    fn settle_claim(&self, vm: VmId, generation: u64, ran: bool) {
+        let Some(store) = self.s.fleet.clone() else {
+            return;
+        };
+        let name = self.s.name.clone();
+        let _ = std::thread::Builder::new()
+            .name("ferry-claim".into())
+            .spawn(move || {
+                let id = vm.to_string();
+                for _ in 0..100 {
+                    match store.settle_arrival(&id, &name, generation, ran) {
+                        Ok(true) => {
+                            say(&format!(
+                                "VM {id}: {}",
+                                if ran {
+                                    format!("the fleet's record names this host at generation {generation}")
+                                } else {
+                                    "it did not arrive; the fleet's record gives it back to its source".into()
+                                }
+                            ));
+                            return;
+                        }
+                        Ok(false) => return,
+                        Err(e) => {
+                            say(&format!("VM {id}: recording the move's end: {e}; trying again"));
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                    }
+                }
+            });
+    }
+
     fn forget_taken(&self, session: SessionId) {
         let mut taken = self.taken.lock().expect("taken");
         if *taken == Some(session) {
@@ -372,7 +454,7 @@ impl Receiver {
     }
 
     /// Starts the VM's process for an admitted session.
-    fn start(self: &Arc<Self>, ch: Channel, open: Open) -> std::io::Result<()> {
+    fn start(self: &Arc<Self>, ch: Channel, open: Open, claimed: bool) -> std::io::Result<()> {
         let tap = match &self.s.tap {
             TapFor::Fixed(t) => t.clone(),
             TapFor::PerVm { bridge } => {
@@ -453,6 +535,7 @@ impl Receiver {
                     ipc: ipc.clone(),
                     waiting: Vec::new(),
                     order,
+                    claimed,
                 },
             );
         }
@@ -468,7 +551,12 @@ impl Receiver {
     }
 
     /// Follows a VM process's reports until it ends.
-    fn watch(&self, session: SessionId, ipc: Arc<UnixDatagram>, child: &mut std::process::Child) {
+    fn watch(
+        self: &Arc<Self>,
+        session: SessionId,
+        ipc: Arc<UnixDatagram>,
+        child: &mut std::process::Child,
+    ) {
         let mut buf = [0u8; 8192];
         loop {
             let n = match ipc.recv(&mut buf) {
@@ -483,6 +571,14 @@ impl Receiver {
                 continue;
             };
             match report {
+                Report::Step(Step::Running) if r.claimed => {
+                    r.step = Step::Running;
+                    r.claimed = false;
+                    let (vm, generation) = (r.vm, r.generation);
+                    drop(sessions);
+                    // The record names this host as the VM's owner now.
+                    self.settle_claim(vm, generation, true);
+                }
                 Report::Step(s) => r.step = s,
                 Report::Answer(o) => {
                     for w in r.waiting.drain(..) {
@@ -500,18 +596,28 @@ impl Receiver {
             },
             Err(e) => format!("its process could not be waited for: {e}"),
         };
-        let ran = {
+        let (ran, claimed, vm, generation) = {
             let mut sessions = self.sessions.lock().expect("sessions");
             match sessions.get_mut(&session) {
                 Some(r) => {
                     r.waiting.clear();
                     r.ended = Some(ended.clone());
                     say(&format!("VM {} (session {session}): {ended}", r.vm));
-                    matches!(r.step, Step::Committed | Step::Running)
+                    let claimed = std::mem::take(&mut r.claimed);
+                    let ran = matches!(r.step, Step::Committed | Step::Running);
+                    (ran, claimed, r.vm, r.generation)
                 }
-                None => false,
+                None => (false, false, VmId([0; 16]), 0),
             }
         };
+        if claimed {
+            // Never ran here: the claim goes back to the source. (One that
+            // committed and died before it ran is left to the agents: the
+            // source is in doubt, and the record must not say it ran here.)
+            if !ran {
+                self.settle_claim(vm, generation, false);
+            }
+        }
         if self.s.once {
             if ran {
                 let code = status

@@ -301,6 +301,19 @@ impl Source {
                     }
                 }
             }
+            Ok(Step::AbortedThere(why)) => {
+                let _ = set_dirty_logging(&ctx, false);
+                match self.event(Event::AbortedThere) {
+                    Ok(()) => Err(format!(
+                        "the move to {} was aborted at the destination ({why}); the VM runs on here",
+                        p.to
+                    )),
+                    Err(a) => Err(format!(
+                        "the move to {} was aborted at the destination ({why}), and the VM did not resume: {a}",
+                        p.to
+                    )),
+                }
+            }
             Err(e) => {
                 if let Some(c) = ch.as_mut() {
                     let _ = c.send(&Message::Abort {
@@ -518,6 +531,9 @@ impl Source {
                     .insert("downtime".into(), json!(ms(paused_at.elapsed())));
                 Ok(Step::Committed(Some((host, c))))
             }
+            // The destination decided against it (its fencing step found
+            // the fleet's record gives the VM elsewhere): its word is final.
+            Ok(Message::Abort { reason }) => Ok(Step::AbortedThere(reason)),
             Ok(m) => Ok(Step::Doubt(format!("answered {} to Commit", m.name()))),
             Err(e) => Ok(Step::Doubt(format!("no Committed: {e}"))),
         }
@@ -681,6 +697,8 @@ enum Step {
     Committed(Option<(String, super::wire::Committed)>),
     /// Commit went out (or may have) and no answer came.
     Doubt(String),
+    /// Commit went out and the destination aborted the session (why).
+    AbortedThere(String),
 }
 
 fn ms(d: Duration) -> f64 {
