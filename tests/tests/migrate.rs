@@ -345,19 +345,27 @@ fn capture_loses_no_datagram_sent_during_the_pause() {
 }
 
 /// The same without capture: the frames of the pause window are lost (the
-/// measure of what capture saves).
+/// measure of what capture saves). Whether a datagram falls in the pause
+/// window (about a millisecond, while the sender shares 2 cores with both
+/// VMMs) is chance: up to three migrations are tried, and one must lose.
 #[test]
 fn without_capture_datagrams_of_the_pause_are_lost() {
-    let Some(run) =
-        udp_through_a_migration("without_capture_datagrams_are_lost", &["--no-capture"])
-    else {
-        return;
-    };
-    assert_eq!(run.captured, 0);
-    assert!(
-        run.distinct < run.sent,
-        "nothing lost without capture: the pause window saw no datagram ({} sent)",
-        run.sent
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let Some(run) =
+            udp_through_a_migration("without_capture_datagrams_are_lost", &["--no-capture"])
+        else {
+            return;
+        };
+        assert_eq!(run.captured, 0);
+        assert!(run.distinct <= run.sent);
+        if run.distinct < run.sent {
+            return;
+        }
+        runs.push(run.sent);
+    }
+    panic!(
+        "nothing lost without capture in 3 migrations: no pause window saw a datagram ({runs:?} sent)"
     );
 }
 

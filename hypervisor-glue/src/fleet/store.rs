@@ -659,9 +659,25 @@ impl Store {
     /// can take that generation; the move's end settles the claim
     /// ([`Store::settle_arrival`]). This costs a transaction (~2 ms here)
     /// while memory is copied, never in the pause.
-    pub fn claim_arrival(&self, id: &str, to: &str, generation: u64) -> Result<Fence, StoreError> {
+    /// `after_unknown`: an earlier call failed without an answer (its
+    /// transaction may have been applied), so a record already claimed by
+    /// `to` at `generation` is this claim.
+    pub fn claim_arrival(
+        &self,
+        id: &str,
+        to: &str,
+        generation: u64,
+        after_unknown: bool,
+    ) -> Result<Fence, StoreError> {
         for _ in 0..16 {
             let cur = self.vm(id)?;
+            if after_unknown
+                && cur.record.owner == to
+                && cur.record.generation == generation
+                && matches!(cur.record.state, VmState::Arriving { .. })
+            {
+                return Ok(Fence::Won);
+            }
             if let Err(why) = Self::check_arrival(&cur.record, to, generation) {
                 return Ok(Fence::Refused(why));
             }

@@ -44,6 +44,9 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
 /// Sessions remembered (the oldest ended ones are forgotten first).
 const MAX_RECORDS: usize = 1024;
+/// How long admission tries to claim a fleet VM's generation while etcd
+/// does not answer (an election takes a second or two).
+const CLAIM_WAIT: Duration = Duration::from_secs(3);
 /// What admission keeps back of the host's available memory.
 pub const MEMORY_MARGIN: u64 = 256 << 20;
 
@@ -393,19 +396,35 @@ impl Receiver {
         };
         let id = o.vm.to_string();
         let t = std::time::Instant::now();
-        match store.claim_arrival(&id, &self.s.name, o.generation) {
-            Ok(Fence::Won) => {
-                say(&format!(
-                    "VM {id}: claimed generation {} in the fleet's record ({} us)",
-                    o.generation,
-                    t.elapsed().as_micros()
-                ));
-                Ok(true)
+        let mut after_unknown = false;
+        loop {
+            match store.claim_arrival(&id, &self.s.name, o.generation, after_unknown) {
+                Ok(Fence::Won) => {
+                    say(&format!(
+                        "VM {id}: claimed generation {} in the fleet's record ({} us)",
+                        o.generation,
+                        t.elapsed().as_micros()
+                    ));
+                    return Ok(true);
+                }
+                Ok(Fence::Refused(why)) => return Err(why),
+                // etcd between leaders: a claim a moment later still serves
+                // (the source waits for the answer to its Open).
+                Err(e) if t.elapsed() < CLAIM_WAIT => {
+                    say(&format!(
+                        "VM {id}: claiming its generation: {e}; trying again"
+                    ));
+                    after_unknown = true;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => {
+                    // A claim that was applied unanswered is the source's
+                    // agent's to take back (its VM runs on there).
+                    return Err(format!(
+                        "this host takes only the fleet's moves, and VM {id}'s record cannot be claimed: {e}"
+                    ));
+                }
             }
-            Ok(Fence::Refused(why)) => Err(why),
-            Err(e) => Err(format!(
-                "this host takes only the fleet's moves, and VM {id}'s record cannot be claimed: {e}"
-            )),
         }
     }
 
