@@ -294,6 +294,7 @@ pub fn enter(role: Role) {
 pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
     let p = policy().clone();
     if p.seccomp {
+        quiet_libc();
         let programs = filters::build(unlink_dir)?;
         let _ = PROGRAMS.set(programs);
     }
@@ -521,6 +522,23 @@ pub fn check_jail(j: &Jail) -> Result<(), Error> {
     Ok(())
 }
 
+/// Keeps glibc's allocator from opening files once the filters hold: the
+/// first time a thread's arena would give memory back (`shrink_heap`), it
+/// reads /proc/sys/vm/overcommit_memory, and the filters end the VMM for
+/// that open (seen: a destination's session killed as it discarded a VM
+/// after a partition). With the trim threshold at its largest, no arena
+/// heap (at most 64 MiB) is ever shrunk; freed memory stays in the arena
+/// for reuse, and large blocks still go back to the kernel (they are
+/// mmapped, and munmapped when freed).
+fn quiet_libc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: mallopt changes the allocator's parameters, process
+        // wide; it is thread-safe and takes plain integers.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
+    });
+}
+
 /// chroot into the jail and become its user; every thread follows.
 fn jail(j: &Jail) -> Result<(), Error> {
     use std::os::unix::ffi::OsStrExt;
@@ -583,7 +601,29 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         }
         buf.hex(gregs[*r as usize] as u64);
     }
-    buf.push("), which its filter does not allow; the VMM stops (--seccomp off to debug)\n");
+    buf.push(")");
+    // A file it tried to open: name it (the call's path is this process's
+    // own memory, valid when the call was made).
+    let path = match nr as libc::c_long {
+        libc::SYS_openat => gregs[libc::REG_RSI as usize],
+        libc::SYS_open => gregs[libc::REG_RDI as usize],
+        _ => 0,
+    };
+    if path != 0 {
+        buf.push(" of ");
+        for i in 0..96 {
+            // SAFETY: the path the interrupted call passed, a NUL-terminated
+            // string in this process's memory; read byte by byte up to the
+            // NUL or 96 bytes.
+            let c = unsafe { (path as *const u8).add(i).read() };
+            if c == 0 {
+                break;
+            }
+            let c = [if c.is_ascii_graphic() { c } else { b'?' }];
+            buf.push(std::str::from_utf8(&c).unwrap_or("?"));
+        }
+    }
+    buf.push(", which its filter does not allow; the VMM stops (--seccomp off to debug)\n");
     // SAFETY: write and _exit are async-signal-safe.
     unsafe {
         libc::write(2, buf.b.as_ptr().cast(), buf.n);
