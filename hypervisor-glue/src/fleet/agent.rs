@@ -214,11 +214,23 @@ impl Agent {
         if let Some(pid) = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
-            && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.contains("receive") && c.contains(&self.cfg.listen))
+            && let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            && c.contains("receive")
+            && c.contains(&self.cfg.listen)
         {
-            // A previous agent's receiver still serves.
-            return;
+            if c.contains("--fleet-etcd") {
+                // A previous agent's receiver still serves.
+                return;
+            }
+            // An older agent's, which does not claim arriving VMs in the
+            // records: replaced (the VMs it received run on).
+            say(&format!(
+                "the receiver (pid {pid}) does not take fleet moves' claims; replacing it"
+            ));
+            // SAFETY: kill(2) on the pid the pid file names, checked above
+            // to be this host's receiver.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            std::thread::sleep(Duration::from_millis(300));
         }
         let Ok(ferry) = exe() else { return };
         let mut cmd = Command::new(ferry);
