@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod gaps;
 pub mod qmp;
+pub mod schedstat;
 pub mod tcpinfo;
 
 use std::io::Read;

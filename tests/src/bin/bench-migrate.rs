@@ -227,11 +227,14 @@ fn one_run(
     let before = c.client_tcp_counters()?;
     let client = measuring_client(c, client_seconds, true)?;
     let t0 = Instant::now();
+    // How long the source's vCPU thread waits for a CPU, over time.
+    let sampler = ferry_tests::schedstat::start(a, t0, Duration::from_millis(2));
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
     let report = c
         .migrate(&api_a, "hostB", port, channel)
         .map_err(anyhow::Error::msg)?;
+    let sched = sampler.finish();
     let out = client.wait_with_output()?;
     let d = c.client_tcp_counters()?.since(&before);
     c.stop(a, Duration::from_secs(2));
@@ -241,6 +244,12 @@ fn one_run(
     let rv: Value = serde_json::from_str(&report)?;
     let total_s = rv["total_ms"].as_f64().unwrap_or(0.0) / 1e3;
     let g = gaps::around(&cv, at, total_s);
+    // The source vCPU's wait for a CPU during the largest gap (if the
+    // source still ran then), and in windows of that length before.
+    let (gap_from, gap_to) = (at + (g.gap_at_ms - g.gap_ms) / 1e3, at + g.gap_at_ms / 1e3);
+    let vcpu = sched.busiest();
+    let vcpu_wait_in_gap = vcpu.and_then(|t| sched.waited(t, gap_from, gap_to));
+    let vcpu_wait_own = vcpu.and_then(|t| sched.waited_typically(t, 0.3, at - 0.2, g.gap_ms / 1e3));
     // Throughput: 100 ms windows; steady state is the median window.
     let windows: Vec<f64> = cv["windows"]
         .as_array()
@@ -259,6 +268,8 @@ fn one_run(
         "gap_at_ms": g.gap_at_ms,
         "own_gap_ms": g.own_gap_ms,
         "added_ms": g.added_ms(),
+        "vcpu_wait_in_gap_ms": vcpu_wait_in_gap,
+        "vcpu_wait_own_ms": vcpu_wait_own,
         "max_gap_ms": cv["max_gap_ms"],
         // The worst window around the migration, and the worst of the
         // same stream before it (leaving out its first 300 ms).
@@ -435,6 +446,8 @@ fn main() -> Result<()> {
                     "added_ms_median": med("added_ms"),
                     "added_ms_max": max("added_ms"),
                     "gap_at_ms_median": med("gap_at_ms"),
+                    "vcpu_wait_in_gap_ms_median": med("vcpu_wait_in_gap_ms"),
+                    "vcpu_wait_own_ms_median": med("vcpu_wait_own_ms"),
                     "downtime_ms_median": med("downtime_ms"),
                     "total_ms_median": med("total_ms"),
                     "retransmits": runs.iter().filter_map(|r| r["retransmits"].as_u64()).sum::<u64>(),
@@ -447,12 +460,16 @@ fn main() -> Result<()> {
                     "detail": runs,
                 });
                 eprintln!(
-                    "bench-migrate: {size:>5} MiB {rate:>4} capture={capture:<5} gap {:.1} ms (own {:.1}, added {:.1}), downtime {:.2} ms, total {:.0} ms",
+                    "bench-migrate: {size:>5} MiB {rate:>4} capture={capture:<5} gap {:.1} ms (own {:.1}, added {:.1}), downtime {:.2} ms, total {:.0} ms; the source vCPU waited for a CPU {:.1} ms in the gap ({:.1} in such a window before)",
                     row["migration_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
                     row["own_gap_ms_median"].as_f64().unwrap_or(f64::NAN),
                     row["added_ms_median"].as_f64().unwrap_or(f64::NAN),
                     row["downtime_ms_median"].as_f64().unwrap_or(f64::NAN),
-                    row["total_ms_median"].as_f64().unwrap_or(f64::NAN)
+                    row["total_ms_median"].as_f64().unwrap_or(f64::NAN),
+                    row["vcpu_wait_in_gap_ms_median"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                    row["vcpu_wait_own_ms_median"].as_f64().unwrap_or(f64::NAN)
                 );
                 results.push(row);
             }
