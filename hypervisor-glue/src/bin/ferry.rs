@@ -359,8 +359,9 @@ enum Command {
         no_capture: bool,
         /// A fleet host's receiver (`ferry agent` starts it so): admit only
         /// VMs whose record in this etcd cluster (IP:PORT of its members,
-        /// comma-separated) moves them to --name, and commit each only
-        /// once its record names --name at the new generation.
+        /// comma-separated) moves them to --name, claiming the new
+        /// generation in the record as each is admitted (then `running`
+        /// here once it runs, or back to its source if it never does).
         #[arg(long, value_delimiter = ',', requires = "name")]
         fleet_etcd: Vec<String>,
         /// Arriving VMs run with these (each in its own process).

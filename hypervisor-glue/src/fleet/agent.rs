@@ -463,10 +463,12 @@ impl Agent {
         }
     }
 
-    /// Settles a move in doubt by the record: the destination won the
-    /// fencing step (it runs there: this copy ends), or the record keeps
-    /// the VM here, made final by writing it back to `running` (the
-    /// destination's step can then never win), and this copy resumes.
+    /// Settles a move in doubt by the record (the destination's claim
+    /// has been settled: the claim itself, still standing, is handled
+    /// before this): the record gives the VM to another host at a later
+    /// generation (it runs there: this copy ends), or keeps it here, made
+    /// final by writing it back to `running` (no destination can then
+    /// claim it), and this copy resumes.
     fn settle_doubt(&mut self, r: &VmRecord, l: &Local) {
         let me = &self.cfg.name;
         let api = self.api(&r.id);
@@ -649,8 +651,8 @@ impl Agent {
             }
             // A move of this host's whose end is in doubt (Commit went out,
             // no answer came, the destination cannot be asked): the record
-            // decides, since the destination commits only once the record
-            // names it (its receiver's fencing step).
+            // decides, since a fleet move's destination holds its claim on
+            // the record from admission until the move has ended there.
             if let Some(l) = here
                 && l.state == "in-doubt"
                 && !self.moving.contains_key(&r.id)
