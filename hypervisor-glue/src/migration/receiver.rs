@@ -95,8 +95,9 @@ pub struct Settings {
     /// Arguments for each arriving VM's process (its lockdown policy).
     pub session_args: Vec<String>,
     /// The fleet's records (an agent's receiver): a VM is admitted only if
-    /// its record moves it here, and it commits only once the record names
-    /// this host (`name`) at the new generation.
+    /// its record moves it here, and admission claims the new generation
+    /// for this host (`name`) in it; the claim is settled when the session
+    /// ends (the VM runs here, or the record goes back to its source).
     pub fleet: Option<Arc<Store>>,
 }
 
