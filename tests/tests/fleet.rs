@@ -355,14 +355,26 @@ fn a_host_cut_off_from_etcd_loses_its_record_and_must_register_again() {
     drop(regs);
 }
 
-/// A test's log directory `name` and, in it, a fresh directory for its
-/// agents' sockets and logs.
-fn run_dir(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let logs = cluster::log_dir(name);
+/// A fleet's cluster for a test with VMs (KVM needed too), its etcd
+/// started, holding the one-fleet lock, and the directory for its agents
+/// (under the log directory `log`).
+fn streaming_fleet(
+    test: &str,
+    tag: &str,
+    log: &str,
+) -> Option<(
+    Cluster,
+    std::sync::MutexGuard<'static, ()>,
+    std::path::PathBuf,
+)> {
+    let mut c = fleet(test, tag, &[Need::Kvm])?;
+    let one = one_fleet();
+    let logs = cluster::log_dir(log);
     let dir = logs.join(format!("run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    (logs, dir)
+    c.start_etcd(&logs).expect("etcd");
+    Some((c, one, dir))
 }
 
 /// Starts `ferry agent` on each host of `c` (logs and sockets under `dir`).
@@ -403,16 +415,13 @@ fn fleet_run_vm(c: &Cluster, i: u8, host: &str) -> Value {
 
 #[test]
 fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
-    let Some(mut c) = fleet(
+    let Some((mut c, _one, dir)) = streaming_fleet(
         "agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms",
         "fa",
-        &[Need::Kvm],
+        "fleet-agents",
     ) else {
         return;
     };
-    let _one = one_fleet();
-    let (logs, dir) = run_dir("fleet-agents");
-    c.start_etcd(&logs).expect("etcd");
     let agents = start_agents(&mut c, &dir);
     for i in 0..2 {
         c.add_service(i).unwrap();
@@ -670,12 +679,9 @@ fn chaos_a_host_partitioned_from_etcd() {
 #[test]
 fn a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped() {
     let test = "a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped";
-    let Some(mut c) = fleet(test, "fx", &[Need::Kvm]) else {
+    let Some((mut c, _one, dir)) = streaming_fleet(test, "fx", "fleet-down") else {
         return;
     };
-    let _one = one_fleet();
-    let (logs, dir) = run_dir("fleet-down");
-    c.start_etcd(&logs).expect("etcd");
     start_agents(&mut c, &dir);
     c.add_service(0).unwrap();
     let v0 = fleet_run_vm(&c, 0, "hostB");
@@ -790,16 +796,13 @@ fn a_host_confirmed_down_has_its_vm_started_elsewhere_and_a_stale_copy_stopped()
 /// the move fails. A move the records do not ask for is refused.
 #[test]
 fn a_fleet_move_claims_its_generation_and_a_failed_one_gives_it_back() {
-    let Some(mut c) = fleet(
+    let Some((mut c, _one, dir)) = streaming_fleet(
         "a_fleet_move_claims_its_generation_and_a_failed_one_gives_it_back",
         "ff",
-        &[Need::Kvm],
+        "fleet-fence",
     ) else {
         return;
     };
-    let _one = one_fleet();
-    let (logs, dir) = run_dir("fleet-fence");
-    c.start_etcd(&logs).expect("etcd");
     c.start_agent(&dir, 0).unwrap();
     let fp = ferry_tests::ferry_failpoints_bin();
     // hostB holds each arriving VM 1.5 s after admitting it; on hostC an

@@ -611,24 +611,42 @@ impl Store {
         generation: u64,
         change: impl Fn(&mut VmRecord),
     ) -> Result<VmRecord, StoreError> {
-        for _ in 0..16 {
-            let cur = self.vm(id)?;
-            if cur.record.owner != owner || cur.record.generation != generation {
+        self.update(id, |cur| {
+            if cur.owner != owner || cur.generation != generation {
                 return Err(StoreError::Fenced {
                     id: id.into(),
-                    owner: cur.record.owner,
-                    generation: cur.record.generation,
+                    owner: cur.owner.clone(),
+                    generation: cur.generation,
                     expected_owner: owner.into(),
                     expected_generation: generation,
                 });
             }
-            let mut next = cur.record.clone();
+            let mut next = cur.clone();
             change(&mut next);
-            if next.id != cur.record.id {
+            if next.id != cur.id {
                 return Err(StoreError::Invalid("a VM's id does not change".into()));
             }
+            Ok(next)
+        })?
+    }
+
+    /// Reads VM `id`'s record and writes what `decide` makes of it, in a
+    /// transaction on the revision read, again while others write first.
+    /// `decide` answers the record to write, or an answer that ends here
+    /// without writing (`Ok(Err(answer))`).
+    fn update<T>(
+        &self,
+        id: &str,
+        decide: impl Fn(&VmRecord) -> Result<VmRecord, T>,
+    ) -> Result<Result<VmRecord, T>, StoreError> {
+        for _ in 0..16 {
+            let cur = self.vm(id)?;
+            let next = match decide(&cur.record) {
+                Ok(next) => next,
+                Err(answer) => return Ok(Err(answer)),
+            };
             if self.replace_vm(&next, cur.revision)? {
-                return Ok(next);
+                return Ok(Ok(next));
             }
         }
         Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
@@ -669,29 +687,24 @@ impl Store {
         generation: u64,
         after_unknown: bool,
     ) -> Result<Fence, StoreError> {
-        for _ in 0..16 {
-            let cur = self.vm(id)?;
+        let r = self.update(id, |cur| {
             if after_unknown
-                && cur.record.owner == to
-                && cur.record.generation == generation
-                && matches!(cur.record.state, VmState::Arriving { .. })
+                && cur.owner == to
+                && cur.generation == generation
+                && matches!(cur.state, VmState::Arriving { .. })
             {
-                return Ok(Fence::Won);
+                return Err(Fence::Won);
             }
-            if let Err(why) = Self::check_arrival(&cur.record, to, generation) {
-                return Ok(Fence::Refused(why));
-            }
-            let mut next = cur.record.clone();
+            Self::check_arrival(cur, to, generation).map_err(Fence::Refused)?;
+            let mut next = cur.clone();
             next.state = VmState::Arriving {
-                from: cur.record.owner.clone(),
+                from: cur.owner.clone(),
             };
             next.owner = to.to_string();
             next.generation = generation;
-            if self.replace_vm(&next, cur.revision)? {
-                return Ok(Fence::Won);
-            }
-        }
-        Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
+            Ok(next)
+        })?;
+        Ok(r.err().unwrap_or(Fence::Won))
     }
 
     /// Settles `to`'s claim on VM `id` at `generation`: the VM runs at
@@ -706,26 +719,22 @@ impl Store {
         generation: u64,
         ran: bool,
     ) -> Result<bool, StoreError> {
-        for _ in 0..16 {
-            let cur = self.vm(id)?;
-            let r = &cur.record;
-            let VmState::Arriving { from } = &r.state else {
-                return Ok(false);
+        let r = self.update(id, |cur| {
+            let VmState::Arriving { from } = &cur.state else {
+                return Err(false);
             };
-            if r.owner != to || r.generation != generation {
-                return Ok(false);
+            if cur.owner != to || cur.generation != generation {
+                return Err(false);
             }
-            let mut next = r.clone();
+            let mut next = cur.clone();
             if !ran {
                 next.owner = from.clone();
                 next.generation = generation - 1;
             }
             next.state = VmState::Running;
-            if self.replace_vm(&next, cur.revision)? {
-                return Ok(true);
-            }
-        }
-        Err(self.err(format!("VM {id}'s record kept changing under 16 tries")))
+            Ok(next)
+        })?;
+        Ok(r.is_ok())
     }
 
     /// The current leader's member id and name (for tests and `fleet ls`).
