@@ -7,7 +7,7 @@
 //! needs repeating.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
@@ -54,6 +54,8 @@ struct KickInner {
     pending: AtomicBool,
     /// The vCPU thread while it is in [`Vcpu::run`].
     thread: Mutex<Option<libc::pthread_t>>,
+    /// Its kernel thread id (0 before it first ran).
+    tid: AtomicI32,
 }
 
 impl Kick {
@@ -79,6 +81,12 @@ impl Kick {
         self.inner.pending.load(Ordering::SeqCst)
     }
 
+    /// The kernel thread id of the vCPU thread, once it has run.
+    pub fn vcpu_tid(&self) -> Option<libc::pid_t> {
+        let t = self.inner.tid.load(Ordering::Acquire);
+        (t != 0).then_some(t)
+    }
+
     /// Clears the pending mark (the requests are being served).
     pub fn clear(&self) {
         self.inner.pending.store(false, Ordering::SeqCst);
@@ -94,8 +102,12 @@ impl Kick {
     pub fn arm(&self, immediate_exit: *mut u8) -> std::io::Result<Armed<'_>> {
         install_kick_handler()?;
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
-        // SAFETY: pthread_self has no preconditions.
+        // SAFETY: pthread_self and gettid have no preconditions.
         self.bind(Some(unsafe { libc::pthread_self() }));
+        // SAFETY: as above.
+        self.inner
+            .tid
+            .store(unsafe { libc::gettid() }, Ordering::Release);
         Ok(Armed(self))
     }
 }

@@ -35,8 +35,16 @@ pub struct Urgent {
 impl Urgent {
     /// Moves the calling thread ahead.
     pub fn enter() -> Urgent {
+        // SAFETY: gettid has no preconditions.
+        Urgent::thread(unsafe { libc::gettid() })
+    }
+
+    /// Moves thread `tid` of this process ahead (a migration's source
+    /// does this to the vCPU thread it is about to stop: it must leave
+    /// KVM_RUN and save the state at once, not wait for a core).
+    pub fn thread(tid: libc::pid_t) -> Urgent {
         Urgent {
-            _restores_on_drop: Background::at(URGENT_NICE),
+            _restores_on_drop: Background::at(tid, URGENT_NICE),
         }
     }
 }
@@ -44,14 +52,15 @@ impl Urgent {
 impl Background {
     /// Moves the calling thread to the background.
     pub fn enter() -> Background {
-        Background::at(NICE)
+        // SAFETY: gettid has no preconditions.
+        Background::at(unsafe { libc::gettid() }, NICE)
     }
 
-    fn at(nice: libc::c_int) -> Background {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() } as libc::id_t;
-        // SAFETY: getpriority/setpriority on this thread's own id; errno
-        // is cleared first because -1 is a valid priority.
+    fn at(tid: libc::pid_t, nice: libc::c_int) -> Background {
+        let tid = tid as libc::id_t;
+        // SAFETY: getpriority/setpriority on a thread id (of this process;
+        // a stale one fails, harmlessly); errno is cleared first because
+        // -1 is a valid priority.
         let old = unsafe {
             *libc::__errno_location() = 0;
             let p = libc::getpriority(libc::PRIO_PROCESS, tid);
@@ -66,7 +75,7 @@ impl Background {
 impl Drop for Background {
     fn drop(&mut self) {
         if let Some(p) = self.old {
-            // SAFETY: as in `enter`, on the same thread id.
+            // SAFETY: as in `at`, on the same thread id.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, p) };
         }
     }

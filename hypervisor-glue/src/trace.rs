@@ -7,6 +7,9 @@ use std::time::Instant;
 
 static START: OnceLock<Instant> = OnceLock::new();
 
+/// Whether `FERRY_TRACE=1` (read once: marks sit on the pause's path).
+static ON: OnceLock<bool> = OnceLock::new();
+
 /// Fixes the origin of `FERRY_TRACE` times (call first thing in `main`).
 pub fn start() {
     START.get_or_init(Instant::now);
@@ -19,11 +22,8 @@ pub struct Trace(Option<Instant>);
 impl Trace {
     /// A tracer (enabled by `FERRY_TRACE=1`).
     pub fn new() -> Self {
-        Trace(
-            std::env::var_os("FERRY_TRACE")
-                .is_some_and(|v| v == "1")
-                .then(|| *START.get_or_init(Instant::now)),
-        )
+        let on = *ON.get_or_init(|| std::env::var_os("FERRY_TRACE").is_some_and(|v| v == "1"));
+        Trace(on.then(|| *START.get_or_init(Instant::now)))
     }
 
     /// Prints `phase` with the time since the process started.

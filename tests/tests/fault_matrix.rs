@@ -376,19 +376,19 @@ fn source_dies_while_paused() {
     k.finish_client(false);
 }
 
-/// The destination dies right after it said Ready: the source's Commit
-/// finds nobody; asking the receiver, it learns the session never
-/// committed, and resumes.
+/// The destination dies once it is READY (the state loaded, every page
+/// in): the source's Commit finds nobody; asking the receiver, it learns
+/// the session never committed, and resumes.
 #[test]
 fn destination_dies_after_ready() {
     let Some(mut k) = Case::start("fm_dest_dies_after_ready", "", "dst-ready=exit", &[]) else {
         return;
     };
     let err = k.migrate(&[]).unwrap_err();
-    // Ready now crosses the last pages: the source may still be sending
-    // them when the connection breaks (it resumes before Commit), or have
-    // sent Commit (then it asks, and the receiver says the session was
-    // aborted). Either way the VM runs on at the source.
+    // Ready went out when the state loaded: the source may have sent
+    // Commit (then it asks, and the receiver says the session was
+    // aborted), or learnt of the broken connection before (it resumes
+    // before Commit). Either way the VM runs on at the source.
     assert!(
         err.contains("runs on here")
             && (err.contains("aborted at the destination") || !err.contains("Commit")),

@@ -13,12 +13,14 @@
 //! control socket, loading the state) happens before Ready. Ready is said
 //! as soon as the state is loaded, while the last pages still come (its
 //! trip overlaps theirs); the source sends Commit after Done, so a Commit
-//! read here always follows every page. READY is left
-//! once, under the [`Phase`] lock: to COMMITTED when Commit is read or a
-//! resolve query carries it, to ABORTED when the connection breaks or
-//! `commit_wait` passes. The receiver hears "committed" before the VM runs
-//! its first instruction, so that if this process dies the receiver knows
-//! the VM may have run.
+//! read here always follows every page. The session is READY once Done
+//! is read (the VM is whole here): only then may a resolve question,
+//! which carries the source's Commit, run it. READY is left once, under
+//! the [`Phase`] lock: to COMMITTED when Commit is read or a resolve query
+//! carries it, to ABORTED when the connection breaks or `commit_wait`
+//! passes. The receiver hears "committed" before the VM runs its first
+//! instruction, so that if this process dies the receiver knows the VM may
+//! have run.
 
 use std::io::Write as _;
 use std::net::TcpStream;
@@ -64,10 +66,8 @@ pub struct Handoff {
 /// Where a session stands, as the VM's process tells its receiver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Set up; receiving memory.
+    /// Set up; receiving memory and the state.
     Admitted,
-    /// State loaded; waiting for Commit.
-    Ready,
     /// Committed: the VM is about to run (or runs).
     Committed,
     /// The VM runs.
@@ -147,7 +147,8 @@ pub fn encode_step(s: &Step) -> Vec<u8> {
     w.u8(TAG_STEP);
     let (code, reason) = match s {
         Step::Admitted => (1, ""),
-        Step::Ready => (2, ""),
+        // 2 was Ready (said on the pause's path; it told nothing a resolve
+        // answer needs).
         Step::Committed => (3, ""),
         Step::Running => (4, ""),
         Step::Aborted(r) => (5, r.as_str()),
@@ -175,7 +176,6 @@ pub fn decode_report(b: &[u8]) -> Result<Report, WireError> {
             let reason = r.string("reason")?;
             Report::Step(match code {
                 1 => Step::Admitted,
-                2 => Step::Ready,
                 3 => Step::Committed,
                 4 => Step::Running,
                 5 => Step::Aborted(reason),
@@ -240,7 +240,8 @@ impl Phase {
         s.clone()
     }
 
-    /// RECEIVING -> READY; false if it was aborted meanwhile.
+    /// RECEIVING -> READY (the state loaded, every page in); false if it
+    /// was aborted meanwhile.
     fn ready(&self) -> bool {
         self.set(|s| (*s == PhaseState::Receiving).then_some(PhaseState::Ready))
             == PhaseState::Ready
@@ -260,8 +261,9 @@ impl Phase {
     }
 
     /// A resolve question: a session that is READY commits (the question
-    /// carries the source's Commit); one still receiving is aborted (the
-    /// source cannot have committed it).
+    /// carries the source's Commit, and the VM is whole here); one still
+    /// receiving is aborted (Done or the state never came, so it cannot
+    /// run here).
     fn resolve(&self) -> PhaseState {
         self.set(|s| match s {
             PhaseState::Ready => Some(PhaseState::Committed),
@@ -449,7 +451,6 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         incoming,
         &h,
         &phase,
-        &ipc,
         &|d| mailbox.set_arriving(Some(arriving(d))),
         console,
     );
@@ -475,8 +476,9 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         open.source
     ))));
 
-    // READY (said when the state loaded; every page is in now): the
-    // source's Commit, a resolve question, or the deadline.
+    // READY (the state loaded, every page in): the source's Commit
+    // (normally already here, right behind Done), a resolve question, or
+    // the deadline.
     let until = Instant::now() + Duration::from_millis(u64::from(open.commit_wait_ms));
     ch.set_deadline(Some(until));
     // This thread reads Commit; a resolve question that decides first
@@ -515,9 +517,10 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     let ipc2 = ipc.clone();
     let vm_name = open.vm;
     vm.on_running(Box::new(move |vm| {
-        ipc2.step(&Step::Running);
         let commit_to_running_us = committed_at.elapsed().as_micros() as u64;
+        // The source first (it waits, paused), then the receiver.
         let ran = || {
+            ipc2.step(&Step::Running);
             say(&format!(
                 "VM {vm_name} runs here at generation {generation}"
             ));
@@ -610,6 +613,8 @@ pub enum Next {
     Wait,
     /// Say that capture is on, then wait.
     CaptureOn,
+    /// Say that everything up to this round's Sync is in, then wait.
+    Synced(u32),
     /// The state is loaded: say Ready, then wait.
     Loaded,
     /// Everything arrived: the VM waits for Commit.
@@ -632,6 +637,7 @@ impl Receiving {
                 *self = Receiving::Capturing;
                 Ok(Next::CaptureOn)
             }
+            (Receiving::Capturing, Message::Sync { round }) => Ok(Next::Synced(round)),
             (Receiving::Capturing, Message::State(bytes)) => {
                 crate::trace::Trace::new().mark("destination: state received");
                 vm.load(bytes)?;
@@ -710,7 +716,6 @@ fn receive(
     incoming: Incoming,
     h: &Handoff,
     phase: &Phase,
-    ipc: &Ipc,
     status: &dyn Fn(String),
     console: Console,
 ) -> Result<(Vm, Option<crate::sched::Urgent>), Error> {
@@ -747,18 +752,23 @@ fn receive(
                     h.open.source
                 ));
             }
+            Next::Synced(round) => ch.send(&Message::Synced { round })?,
             Next::Loaded => {
-                // Ready now: its trip overlaps the last pages'.
-                if !phase.ready() {
-                    return Err(Error::Local("the session was aborted before Ready".into()));
-                }
-                ipc.step(&Step::Ready);
+                // Said now, its trip overlaps the last pages'. (The
+                // receiver is not told: that would cost the pause a
+                // wakeup, and its answers do not depend on it.)
                 ch.send(&Message::Ready)?;
                 crate::trace::Trace::new().mark("destination: ready sent");
-                cut_at(ch, "dst-ready");
             }
             Next::Finished => {
-                // Still urgent: the VM waits for Commit and resume.
+                // READY: the VM is whole here. Still urgent: it waits for
+                // Commit and resume.
+                if !phase.ready() {
+                    return Err(Error::Local(
+                        "the session was aborted before it was ready".into(),
+                    ));
+                }
+                cut_at(ch, "dst-ready");
                 let loaded = vm.loaded.take().ok_or(Error::Local("no VM".into()))?;
                 return Ok((loaded, urgent.take()));
             }
@@ -808,7 +818,6 @@ mod tests {
         assert_eq!((back.tap, back.api, back.capture), (h.tap, h.api, true));
         for s in [
             Step::Admitted,
-            Step::Ready,
             Step::Committed,
             Step::Running,
             Step::Aborted("x".into()),
@@ -865,6 +874,10 @@ mod tests {
             at.on(Message::StartCapture, &mut vm).unwrap(),
             Next::CaptureOn
         );
+        assert_eq!(
+            at.on(Message::Sync { round: 2 }, &mut vm).unwrap(),
+            Next::Synced(2)
+        );
         assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Loaded);
         assert_eq!(at.on(Message::Done, &mut vm).unwrap(), Next::Finished);
         assert_eq!((vm.captures, vm.loads), (1, 1));
@@ -880,6 +893,12 @@ mod tests {
                 Message::State(b"s"),
             ],
             &[Message::Ready],
+            &[Message::Sync { round: 1 }],
+            &[
+                Message::StartCapture,
+                Message::State(b"s"),
+                Message::Sync { round: 1 },
+            ],
             &[Message::Commit {
                 session: crate::id::SessionId([0; 16]),
                 generation: 1,

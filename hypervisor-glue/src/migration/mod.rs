@@ -18,10 +18,12 @@
 //!    | -- Pages (round 0, then the dirty rounds) -----> |
 //!    | -- StartCapture -------------------------------> |  captures the VM's frames
 //!    | <-------------------------------------- CaptureOn|
+//!    | -- Pages (dirty rounds), each + Sync {round} --> |
+//!    | <-------------------------- Synced {round}       |  (the pause waits for the last round's)
 //!    |  [pause]  deadline: budget + margin              |
 //!    | -- State --------------------------------------> |  loads vCPU, clock, devices
-//!    | <------------------------------------------ Ready |  READY: nothing left can fail
-//!    | -- Pages (the last), Done ---------------------> |  (Ready crosses them)
+//!    | <------------------------------------------ Ready |  loaded: nothing left can fail
+//!    | -- Pages (the last), Done ---------------------> |  (Ready crosses them); READY
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver
 //!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects
 //!    | <------------------------------ Committed {N+1}   |  RUNNING at generation N+1

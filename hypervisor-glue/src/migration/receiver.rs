@@ -845,7 +845,7 @@ mod tests {
             Outcome::Died { .. }
         ));
         assert!(matches!(
-            ended_outcome(&Step::Ready, "killed"),
+            ended_outcome(&Step::Admitted, "killed"),
             Outcome::Aborted { .. }
         ));
         assert!(matches!(

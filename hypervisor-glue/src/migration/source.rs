@@ -152,6 +152,27 @@ fn all_pages(mem: &crate::memory::GuestRam) -> impl Iterator<Item = u64> + '_ {
 /// pages of zeros stay behind (the destination's memory starts zeroed).
 /// `tick` sees the pages done so far and the bytes sent, and answers false
 /// to stop (the migration was cancelled). Returns the bytes of pages sent.
+/// Reads the destination's answers to [`Message::Sync`] up to the one for
+/// `round` (the earlier ones are past).
+fn wait_synced(ch: &mut Channel, round: u32) -> Result<(), Error> {
+    loop {
+        match ch.recv()? {
+            Message::Synced { round: r } if r == round => return Ok(()),
+            Message::Synced { round: r } if r < round => {}
+            Message::Abort { reason } => return Err(Error::Peer(reason)),
+            m => {
+                return Err(Error::Protocol(format!(
+                    "expected Synced for round {round}, got {}",
+                    match m {
+                        Message::Synced { round: r } => format!("Synced for round {r}"),
+                        m => m.name().to_string(),
+                    }
+                )));
+            }
+        }
+    }
+}
+
 fn send_pages(
     ch: &mut Channel,
     ctx: &SourceContext,
@@ -422,18 +443,37 @@ impl Source {
         ch.send(&Message::StartCapture)?;
         expect(ch, "CaptureOn")?;
         cut_at(ch, "src-capture-on");
-        let mut pending;
+        let mut pending: Vec<u64> = Vec::new();
         let mut last = u64::MAX;
         let mut stalls = 0;
+        // Whether the destination has taken every round sent (CaptureOn
+        // said so for what came before it).
+        let mut synced = true;
         loop {
-            pending = collect_dirty(ctx)?;
+            pending.extend(collect_dirty(ctx)?);
+            pending.sort_unstable();
+            pending.dedup();
             let dirty_bytes = pending.len() as u64 * PAGE as u64;
             // The last pages may take a quarter of the budget: the rest is
             // the pause itself, the state and the commit.
             let budget = bandwidth * p.downtime.as_secs_f64() * LAST_PAGES_SHARE;
             let round = stats.rounds.len() as u32;
             if (dirty_bytes as f64) <= budget || round >= MAX_ROUNDS || stalls >= 3 {
-                break;
+                if synced {
+                    break;
+                }
+                // A round's pages are written to the socket faster than
+                // the destination takes them in: were the VM paused now,
+                // its state would queue behind them, in the downtime.
+                // Wait for the destination while the VM runs, then take
+                // what it dirtied meanwhile too.
+                let t = Instant::now();
+                wait_synced(ch, round - 1)?;
+                synced = true;
+                if let Some(r) = stats.rounds.last_mut() {
+                    r["synced_after_ms"] = json!(ms(t.elapsed()));
+                }
+                continue;
             }
             stalls = if pending.len() as u64 >= last {
                 stalls + 1
@@ -444,9 +484,11 @@ impl Source {
             let t = Instant::now();
             let n = pending.len() as u64;
             let sent_before = stats.bytes;
-            let b = send_pages(ch, ctx, &mut pending.iter().copied(), false, &mut |d, s| {
+            let b = send_pages(ch, ctx, &mut pending.drain(..), false, &mut |d, s| {
                 tick(round, d, n, sent_before + s, t)
             })?;
+            ch.send(&Message::Sync { round })?;
+            synced = false;
             stats.bytes += b;
             bandwidth = (b as f64 / t.elapsed().as_secs_f64().max(1e-6)).max(1.0);
             stats
@@ -457,9 +499,15 @@ impl Source {
         // Stop and copy at full priority (the VM waits for it), within the
         // deadline.
         let _urgent = crate::sched::Urgent::enter();
+        let _vcpu_urgent = self
+            .mailbox
+            .kick()
+            .vcpu_tid()
+            .map(crate::sched::Urgent::thread);
         // The pause: the vCPU thread stops the VM and answers with its
         // state in one step.
         let paused_at = Instant::now();
+        crate::trace::Trace::new().mark("source: stop asked");
         let state = match self.call(Command::Lifecycle(Event::Stop))? {
             Reply::State(s) => s,
             _ => {
@@ -517,7 +565,11 @@ impl Source {
             session,
             generation,
         });
-        let _ = self.event(Event::CommitSent { generation });
+        // Posted, not awaited: this thread's next call to the lifecycle
+        // finds it applied, and nothing else resumes a VM stopped for a
+        // move meanwhile.
+        self.mailbox
+            .post(Command::Lifecycle(Event::CommitSent { generation }));
         if let Err(e) = sent {
             return Ok(Step::Doubt(format!("sending Commit failed: {e}")));
         }

@@ -350,6 +350,19 @@ pub enum Message<'a> {
     },
     /// Source: the last pages of the stop-and-copy are all sent.
     Done,
+    /// Source: say [`Message::Synced`] once everything before this is
+    /// taken (sent after each pre-copy round that follows capture: the
+    /// source pauses the VM only once the destination has caught up, so
+    /// the state does not queue behind a round's pages in the pause).
+    Sync {
+        /// The round it follows.
+        round: u32,
+    },
+    /// Destination: everything before [`Message::Sync`] `round` is in.
+    Synced {
+        /// The round.
+        round: u32,
+    },
 }
 
 /// Message tags.
@@ -370,10 +383,12 @@ enum Tag {
     Outcome = 12,
     Abort = 13,
     Done = 14,
+    Sync = 15,
+    Synced = 16,
 }
 
 impl Tag {
-    const ALL: [Tag; 14] = [
+    const ALL: [Tag; 16] = [
         Tag::Open,
         Tag::Admitted,
         Tag::Refused,
@@ -388,6 +403,8 @@ impl Tag {
         Tag::Outcome,
         Tag::Abort,
         Tag::Done,
+        Tag::Sync,
+        Tag::Synced,
     ];
 }
 
@@ -507,6 +524,14 @@ impl<'a> Message<'a> {
                 w.bytes(s);
             }
             Message::Ready => w.u8(Tag::Ready as u8),
+            Message::Sync { round } => {
+                w.u8(Tag::Sync as u8);
+                w.u32(*round);
+            }
+            Message::Synced { round } => {
+                w.u8(Tag::Synced as u8);
+                w.u32(*round);
+            }
             Message::Commit {
                 session,
                 generation,
@@ -615,6 +640,12 @@ impl<'a> Message<'a> {
                 reason: r.string("reason")?,
             },
             Tag::Done => Message::Done,
+            Tag::Sync => Message::Sync {
+                round: r.u32("round")?,
+            },
+            Tag::Synced => Message::Synced {
+                round: r.u32("round")?,
+            },
         };
         r.finish()?;
         Ok(m)
@@ -637,6 +668,8 @@ impl<'a> Message<'a> {
             Message::Outcome(_) => "Outcome",
             Message::Abort { .. } => "Abort",
             Message::Done => "Done",
+            Message::Sync { .. } => "Sync",
+            Message::Synced { .. } => "Synced",
         }
     }
 }
@@ -814,6 +847,8 @@ mod tests {
             Message::CaptureOn,
             Message::State(&[1, 2, 3]),
             Message::Ready,
+            Message::Sync { round: 3 },
+            Message::Synced { round: u32::MAX },
             Message::Commit {
                 session,
                 generation: 4,

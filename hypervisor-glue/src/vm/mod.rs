@@ -673,7 +673,14 @@ impl Vm {
             Command::Lifecycle(event) => {
                 let begin = matches!(event, Event::Begin { .. });
                 let stop = matches!(event, Event::Stop);
-                match self.transition(event) {
+                if stop {
+                    Trace::new().mark("vcpu: stop taken");
+                }
+                let applied = self.transition(event);
+                if stop {
+                    Trace::new().mark("vcpu: devices paused");
+                }
+                match applied {
                     // Paused for a migration's copy: the state goes back in
                     // the same answer (one hand-off, not two).
                     Ok(end) if stop => match self.save() {

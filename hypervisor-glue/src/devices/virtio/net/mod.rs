@@ -23,7 +23,7 @@ pub mod tap;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
@@ -138,8 +138,12 @@ struct Active {
     /// While a migration's destination may be capturing: digests of the
     /// frames read from the tap here, so that it can drop its copies.
     recorded: Option<Vec<u64>>,
-    /// Capture passes the worker has finished (see [`VirtioNet::pause`]).
-    capture_passes: u64,
+    /// Digests of the frames captured since the device last delivered
+    /// (duplicates are kept once).
+    seen: std::collections::HashSet<u64>,
+    /// The features the tap's offloads are set for (the worker applies
+    /// the driver's; a capture pass formats frames by these).
+    tap_features: u64,
     /// At a migration's destination, once the state is loaded: digests of
     /// frames the source read (its [`NetState::overlap`]) not yet matched
     /// by a captured copy, with their counts. Every frame captured until
@@ -159,8 +163,6 @@ struct Shared {
     /// queued while nobody read them (see [`VirtioNet::pause`] and
     /// [`VirtioNet::discard_waiting`]).
     flush: AtomicBool,
-    /// Signalled (with `active`) after each capture pass.
-    passed: Condvar,
     /// ISR status: bit 0 = queue interrupt. A read by the guest clears it.
     isr: AtomicU8,
     /// The features the driver accepted (valid while `queues` is `Some`).
@@ -210,8 +212,11 @@ pub struct VirtioNet {
     shared: Arc<Shared>,
     wake: EventFd,
     worker: Option<std::thread::JoinHandle<()>>,
-    /// The tap, for frames the VMM sends on the guest's behalf.
-    announce_tx: Tap,
+    /// The tap, for frames the VMM sends on the guest's behalf, and for
+    /// the capture pass of [`VirtioNet::pause`].
+    tap: Tap,
+    /// A frame's room, for that pass.
+    buf: Vec<u8>,
 }
 
 impl VirtioNet {
@@ -219,7 +224,7 @@ impl VirtioNet {
     /// KVM, and starts the worker thread.
     pub fn new(config: &NetConfig, vm: &VmFd, mem: &GuestRam) -> Result<Self, Error> {
         let tap = Tap::open(&config.tap)?;
-        let announce_tx = tap.try_clone().map_err(Error::EventFd)?;
+        let own_tap = tap.try_clone().map_err(Error::EventFd)?;
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd);
         let (rx_kick, tx_kick, irq, wake) = (efd()?, efd()?, efd()?, efd()?);
         let bar_addr = u64::from(config.bar_addr);
@@ -279,7 +284,8 @@ impl VirtioNet {
             shared,
             wake,
             worker: Some(worker),
-            announce_tx,
+            tap: own_tap,
+            buf: Vec::new(),
         })
     }
 
@@ -651,34 +657,37 @@ pub enum RestoreError {
 
 impl VirtioNet {
     /// Stops the worker from touching guest memory or the queues; returns
-    /// once it is out of its current batch. With `capture`, it keeps
-    /// reading the tap into the backlog (for a VM about to run here, or a
+    /// once it is out of its current batch. With `capture`, the tap goes
+    /// on being read into the backlog (for a VM about to run here, or a
     /// migration's source, which must carry what arrived before the
-    /// destination captured), and this returns after one full pass: every
-    /// frame the tap held is then in the backlog. A device that was paused
+    /// destination captured): this thread makes the first pass itself,
+    /// so every frame the tap held is in the backlog when it returns, and
+    /// the worker makes the later ones. (No hand-off to the worker and
+    /// back: this is on a migration's pause.) A device that was paused
     /// without capturing first discards what queued in its tap meanwhile
     /// (frames of a time it did not claim; a source VM got them).
     pub fn pause(&mut self, capture: bool) {
+        // The worker processes a batch under this lock and checks `paused`
+        // after taking it: once we hold it, no batch is running, and the
+        // next sees the new flags (and a tap already emptied here).
+        let mut guard = self.shared.active.lock().expect("net state lock");
         let was_paused = self.shared.paused.load(Ordering::Acquire);
         let was_capturing = self.shared.capture.load(Ordering::Acquire);
-        if capture && was_paused && !was_capturing {
-            self.shared.flush.store(true, Ordering::Release);
-        }
         self.shared.capture.store(capture, Ordering::Release);
         self.shared.paused.store(true, Ordering::Release);
-        // The worker processes a batch under this lock and checks `paused`
-        // after taking it: once we hold it, no batch is running.
-        let guard = self.shared.active.lock().expect("net state lock");
-        let start = guard.capture_passes;
-        self.wake.write(1).ok();
         if capture {
-            // Bounded: a worker that died must not stop the VMM.
-            let _ = self.shared.passed.wait_timeout_while(
-                guard,
-                std::time::Duration::from_millis(200),
-                |a| a.capture_passes == start,
-            );
+            if self.buf.len() < worker::MAX_FRAME {
+                self.buf = vec![0; worker::MAX_FRAME];
+            }
+            let stats = &self.shared.stats;
+            if was_paused && !was_capturing {
+                worker::discard_tap(&self.tap, &mut self.buf, stats);
+            }
+            worker::capture(&self.tap, &mut self.buf, &mut guard, stats);
         }
+        drop(guard);
+        // The worker looks at the tap on its own timer while capturing.
+        self.wake.write(1).ok();
     }
 
     /// Drops the frames waiting in the tap, unread, before the worker next
@@ -812,7 +821,7 @@ impl VirtioNet {
     pub fn announce(&self, frame: &[u8]) -> std::io::Result<()> {
         let mut f = vec![0u8; tap::VNET_HDR_LEN];
         f.extend_from_slice(frame);
-        self.announce_tx.write_frame(&f).map(|_| ())
+        self.tap.write_frame(&f).map(|_| ())
     }
 }
 

@@ -12,7 +12,6 @@
 //! yet) frames read from the tap go to the backlog, each distinct frame
 //! once, and are delivered in order when the VM runs.
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::csum::{self, DATA_VALID, NEEDS_CSUM, Verdict};
 use super::tap::{Tap, VNET_HDR_LEN};
-use super::{F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, MAX_BACKLOG_BYTES, RX, Shared, TX};
+use super::{Active, F_CSUM, F_GUEST_CSUM, F_HOST_TSO4, MAX_BACKLOG_BYTES, RX, Shared, Stats, TX};
 use crate::memory::GuestRam;
 use ferry_abi::offload::{GSO_TCPV4, MIN_GSO_SIZE};
 
@@ -55,8 +54,6 @@ pub(super) struct Worker {
     buf: Vec<u8>,
     /// Features in force (the driver's, once it runs).
     features: u64,
-    /// Hashes of the frames captured so far (duplicates are kept once).
-    seen: HashSet<u64>,
 }
 
 /// Tap offload flag: the guest takes partially checksummed frames.
@@ -98,7 +95,6 @@ impl Worker {
             epoll,
             buf: vec![0; MAX_FRAME],
             features: 0,
-            seen: HashSet::new(),
         })
     }
 
@@ -143,6 +139,7 @@ impl Worker {
             let features = shared.features.load(Ordering::Acquire);
             if features != self.features {
                 self.features = features;
+                guard.tap_features = features;
                 let offload = if features & F_GUEST_CSUM != 0 {
                     TUN_F_CSUM
                 } else {
@@ -153,18 +150,11 @@ impl Worker {
                 }
             }
             if shared.flush.swap(false, Ordering::AcqRel) {
-                self.discard_tap();
+                discard_tap(&self.tap, &mut self.buf, &shared.stats);
             }
             if shared.paused.load(Ordering::Acquire) {
                 if shared.capture.load(Ordering::Acquire) {
-                    let active = &mut *guard;
-                    self.capture(
-                        &mut active.backlog,
-                        &mut active.recorded,
-                        &mut active.overlap,
-                    );
-                    active.capture_passes += 1;
-                    shared.passed.notify_all();
+                    capture(&self.tap, &mut self.buf, &mut guard, &shared.stats);
                 }
                 continue;
             }
@@ -174,11 +164,7 @@ impl Worker {
                 // frames still waiting in the tap are checked against the
                 // source's (one last capture pass) before the guest gets
                 // any; the list goes with it.
-                self.capture(
-                    &mut active.backlog,
-                    &mut active.recorded,
-                    &mut active.overlap,
-                );
+                capture(&self.tap, &mut self.buf, active, &shared.stats);
                 active.overlap = Default::default();
             }
             match active.queues.as_mut() {
@@ -188,6 +174,11 @@ impl Worker {
                         notify |= self.transmit(&mut queues[TX]);
                     }
                     if rx {
+                        if !active.seen.is_empty() {
+                            // A capture window is over; its duplicate
+                            // filter goes with it.
+                            active.seen = Default::default();
+                        }
                         notify |= self.receive(
                             &mut queues[RX],
                             &mut active.backlog,
@@ -203,7 +194,7 @@ impl Worker {
                     // No driver: the frames go nowhere, as on a real NIC.
                     active.backlog.clear();
                     drop(guard);
-                    self.discard_tap();
+                    discard_tap(&self.tap, &mut self.buf, &shared.stats);
                 }
             }
         }
@@ -213,46 +204,6 @@ impl Worker {
         self.shared.isr.fetch_or(1, Ordering::AcqRel);
         self.shared.stats.interrupts.fetch_add(1, Ordering::Relaxed);
         self.irq.write(1).ok();
-    }
-
-    fn discard_tap(&mut self) {
-        while let Ok(Some(_)) = self.tap.read_frame(&mut self.buf) {
-            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Reads every waiting tap frame into the backlog, each distinct frame
-    /// once, up to [`MAX_BACKLOG_BYTES`] (recording its digest while a
-    /// migration's destination may capture it too).
-    fn capture(
-        &mut self,
-        backlog: &mut std::collections::VecDeque<Vec<u8>>,
-        recorded: &mut Option<Vec<u64>>,
-        overlap: &mut std::collections::HashMap<u64, usize>,
-    ) {
-        let mut bytes: usize = backlog.iter().map(Vec::len).sum();
-        while let Ok(Some(len)) = self.tap.read_frame(&mut self.buf) {
-            let stats = &self.shared.stats;
-            if len < MIN_FRAME
-                || bytes + len > MAX_BACKLOG_BYTES
-                || !fix_rx_header(&mut self.buf, len, self.features)
-            {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let frame = &self.buf[..len];
-            let digest = xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]);
-            if !self.seen.insert(digest) || super::take_overlap(overlap, digest) {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if let Some(r) = recorded.as_mut() {
-                r.push(digest);
-            }
-            stats.captured.fetch_add(1, Ordering::Relaxed);
-            bytes += len;
-            backlog.push_back(frame.to_vec());
-        }
     }
 
     /// Delivers the backlog, then tap frames, into posted receive buffers;
@@ -266,10 +217,6 @@ impl Worker {
         let mem = &self.mem;
         let stats = &self.shared.stats;
         let mut delivered = false;
-        if !self.seen.is_empty() {
-            // A capture window is over; its duplicate filter goes with it.
-            self.seen = HashSet::new();
-        }
         loop {
             let len = match backlog.pop_front() {
                 Some(f) => {
@@ -463,6 +410,43 @@ fn fix_tx_header(buf: &mut [u8], n: usize, features: u64) -> bool {
     hdr[0] = NEEDS_CSUM;
     hdr[10..12].iter_mut().for_each(|b| *b = 0);
     true
+}
+
+/// Reads and drops every frame waiting in `tap`.
+pub(super) fn discard_tap(tap: &Tap, buf: &mut [u8], stats: &Stats) {
+    while let Ok(Some(_)) = tap.read_frame(buf) {
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A capture pass: reads every waiting tap frame into the backlog, each
+/// distinct frame once, up to [`MAX_BACKLOG_BYTES`] (recording its digest
+/// while a migration's destination may capture it too, and dropping the
+/// ones a migration's source already read). The worker makes it, or the
+/// thread that pauses the device (either under the `active` lock).
+pub(super) fn capture(tap: &Tap, buf: &mut [u8], active: &mut Active, stats: &Stats) {
+    let mut bytes: usize = active.backlog.iter().map(Vec::len).sum();
+    while let Ok(Some(len)) = tap.read_frame(buf) {
+        if len < MIN_FRAME
+            || bytes + len > MAX_BACKLOG_BYTES
+            || !fix_rx_header(buf, len, active.tap_features)
+        {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let frame = &buf[..len];
+        let digest = xxhash_rust::xxh3::xxh3_64(&frame[VNET_HDR_LEN..]);
+        if !active.seen.insert(digest) || super::take_overlap(&mut active.overlap, digest) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        if let Some(r) = active.recorded.as_mut() {
+            r.push(digest);
+        }
+        stats.captured.fetch_add(1, Ordering::Relaxed);
+        bytes += len;
+        active.backlog.push_back(frame.to_vec());
+    }
 }
 
 #[cfg(test)]
