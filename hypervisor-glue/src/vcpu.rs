@@ -168,12 +168,24 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, mem: &GuestRam, bus: &mut IoBus, kick: &Kick) -> Result<Stop, Error> {
+        // Whether the last exit's instruction (an `out`, an `in`, an MMIO
+        // access, all served here) is unfinished: KVM completes it (moves
+        // rip past it, stores what `in` read) only on the next KVM_RUN.
+        let mut unfinished = false;
         loop {
             if let Some(sig) = crate::stop::requested() {
                 return Ok(Stop::Signalled(sig));
             }
             if kick.pending() {
-                return Ok(Stop::Request);
+                if !unfinished {
+                    return Ok(Stop::Request);
+                }
+                // A request may look at the vCPU's state (save it, move
+                // it): a KVM_RUN with immediate_exit set first completes
+                // the instruction and returns at once, running nothing
+                // more. Else a state saved now would carry rip at the
+                // `out`, and the VM restored from it would do it twice.
+                self.fd.set_kvm_immediate_exit(1);
             }
             self.fd.set_sync_valid_reg(SyncReg::Register);
             let result = self.fd.run();
@@ -225,6 +237,7 @@ impl Vcpu {
                 // A kick set it; the next KVM_RUN must enter the guest.
                 self.fd.set_kvm_immediate_exit(0);
             }
+            unfinished = matches!(exit, Exit::Handled | Exit::Out(..));
             if let Some(sig) = crate::stop::requested() {
                 return Ok(Stop::Signalled(sig));
             }

@@ -4,6 +4,10 @@
 //! Arguments: `exit=N` (status, default 0), `sleep-ms=N` (sleep before exit),
 //! `spin=N` (time N rounds of integer arithmetic, a CPU-speed probe),
 //! `ballast-mib=N` (hold N MiB with every page touched),
+//! `lines=N` (print `hello: line I` for I from 0 to N-1, as fast as the
+//! console takes them: a line is one hypercall, so a snapshot or a move
+//! stops the VM at one sooner or later; tests check none is lost or
+//! printed twice),
 //! any other words are echoed.
 #![no_std]
 #![no_main]
@@ -64,6 +68,15 @@ fn main(env: &Env) -> i32 {
             "hello: spin={n} took_us={} ({x:#x})",
             time::now().duration_since(start).as_micros()
         );
+    }
+    if let Some(n) = env.arg("lines") {
+        let Ok(n) = n.parse::<u64>() else {
+            println!("hello: lines wants a whole number, got {n:?}");
+            return 2;
+        };
+        for i in 0..n {
+            println!("hello: line {i}");
+        }
     }
     core::hint::black_box(&ballast);
     match env.arg("exit").map(str::parse::<i32>) {
