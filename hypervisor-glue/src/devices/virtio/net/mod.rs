@@ -285,7 +285,7 @@ impl VirtioNet {
             wake,
             worker: Some(worker),
             tap: own_tap,
-            buf: Vec::new(),
+            buf: vec![0; worker::MAX_FRAME],
         })
     }
 
@@ -676,9 +676,6 @@ impl VirtioNet {
         self.shared.capture.store(capture, Ordering::Release);
         self.shared.paused.store(true, Ordering::Release);
         if capture {
-            if self.buf.len() < worker::MAX_FRAME {
-                self.buf = vec![0; worker::MAX_FRAME];
-            }
             let stats = &self.shared.stats;
             if was_paused && !was_capturing {
                 worker::discard_tap(&self.tap, &mut self.buf, stats);
