@@ -60,6 +60,8 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
             Ok(Next::CaptureOn) => assert_eq!(at, Receiving::Capturing),
+            // A Sync is answered only between capture and the state.
+            Ok(Next::Synced(_)) => assert_eq!(at, Receiving::Capturing),
             // Ready goes out once the state is loaded, before the last pages.
             Ok(Next::Loaded) => assert_eq!((at, vm.loads), (Receiving::Loaded, 1)),
             Ok(Next::Wait) => {}
