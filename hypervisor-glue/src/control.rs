@@ -254,9 +254,13 @@ impl Mailbox {
                 return None;
             }
             q.push_back(Job { cmd, reply: tx });
+            // Under the lock, as `next` clears the mark under it once the
+            // queue is empty: a kick marked after the vCPU thread took
+            // the job would stay pending, and stop the vCPU once for
+            // nothing.
+            self.kick.request();
         }
         self.cv.notify_all();
-        self.kick.request();
         Some(rx)
     }
 
