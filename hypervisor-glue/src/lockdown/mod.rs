@@ -139,6 +139,10 @@ pub enum Error {
         /// seccompiler's complaint.
         why: String,
     },
+    /// [`lock`] without [`configure`] first (which installs the handlers
+    /// and drops the bounding sets).
+    #[error("internal: the lockdown was not configured before the VM's threads started")]
+    NotConfigured,
     /// A thread did not take its filter.
     #[error("the {0} thread did not lock down (its filter or capabilities); the VMM stops")]
     Thread(&'static str),
@@ -294,12 +298,12 @@ pub fn enter(role: Role) {
     fatal("ferry: error: too many threads before the lockdown\n");
 }
 
-/// Locks the process down (see the module): every registered thread and
-/// this one drop their bounding sets; the jail; then each empties its
-/// capability sets and takes its filter, this one as `role`. Returns once
-/// all are done.
+/// Locks the process down (see the module), after [`configure`] (which
+/// dropped the bounding sets): the jail; then every registered thread and
+/// this one empty their capability sets and take their filters, this one
+/// as `role`. Returns once all are done.
 pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
-    let p = policy().clone();
+    let p = POLICY.get().ok_or(Error::NotConfigured)?.clone();
     if p.seccomp {
         quiet_libc();
         let programs = filters::build(unlink_dir)?;

@@ -148,10 +148,6 @@ fn all_pages(mem: &crate::memory::GuestRam) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
-/// Sends pages read from guest memory now, in batches; with `skip_zero`,
-/// pages of zeros stay behind (the destination's memory starts zeroed).
-/// `tick` sees the pages done so far and the bytes sent, and answers false
-/// to stop (the migration was cancelled). Returns the bytes of pages sent.
 /// Reads the destination's answers to [`Message::Sync`] up to the one for
 /// `round` (the earlier ones are past).
 fn wait_synced(ch: &mut Channel, round: u32) -> Result<(), Error> {
@@ -160,19 +156,25 @@ fn wait_synced(ch: &mut Channel, round: u32) -> Result<(), Error> {
             Message::Synced { round: r } if r == round => return Ok(()),
             Message::Synced { round: r } if r < round => {}
             Message::Abort { reason } => return Err(Error::Peer(reason)),
+            Message::Synced { round: r } => {
+                return Err(Error::Protocol(format!(
+                    "Synced for round {r} while round {round} is the last sent"
+                )));
+            }
             m => {
                 return Err(Error::Protocol(format!(
                     "expected Synced for round {round}, got {}",
-                    match m {
-                        Message::Synced { round: r } => format!("Synced for round {r}"),
-                        m => m.name().to_string(),
-                    }
+                    m.name()
                 )));
             }
         }
     }
 }
 
+/// Sends pages read from guest memory now, in batches; with `skip_zero`,
+/// pages of zeros stay behind (the destination's memory starts zeroed).
+/// `tick` sees the pages done so far and the bytes sent, and answers false
+/// to stop (the migration was cancelled). Returns the bytes of pages sent.
 fn send_pages(
     ch: &mut Channel,
     ctx: &SourceContext,

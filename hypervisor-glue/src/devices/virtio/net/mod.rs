@@ -141,8 +141,9 @@ struct Active {
     /// Digests of the frames captured since the device last delivered
     /// (duplicates are kept once).
     seen: std::collections::HashSet<u64>,
-    /// The features the tap's offloads are set for (the worker applies
-    /// the driver's; a capture pass formats frames by these).
+    /// The features in force on the tap: the driver's, once the worker
+    /// has set the tap's offloads for them (frames both ways are formatted
+    /// by these).
     tap_features: u64,
     /// At a migration's destination, once the state is loaded: digests of
     /// frames the source read (its [`NetState::overlap`]) not yet matched

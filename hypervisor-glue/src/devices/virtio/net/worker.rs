@@ -52,8 +52,6 @@ pub(super) struct Worker {
     wake: EventFd,
     epoll: Epoll,
     buf: Vec<u8>,
-    /// Features in force (the driver's, once it runs).
-    features: u64,
 }
 
 /// Tap offload flag: the guest takes partially checksummed frames.
@@ -94,7 +92,6 @@ impl Worker {
             wake,
             epoll,
             buf: vec![0; MAX_FRAME],
-            features: 0,
         })
     }
 
@@ -137,8 +134,7 @@ impl Worker {
             let shared = self.shared.clone();
             let mut guard = shared.active.lock().expect("net state lock");
             let features = shared.features.load(Ordering::Acquire);
-            if features != self.features {
-                self.features = features;
+            if features != guard.tap_features {
                 guard.tap_features = features;
                 let offload = if features & F_GUEST_CSUM != 0 {
                     TUN_F_CSUM
@@ -159,6 +155,7 @@ impl Worker {
                 continue;
             }
             let active = &mut *guard;
+            let features = active.tap_features;
             if !active.overlap.is_empty() {
                 // The first pass after a migration's destination resumed:
                 // frames still waiting in the tap are checked against the
@@ -171,7 +168,7 @@ impl Worker {
                 Some(queues) => {
                     let mut notify = false;
                     if tx {
-                        notify |= self.transmit(&mut queues[TX]);
+                        notify |= self.transmit(&mut queues[TX], features);
                     }
                     if rx {
                         if !active.seen.is_empty() {
@@ -183,6 +180,7 @@ impl Worker {
                             &mut queues[RX],
                             &mut active.backlog,
                             &mut active.recorded,
+                            features,
                         );
                     }
                     drop(guard);
@@ -213,6 +211,7 @@ impl Worker {
         q: &mut Queue,
         backlog: &mut std::collections::VecDeque<Vec<u8>>,
         recorded: &mut Option<Vec<u64>>,
+        features: u64,
     ) -> bool {
         let mem = &self.mem;
         let stats = &self.shared.stats;
@@ -225,7 +224,7 @@ impl Worker {
                 }
                 None => match self.tap.read_frame(&mut self.buf) {
                     Ok(Some(len)) => {
-                        if len < MIN_FRAME || !fix_rx_header(&mut self.buf, len, self.features) {
+                        if len < MIN_FRAME || !fix_rx_header(&mut self.buf, len, features) {
                             stats.dropped.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
@@ -282,7 +281,7 @@ impl Worker {
 
     /// Sends every frame the guest queued; whether the guest wants an
     /// interrupt.
-    fn transmit(&mut self, q: &mut Queue) -> bool {
+    fn transmit(&mut self, q: &mut Queue, features: u64) -> bool {
         let mem = &self.mem;
         let stats = &self.shared.stats;
         let mut completed = false;
@@ -306,7 +305,7 @@ impl Worker {
                     stats.tx_refused.fetch_add(1, Ordering::Relaxed);
                 }
                 match frame {
-                    Some(n) if !refused && fix_tx_header(&mut self.buf, n, self.features) => {
+                    Some(n) if !refused && fix_tx_header(&mut self.buf, n, features) => {
                         match self.tap.write_frame(&self.buf[..n]) {
                             Ok(_) => {
                                 stats.tx_frames.fetch_add(1, Ordering::Relaxed);
