@@ -9,6 +9,18 @@
 //! stop-and-copy, when the VM waits for the copying, runs [`Urgent`]:
 //! ahead of everything else on the host, so that the pause is as short as
 //! the work.
+//!
+//! Urgent is real-time (`SCHED_FIFO` at the lowest real-time priority),
+//! not just a low nice value: a nice -15 thread still waits for a
+//! woken nice-0 one (the client's load, the receiver) now and then, and
+//! each of the pause's half-dozen hand-offs between threads and processes
+//! paid for it. Measured on a 2-core host, 4 and 256 MB under a 120 MB/s
+//! stream, interleaved runs: downtime p50 0.87/0.95 ms at nice -15,
+//! 0.48/0.48 ms real-time, p99 3.4/1.7 against 0.67/0.56 ms. A
+//! real-time thread here never spins: it blocks on sockets, futexes and
+//! KVM, and gives the core back within the stop-and-copy. Threads it
+//! starts fall back to normal (`SCHED_RESET_ON_FORK`), and the kernel's
+//! real-time throttling bounds it regardless.
 
 /// The nice value of background work.
 const NICE: libc::c_int = 19;
@@ -25,12 +37,20 @@ pub struct Background {
     old: Option<libc::c_int>,
 }
 
-/// While alive, the calling thread runs at nice -15 (needs CAP_SYS_NICE;
-/// without it nothing changes); dropping it restores the priority.
+/// While alive, the thread runs real-time (`SCHED_FIFO`, priority 1),
+/// and at nice -15 should that be refused (both need CAP_SYS_NICE;
+/// without it nothing changes); dropping it restores both.
 #[derive(Debug)]
 pub struct Urgent {
-    _restores_on_drop: Background,
+    tid: libc::pid_t,
+    /// Whether this made the thread real-time (it was normal before).
+    fifo: bool,
+    _nice: Background,
 }
+
+/// The real-time priority of the stop-and-copy: the lowest, ahead of
+/// every normal thread and behind the kernel's own real-time threads.
+const URGENT_RT_PRIORITY: libc::c_int = 1;
 
 impl Urgent {
     /// Moves the calling thread ahead.
@@ -43,8 +63,42 @@ impl Urgent {
     /// does this to the vCPU thread it is about to stop: it must leave
     /// KVM_RUN and save the state at once, not wait for a core).
     pub fn thread(tid: libc::pid_t) -> Urgent {
+        let nice = Background::at(tid, URGENT_NICE);
+        let param = libc::sched_param {
+            sched_priority: URGENT_RT_PRIORITY,
+        };
+        // SAFETY: sched_getscheduler/sched_setscheduler on a thread id of
+        // this process (a stale one fails, harmlessly) with a valid
+        // sched_param. A thread already real-time (the VMM run under
+        // `chrt`) is left as it is.
+        let fifo = unsafe {
+            libc::sched_getscheduler(tid) == libc::SCHED_OTHER
+                && libc::sched_setscheduler(
+                    tid,
+                    libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+                    &param,
+                ) == 0
+        };
         Urgent {
-            _restores_on_drop: Background::at(tid, URGENT_NICE),
+            tid,
+            fifo,
+            _nice: nice,
+        }
+    }
+
+    /// Whether the thread runs real-time now.
+    pub fn is_realtime(&self) -> bool {
+        self.fifo
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if self.fifo {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: as in `thread`, on the same thread id. Its nice
+            // value is restored after this (field order).
+            unsafe { libc::sched_setscheduler(self.tid, libc::SCHED_OTHER, &param) };
         }
     }
 }
@@ -88,6 +142,34 @@ mod tests {
     fn nice() -> libc::c_int {
         // SAFETY: as above.
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+    }
+
+    fn policy() -> libc::c_int {
+        // SAFETY: as above.
+        unsafe { libc::sched_getscheduler(0) }
+    }
+
+    #[test]
+    fn urgent_is_real_time_as_root_and_restores_the_thread() {
+        std::thread::spawn(|| {
+            let before = (policy(), nice());
+            {
+                let u = Urgent::enter();
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    assert!(u.is_realtime());
+                    assert_eq!(policy(), libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK);
+                    // A thread it starts runs normally.
+                    let child = std::thread::spawn(|| (policy(), nice())).join().unwrap();
+                    assert_eq!(child, (libc::SCHED_OTHER, 0));
+                } else {
+                    assert!(!u.is_realtime());
+                }
+            }
+            assert_eq!((policy(), nice()), before);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -121,6 +121,7 @@ const BASE: &[i64] = &[
     libc::SYS_geteuid,
     libc::SYS_getpriority,
     libc::SYS_setpriority,
+    libc::SYS_sched_getscheduler,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
@@ -230,6 +231,22 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
         vec![rule(vec![
             Cond::new(0, Len::Dword, Op::Eq, me).expect("valid"),
         ])],
+    );
+    // The stop-and-copy runs real-time (`sched::Urgent`), and back: no
+    // other policy, and no real-time priority inherited by a new thread.
+    add(
+        libc::SYS_sched_setscheduler,
+        [
+            libc::SCHED_OTHER,
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+        ]
+        .iter()
+        .map(|&p| {
+            rule(vec![
+                Cond::new(1, Len::Dword, Op::Eq, p as u64).expect("valid"),
+            ])
+        })
+        .collect(),
     );
     // Only ever adds restrictions: a thread started after the lockdown
     // takes its role's filter on top of the one it inherited.
