@@ -433,16 +433,6 @@ pub fn cpu_mode(vcpu: &VcpuFd) -> CpuMode {
     }
 }
 
-/// Reads every MSR KVM lists that this vCPU lets us read, and PVM's
-/// control MSR where there is one (last).
-fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
-    let mut msrs = save_listed_msrs(kvm, vcpu)?;
-    if let Some(v) = read_pvm_control(vcpu) {
-        msrs.push((MSR_PVM_CONTROL, v));
-    }
-    Ok(msrs)
-}
-
 /// The MSRs KVM lists (less the TSC, which cannot be moved here), asked
 /// once per process: the list never changes, and asking costs an ioctl in
 /// the pause of every migration.
@@ -469,13 +459,19 @@ fn msr_allowed(kvm: &Kvm, index: u32) -> Result<bool, StateError> {
     Ok(index == MSR_PVM_CONTROL || listed_msrs(kvm)?.contains(&index))
 }
 
-fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
-    // The listed MSRs this vCPU lets us read, found on the first save (KVM
-    // stops at the first it cannot read: drop that one, retry) and kept.
+/// The MSRs of a vCPU's state: those KVM lists and PVM's control MSR
+/// (last; on PVM only), in one KVM_GET_MSRS.
+fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
+    // The ones this vCPU lets us read, found on the first save (KVM stops
+    // at the first it cannot read: drop that one, retry) and kept.
     static READABLE: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
     let mut indices: Vec<u32> = match READABLE.get() {
         Some(r) => r.clone(),
-        None => listed_msrs(kvm)?.to_vec(),
+        None => {
+            let mut all = listed_msrs(kvm)?.to_vec();
+            all.push(MSR_PVM_CONTROL);
+            all
+        }
     };
     loop {
         let entries: Vec<kvm_msr_entry> = indices
@@ -496,15 +492,43 @@ fn save_listed_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, StateEr
     }
 }
 
-/// Saves the vCPU's state. The vCPU must not be running.
-pub fn save_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<VcpuState, StateError> {
+/// What KVM handed back in `kvm_run` at the end of a KVM_RUN
+/// (KVM_CAP_SYNC_REGS; see [`crate::vcpu::Vcpu::settle`]): the same
+/// values KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_VCPU_EVENTS give, for
+/// no ioctl.
+#[derive(Clone, Copy)]
+pub struct Synced {
+    /// General registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// Pending exceptions, interrupts, NMIs.
+    pub events: kvm_bindings::kvm_vcpu_events,
+}
+
+/// Saves the vCPU's state. The vCPU must not be running. `synced`, when
+/// given, is its registers and events as they are now (each vCPU ioctl
+/// costs ~15 us here, inside the pause).
+pub fn save_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    synced: Option<&Synced>,
+) -> Result<VcpuState, StateError> {
+    let (regs, sregs, events) = match synced {
+        Some(s) => (s.regs, s.sregs, s.events),
+        None => (
+            vcpu.get_regs().map_err(io("KVM_GET_REGS"))?,
+            vcpu.get_sregs().map_err(io("KVM_GET_SREGS"))?,
+            vcpu.get_vcpu_events().map_err(io("KVM_GET_VCPU_EVENTS"))?,
+        ),
+    };
     Ok(VcpuState {
-        regs: pod_bytes(&vcpu.get_regs().map_err(io("KVM_GET_REGS"))?),
-        sregs: pod_bytes(&vcpu.get_sregs().map_err(io("KVM_GET_SREGS"))?),
+        regs: pod_bytes(&regs),
+        sregs: pod_bytes(&sregs),
         xsave: pod_bytes(&vcpu.get_xsave().map_err(io("KVM_GET_XSAVE"))?.region),
         xcrs: pod_bytes(&vcpu.get_xcrs().map_err(io("KVM_GET_XCRS"))?),
         lapic: pod_bytes(&vcpu.get_lapic().map_err(io("KVM_GET_LAPIC"))?),
-        events: pod_bytes(&vcpu.get_vcpu_events().map_err(io("KVM_GET_VCPU_EVENTS"))?),
+        events: pod_bytes(&events),
         mp_state: pod_bytes(&vcpu.get_mp_state().map_err(io("KVM_GET_MP_STATE"))?),
         debugregs: pod_bytes(&vcpu.get_debug_regs().map_err(io("KVM_GET_DEBUGREGS"))?),
         msrs: save_msrs(kvm, vcpu)?,

@@ -156,6 +156,35 @@ impl Vcpu {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
+    /// Readies a stopped vCPU for a save and returns its registers and
+    /// events, for one ioctl instead of three: a KVM_RUN with
+    /// `immediate_exit` set, which enters no guest code (the run loop has
+    /// completed any unfinished instruction already; this would complete
+    /// one too, as KVM asks before a save) and makes KVM copy them into
+    /// `kvm_run` on its way out (KVM_CAP_SYNC_REGS). `None` (the caller
+    /// asks with ioctls) if this KVM refuses that, or the run did not
+    /// come straight back.
+    pub fn settle(&mut self) -> Option<crate::kvm::Synced> {
+        for r in [SyncReg::SystemRegister, SyncReg::VcpuEvents] {
+            self.fd.set_sync_valid_reg(r);
+        }
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_kvm_immediate_exit(1);
+        let settled = matches!(self.fd.run(), Err(e) if e.errno() == libc::EINTR);
+        self.fd.set_kvm_immediate_exit(0);
+        for r in [SyncReg::SystemRegister, SyncReg::VcpuEvents] {
+            self.fd.clear_sync_valid_reg(r);
+        }
+        settled.then(|| {
+            let s = self.fd.sync_regs();
+            crate::kvm::Synced {
+                regs: s.regs,
+                sregs: s.sregs,
+                events: s.events,
+            }
+        })
+    }
+
     /// Runs until the guest exits or faults, a signal asks Ferry to stop,
     /// or `kick` has a request pending.
     pub fn run(&mut self, mem: &GuestRam, bus: &mut IoBus, kick: &Kick) -> Result<Stop, Error> {

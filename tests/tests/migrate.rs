@@ -481,6 +481,152 @@ fn http_download_completes_across_a_migration() {
     assert_eq!(ferry_abi::stream::check(&got, 0), Ok(()));
 }
 
+/// A receiver whose `ferry` binary was replaced on disk while it listened
+/// (a package upgrade) still starts each arriving VM's process: from the
+/// binary it runs, not from the path, which now names another file.
+#[test]
+fn a_receiver_whose_binary_was_replaced_still_takes_the_vm() {
+    let Some(mut s) = setup("a_receiver_whose_binary_was_replaced") else {
+        return;
+    };
+    let api = s.start("echo", &[]);
+    let mut conn = s.connect(7);
+    round_trip(&mut conn, b"before the upgrade");
+    let installed = s.dir.join("ferry");
+    std::fs::copy(ferry_tests::ferry_bin(), &installed).unwrap();
+    let new_api = s.api("vm1");
+    let mut cmd = s.c.receiver_command_of(&installed, "hostB", 7001, &[]);
+    cmd.arg("--once").arg("--api").arg(&new_api);
+    let log = s.dir.join("recv1.log");
+    let pid = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid).unwrap();
+    // The upgrade: a new file renamed over the old one.
+    let staged = s.dir.join("ferry.new");
+    std::fs::copy(ferry_tests::ferry_bin(), &staged).unwrap();
+    std::fs::rename(&staged, &installed).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy().ends_with("(deleted)"),
+        "the receiver's binary was not replaced: {}",
+        exe.display()
+    );
+    let report = s.c.migrate(&api, "hostB", 7001, &[]).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nreceiver: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    assert!(report.contains("\"ok\":true"), "{report}");
+    round_trip(&mut conn, b"after the move to the upgraded host");
+    assert!(
+        ferry_ctl(&["status", "--json", "--api"], &new_api)
+            .unwrap()
+            .contains("\"state\":\"running\"")
+    );
+}
+
+/// A moved VM announces itself: a gratuitous ARP (who has the service IP?
+/// tell the service IP, from the service MAC) leaves its new host, so
+/// that bridges learn where the MAC lives now.
+#[test]
+fn a_moved_vm_announces_its_address() {
+    let Some(mut s) = setup("a_moved_vm_announces_its_address") else {
+        return;
+    };
+    let api = s.start("echo", &[]);
+    // What hostB sends up its uplink, seen at the router.
+    let sock = s.c.in_ns("router", arp_socket).unwrap().unwrap();
+    let mac: Vec<u8> = cluster::SERVICE_MAC
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let ip: Vec<u8> = VIP.split('.').map(|b| b.parse().unwrap()).collect();
+    let is_announcement = |f: &[u8]| {
+        f.len() >= 42
+            && f[..6] == [0xFF; 6]
+            && f[6..12] == mac[..]
+            && f[12..14] == [8, 6]
+            && f[22..28] == mac[..]
+            && f[28..32] == ip[..]
+            && f[38..42] == ip[..]
+    };
+    // None before the move (the VM booted; nothing moved yet)...
+    assert_eq!(
+        arp_frames(&sock, Duration::from_millis(300), &is_announcement),
+        0
+    );
+    let (_api, report) = s.hop(&api, "hostB", 1);
+    assert!(report.contains("\"ok\":true"), "{report}");
+    // ...and one after it.
+    assert_eq!(
+        arp_frames(&sock, Duration::from_secs(2), &is_announcement),
+        1
+    );
+}
+
+/// A packet socket for ARP frames on the router's bridge (made in the
+/// router's namespace; it stays bound there).
+fn arp_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ARP as u16).to_be();
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // address is a zeroed sockaddr_ll with the fields set that bind reads.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = libc::if_nametoindex(c"br0".as_ptr()) as i32;
+        if addr.sll_ifindex == 0
+            || libc::bind(
+                fd,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+/// How many frames `sock` receives within `window` that `want` accepts.
+fn arp_frames(
+    sock: &std::os::fd::OwnedFd,
+    window: Duration,
+    want: &dyn Fn(&[u8]) -> bool,
+) -> usize {
+    use std::os::fd::AsRawFd;
+    let end = std::time::Instant::now() + window;
+    let mut n = 0;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return n;
+        }
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; recv into a buffer of the given size.
+        let got = unsafe {
+            if libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) <= 0 {
+                continue;
+            }
+            libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+        };
+        if got > 0 && want(&buf[..got as usize]) {
+            n += 1;
+        }
+    }
+}
+
 /// After a failed migration, the source VM still serves on hostA.
 fn source_still_serves(s: &Setup, api: &Path, conn: &mut TcpStream, what: &str) {
     let status = ferry_ctl(&["status", "--json", "--api"], api)

@@ -86,8 +86,18 @@ fn say(m: &str) {
     eprintln!("ferry: agent: {m}");
 }
 
+/// The `ferry` binary the agent starts VMs and receivers with: the file
+/// it was started from, as it is now (an upgrade that replaced it gives
+/// the new version, which talks to the agent over the control socket's
+/// JSON and etcd, as any `ferry` does).
 fn exe() -> std::io::Result<PathBuf> {
-    std::env::current_exe()
+    let p = std::env::current_exe()?;
+    Ok(
+        match p.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(path) => PathBuf::from(path),
+            None => p,
+        },
+    )
 }
 
 /// Starts `cmd` in a session of its own (no terminal's signals reach it;

@@ -502,8 +502,15 @@ impl Receiver {
             host: self.s.name.clone(),
         };
         let stream_fd: OwnedFd = stream.into();
-        let exe = std::env::current_exe()?;
-        let mut cmd = std::process::Command::new(exe);
+        // This very binary, even if an upgrade has replaced (or removed) the
+        // file since the receiver started: the session speaks the
+        // receiver's own hand-off and report encodings, which another
+        // version need not. (`current_exe` would name the file as it is
+        // now: "... (deleted)", which cannot be started.)
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        if let Ok(name) = std::env::current_exe() {
+            cmd.arg0(name);
+        }
         cmd.arg("__session")
             .args(&self.s.session_args)
             .stdin(std::process::Stdio::null());

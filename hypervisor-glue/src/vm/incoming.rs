@@ -93,7 +93,7 @@ impl Incoming {
         }
         let fd = kvm::create_vcpu(&machine, 0)?;
         let tsc_khz = kvm::tsc_khz(&fd)?;
-        let fresh = kvm::save_vcpu(&machine.kvm, &fd)?;
+        let fresh = kvm::save_vcpu(&machine.kvm, &fd, None)?;
         let net = match &config.net {
             Some(saved) => {
                 let tap = tap.ok_or_else(|| {

@@ -494,20 +494,18 @@ impl Vm {
                 .net
                 .map(|n| net::announce::gratuitous_arp(n.mac, n.ip));
             if let Some(net) = self.bus.net.as_mut() {
-                net.resume();
-                if let Some(frame) = announcement {
-                    let _ = net.announce(&frame);
-                }
+                net.resume(announcement.as_ref().map(|f| &f[..]));
             }
         }
         Ok(())
     }
 
     /// The whole VM's state; it must be paused.
-    pub fn save(&self) -> Result<VmState, Error> {
+    pub fn save(&mut self) -> Result<VmState, Error> {
         let clock = self
             .paused
             .ok_or_else(|| Error::BadState("save() of a running VM".into()))?;
+        let synced = self.vcpu.settle();
         Ok(VmState {
             identity: self.identity,
             config: self.config.clone(),
@@ -516,7 +514,7 @@ impl Vm {
                 .iter()
                 .map(|r| (r.start_addr().0, r.len()))
                 .collect(),
-            vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd())?,
+            vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd(), synced.as_ref())?,
             cpu: self.cpu,
             irqchip: kvm::save_irqchip(&self.machine.vm)?,
             clock,
@@ -528,7 +526,7 @@ impl Vm {
     /// Writes a snapshot of the paused VM into `file`, signed with `key`
     /// if given; returns its size.
     pub fn snapshot(
-        &self,
+        &mut self,
         file: &std::fs::File,
         key: Option<&crate::migration::key::Psk>,
     ) -> Result<u64, Error> {

@@ -150,6 +150,9 @@ struct Active {
     /// by a captured copy, with their counts. Every frame captured until
     /// the VM runs is checked against it, so none reaches the guest twice.
     overlap: std::collections::HashMap<u64, usize>,
+    /// A frame for the tap once the VM runs again (see
+    /// [`VirtioNet::resume`]), with its virtio-net header.
+    announce: Option<Vec<u8>>,
 }
 
 /// State shared by the vCPU thread and the worker.
@@ -702,7 +705,17 @@ impl VirtioNet {
     /// in the tap against them before the guest gets any, then drops
     /// them. Nothing here waits for the worker: this is on the pause's
     /// critical path.
-    pub fn resume(&mut self) {
+    ///
+    /// `announce`, a frame (the VM's gratuitous ARP after it moved), goes
+    /// to the tap as if the guest had sent it, from the worker: the tap's
+    /// write runs the host's bridge inline, which the pause need not wait
+    /// for.
+    pub fn resume(&mut self, announce: Option<&[u8]>) {
+        if let Some(frame) = announce {
+            let mut f = vec![0u8; tap::VNET_HDR_LEN];
+            f.extend_from_slice(frame);
+            self.shared.active.lock().expect("net state lock").announce = Some(f);
+        }
         self.shared.capture.store(false, Ordering::Release);
         self.shared.paused.store(false, Ordering::Release);
         self.wake.write(1).ok();
@@ -812,14 +825,6 @@ impl VirtioNet {
             .store(state.driver_features, Ordering::Release);
         self.wake.write(1).ok();
         Ok(())
-    }
-
-    /// Writes a frame to the tap as if the guest had sent it (used to
-    /// announce the VM's MAC after it moved).
-    pub fn announce(&self, frame: &[u8]) -> std::io::Result<()> {
-        let mut f = vec![0u8; tap::VNET_HDR_LEN];
-        f.extend_from_slice(frame);
-        self.tap.write_frame(&f).map(|_| ())
     }
 }
 

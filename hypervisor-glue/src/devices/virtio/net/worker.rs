@@ -155,6 +155,11 @@ impl Worker {
                 continue;
             }
             let active = &mut *guard;
+            if let Some(frame) = active.announce.take()
+                && let Err(e) = self.tap.write_frame(&frame)
+            {
+                eprintln!("ferry: virtio-net: announcing the VM's address: {e}");
+            }
             let features = active.tap_features;
             if !active.overlap.is_empty() {
                 // The first pass after a migration's destination resumed:
