@@ -96,6 +96,9 @@ impl Worker {
     }
 
     pub(super) fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.shared.worker_tid.store(tid, Ordering::Release);
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             // While capturing, look at the tap every millisecond too: a
@@ -160,6 +163,9 @@ impl Worker {
             {
                 eprintln!("ferry: virtio-net: announcing the VM's address: {e}");
             }
+            // Back to normal once this pass, the first after a resume, is
+            // done (the guard restores the worker's priority on drop).
+            let _resumed = active.resumed.take();
             let features = active.tap_features;
             if !active.overlap.is_empty() {
                 // The first pass after a migration's destination resumed:
