@@ -16,7 +16,7 @@
 //! each of the pause's half-dozen hand-offs between threads and processes
 //! paid for it. Measured on a 2-core host, 4 and 256 MB under a 120 MB/s
 //! stream, interleaved runs: downtime p50 0.87/0.95 ms at nice -15,
-//! 0.48/0.48 ms real-time, p99 3.4/1.7 against 0.67/0.56 ms. A
+//! 0.53/0.48 ms real-time, p99 3.4/1.7 against 0.76/0.56 ms. A
 //! real-time thread here never spins: it blocks on sockets, futexes and
 //! KVM, and gives the core back within the stop-and-copy. Threads it
 //! starts fall back to normal (`SCHED_RESET_ON_FORK`), and the kernel's

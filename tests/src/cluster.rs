@@ -521,7 +521,20 @@ impl Cluster {
         extra: &[&str],
         log: &Path,
     ) -> Result<u32> {
-        let mut cmd = self.receiver_command(host, port, extra);
+        self.start_receiver_of(&crate::ferry_bin(), host, port, api, extra, log)
+    }
+
+    /// [`Cluster::start_receiver`] with another `ferry` binary.
+    pub fn start_receiver_of(
+        &mut self,
+        ferry: &Path,
+        host: &str,
+        port: u16,
+        api: &Path,
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<u32> {
+        let mut cmd = self.receiver_command_of(ferry, host, port, extra);
         cmd.arg("--once").arg("--api").arg(api);
         let pid = self.spawn(cmd, log)?;
         wait_for_line(log, "waiting for VMs", Duration::from_secs(10), pid)?;

@@ -495,11 +495,10 @@ fn a_receiver_whose_binary_was_replaced_still_takes_the_vm() {
     let installed = s.dir.join("ferry");
     std::fs::copy(ferry_tests::ferry_bin(), &installed).unwrap();
     let new_api = s.api("vm1");
-    let mut cmd = s.c.receiver_command_of(&installed, "hostB", 7001, &[]);
-    cmd.arg("--once").arg("--api").arg(&new_api);
     let log = s.dir.join("recv1.log");
-    let pid = s.c.spawn(cmd, &log).unwrap();
-    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), pid).unwrap();
+    let pid =
+        s.c.start_receiver_of(&installed, "hostB", 7001, &new_api, &[], &log)
+            .unwrap();
     // The upgrade: a new file renamed over the old one.
     let staged = s.dir.join("ferry.new");
     std::fs::copy(ferry_tests::ferry_bin(), &staged).unwrap();

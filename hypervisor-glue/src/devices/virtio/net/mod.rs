@@ -731,6 +731,9 @@ impl VirtioNet {
     /// for the stop-and-copy, it could wait there a scheduler tick or two
     /// (0.5-1.9 ms measured) while captured frames wait for it.
     pub fn resume(&mut self, announce: Option<&[u8]>) {
+        // Raised before the lock is taken (its system calls need none).
+        let tid = self.shared.worker_tid.load(Ordering::Acquire);
+        let raised = (tid != 0).then(|| crate::sched::Urgent::thread(tid));
         {
             let mut active = self.shared.active.lock().expect("net state lock");
             if let Some(frame) = announce {
@@ -738,10 +741,7 @@ impl VirtioNet {
                 f.extend_from_slice(frame);
                 active.announce = Some(f);
             }
-            let tid = self.shared.worker_tid.load(Ordering::Acquire);
-            if tid != 0 {
-                active.resumed = Some(crate::sched::Urgent::thread(tid));
-            }
+            active.resumed = raised;
         }
         self.shared.capture.store(false, Ordering::Release);
         self.shared.paused.store(false, Ordering::Release);
