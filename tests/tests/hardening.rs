@@ -264,6 +264,15 @@ fn a_jailed_vm_runs_snapshots_and_migrates() {
     assert!(report.contains("\"ok\":true"), "{report}");
     let v = status(&b_api);
     assert!(v["lockdown"].as_str().unwrap().contains("jailed in"), "{v}");
+    // To ps, top and pgrep the VM's process there is a ferry (its
+    // receiver starts it as /proc/self/exe, which would name it "exe").
+    let pid = v["pid"].as_u64().unwrap();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "ferry");
+    // It received in the background (its scheduling group at nice 19),
+    // and runs the VM in the foreground again, jailed as it is.
+    let group = std::fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap();
+    assert!(group.trim_end().ends_with(" nice 0"), "{group}");
     let get = c
         .command("client", "redis-cli")
         .args(["-h", cluster::VIP, "-p", "6379", "GET", "jailed"])

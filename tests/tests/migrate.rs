@@ -524,6 +524,63 @@ fn a_receiver_whose_binary_was_replaced_still_takes_the_vm() {
     );
 }
 
+/// An arriving VM's process receives in the background of its host, so
+/// that it takes no core from the guests already there (on a small host
+/// its whole process group competed with each of theirs at equal weight):
+/// its scheduling group (a session of its own) stays at nice 19 until the
+/// VM pauses at the source, then goes back to 0 to run the VM.
+#[test]
+fn an_arriving_vm_receives_in_the_background_and_runs_in_the_foreground() {
+    let Some(mut s) = setup("an_arriving_vm_receives_in_the_background") else {
+        return;
+    };
+    let api = s.start("echo", &[]);
+    let mut conn = s.connect(7);
+    round_trip(&mut conn, b"before the move");
+    let new_api = s.api("vm1");
+    let log = s.dir.join("recv1.log");
+    // The arriving VM's process holds 1.5 s after its admission.
+    let mut cmd =
+        s.c.receiver_command_of(&ferry_tests::ferry_failpoints_bin(), "hostB", 7001, &[]);
+    cmd.env("FERRY_FAILPOINTS", "dst-admitted=stall:1500")
+        .arg("--once")
+        .arg("--api")
+        .arg(&new_api);
+    let rx = s.c.spawn(cmd, &log).unwrap();
+    cluster::wait_for_line(&log, "waiting for VMs", Duration::from_secs(10), rx).unwrap();
+    let group = |pid: u64| std::fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap();
+    let c = &s.c;
+    let (arriving, report) = std::thread::scope(|scope| {
+        let mover = scope.spawn(|| c.migrate(&api, "hostB", 7001, &[]));
+        let t = std::time::Instant::now();
+        let arriving = loop {
+            let v: serde_json::Value = ferry_ctl(&["status", "--json", "--api"], &new_api)
+                .ok()
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or_default();
+            if v["state"] == "arriving" {
+                break group(v["pid"].as_u64().unwrap());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the VM never showed as arriving at hostB"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (arriving, mover.join().unwrap())
+    });
+    assert!(arriving.trim_end().ends_with(" nice 19"), "{arriving}");
+    let report = report.unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.contains("\"ok\":true"), "{report}");
+    round_trip(&mut conn, b"after the move");
+    let v: serde_json::Value =
+        serde_json::from_str(&ferry_ctl(&["status", "--json", "--api"], &new_api).unwrap())
+            .unwrap();
+    assert_eq!(v["state"], "running", "{v}");
+    let running = group(v["pid"].as_u64().unwrap());
+    assert!(running.trim_end().ends_with(" nice 0"), "{running}");
+}
+
 /// A moved VM announces itself: a gratuitous ARP (who has the service IP?
 /// tell the service IP, from the service MAC) leaves its new host, so
 /// that bridges learn where the MAC lives now.

@@ -122,6 +122,7 @@ const BASE: &[i64] = &[
     libc::SYS_getpriority,
     libc::SYS_setpriority,
     libc::SYS_sched_getscheduler,
+    libc::SYS_capget,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
@@ -232,13 +233,15 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
             Cond::new(0, Len::Dword, Op::Eq, me).expect("valid"),
         ])],
     );
-    // The stop-and-copy runs real-time (`sched::Urgent`), and back: no
-    // other policy, and no real-time priority inherited by a new thread.
+    // The stop-and-copy runs real-time (`sched::Urgent`), the bulk copy
+    // idle (`sched::Background`), and back: no other policy, and no
+    // real-time priority inherited by a new thread.
     add(
         libc::SYS_sched_setscheduler,
         [
             libc::SCHED_OTHER,
             libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+            libc::SCHED_IDLE,
         ]
         .iter()
         .map(|&p| {
@@ -302,6 +305,14 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
             add(libc::SYS_connect, vec![]);
             // This host's name, for the destination's messages.
             add(libc::SYS_uname, vec![]);
+            // A migration out shortens its vCPU's time slice for the bulk
+            // copy (`sched::Quick`). The attribute is a pointer, so its
+            // policy cannot be checked here: only this role may, and with
+            // no flags.
+            add(
+                libc::SYS_sched_setattr,
+                vec![rule(vec![cond(2, Op::Eq, 0)])],
+            );
             add(libc::SYS_clone, clones(false));
             add(libc::SYS_clone3, vec![]);
         }

@@ -290,6 +290,10 @@ impl Ipc {
 /// process's exit status.
 /// `api_gid`: the group that may use the arriving VM's control socket too.
 pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
+    // Started as /proc/self/exe, this process would be "exe" to ps, top
+    // and pgrep: it is the VM's, a ferry like the source's.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (cut at 16 bytes).
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"ferry".as_ptr()) };
     crate::stop::install().map_err(|e| Error::Local(format!("signal handling: {e}")))?;
     // SAFETY: the receiver started this process with these two fds open
     // for it and nothing else owns them.
@@ -304,6 +308,19 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         .recv(&mut buf)
         .map_err(|e| Error::Local(format!("reading the handoff: {e}")))?;
     let h = Handoff::decode(&buf[..n]).map_err(|e| Error::Local(format!("handoff: {e}")))?;
+    // Until the VM pauses at the source, this process is background work
+    // for the whole host: its group, not just its receiving thread (see
+    // `sched::Autogroup`; the receiver lowered it as it started this
+    // process, where it could). Its own group: the receiver started it in
+    // a session of its own.
+    // SAFETY: getsid and getpid have no preconditions.
+    let own_session = unsafe { libc::getsid(0) == libc::getpid() };
+    let group = own_session.then(crate::sched::Autogroup::open).flatten();
+    if let Some(g) = &group
+        && g.nice() != Some(crate::sched::GROUP_NICE)
+    {
+        let _ = g.set(crate::sched::GROUP_NICE);
+    }
     let ipc = Arc::new(Ipc(ipc));
     // A second handle on the connection, to wake a reader blocked on it;
     // dropped once the session is decided, so that the connection closes
@@ -450,6 +467,7 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         &mut ch,
         incoming,
         &h,
+        group.as_ref(),
         &phase,
         &|d| mailbox.set_arriving(Some(arriving(d))),
         console,
@@ -709,16 +727,30 @@ impl Arrival for Building {
     }
 }
 
+/// How long the destination waits for the kernel to take its group's nice
+/// value back (it takes one change per 100 ms from an unprivileged
+/// process).
+const GROUP_RESTORE_WITHIN: Duration = Duration::from_millis(250);
+
 /// Receives memory, capture and the state, and loads the VM (paused).
 /// `status` gets what `ferry status` should say on the way.
 fn receive(
     ch: &mut Channel,
     incoming: Incoming,
     h: &Handoff,
+    mut group: Option<&crate::sched::Autogroup>,
     phase: &Phase,
     status: &dyn Fn(String),
     console: Console,
 ) -> Result<(Vm, Option<crate::sched::Urgent>), Error> {
+    let foreground = |g: &crate::sched::Autogroup| {
+        if g.nice() != Some(0) && !g.restore(GROUP_RESTORE_WITHIN) {
+            eprintln!(
+                "ferry: receive: warning: this process's scheduling group stays at nice {}: the VM runs here at low priority",
+                crate::sched::GROUP_NICE
+            );
+        }
+    };
     // Pre-copy rounds arrive while the VM still runs on the source (maybe
     // on this machine's other core): receive them in the background.
     let mut background = Some(crate::sched::Background::enter());
@@ -738,7 +770,13 @@ fn receive(
         let msg = ch.recv()?;
         let pages = matches!(msg, Message::Pages(_));
         if matches!(msg, Message::StartCapture) && at == Receiving::Copying {
-            // The source stops the VM next: the rest is downtime.
+            // The source stops the VM next: the rest is downtime, and the
+            // VM runs here after it. The group's nice value goes back
+            // first (the kernel may make that wait while the VM still runs
+            // at the source; see `sched::Autogroup`).
+            if let Some(g) = group.take() {
+                foreground(g);
+            }
             drop(background.take());
             urgent = Some(crate::sched::Urgent::enter());
         }
@@ -761,6 +799,11 @@ fn receive(
                 crate::trace::Trace::new().mark("destination: ready sent");
             }
             Next::Finished => {
+                // (A source that never said StartCapture: never at the
+                // cost of the VM's priority here.)
+                if let Some(g) = group.take() {
+                    foreground(g);
+                }
                 // READY: the VM is whole here. Still urgent: it waits for
                 // Commit and resume.
                 if !phase.ready() {

@@ -516,11 +516,17 @@ impl Receiver {
             .stdin(std::process::Stdio::null());
         let (sfd, ifd) = (stream_fd.as_raw_fd(), theirs.as_raw_fd());
         // SAFETY: between fork and exec the closure calls only
-        // async-signal-safe functions (setsid, dup2, fcntl) on fds this
-        // process owns and keeps open until the spawn returns.
+        // async-signal-safe functions (setsid, the group's open/write/close,
+        // dup2, fcntl) on fds this process owns and keeps open until the
+        // spawn returns.
         unsafe {
             cmd.pre_exec(move || {
                 libc::setsid();
+                // Its start and its pre-copy are background work for this
+                // host (see `sched::Autogroup`): lowered here, the exec and
+                // the VM's setup are too, and with this receiver's
+                // privileges the kernel's rate limit does not apply.
+                crate::sched::Autogroup::lower_in_child();
                 for (from, to) in [(sfd, dest::STREAM_FD), (ifd, dest::IPC_FD)] {
                     if from == to {
                         libc::fcntl(to, libc::F_SETFD, 0);

@@ -403,6 +403,12 @@ impl Source {
         set_dirty_logging(ctx, true)?;
         let _ = collect_dirty(ctx)?; // start from a clean log
         let background = crate::sched::Background::enter();
+        // And the vCPU takes its core back at once when it wakes.
+        let quick = self
+            .mailbox
+            .kick()
+            .vcpu_tid()
+            .map(crate::sched::Quick::thread);
         let total_pages = all_pages(&ctx.mem).count() as u64;
         let memory_bytes = total_pages * PAGE as u64;
         let t = Instant::now();
@@ -435,6 +441,7 @@ impl Source {
             .push(json!({"round": 0, "bytes": b, "ms": ms(t.elapsed())}));
         cut_at(ch, "src-precopy");
         drop(background);
+        drop(quick);
 
         // Capture at the destination from now on: the last rounds are
         // short, and the pause follows the decision that ends them at once
