@@ -3,10 +3,16 @@
 //! the vCPU it moves; on a small host (2 cores: vCPU, sender, receiver) the
 //! scheduler would otherwise take the vCPU off its core for milliseconds,
 //! which clients see as gaps before the migration even stops the VM.
-//! [`Background`] runs the copying at the lowest priority instead: it then
-//! takes the CPU the running VM leaves (and longer, which the downtime
-//! budget accounts for, as it measures bandwidth per round). The
-//! stop-and-copy, when the VM waits for the copying, runs [`Urgent`]:
+//! Three things keep the bulk copy off the vCPU's core:
+//! - [`Background`]: the copying threads are `SCHED_IDLE`; they take the
+//!   CPU the running VM leaves (and longer, which the downtime budget
+//!   accounts for, as it measures bandwidth per round);
+//! - [`Quick`]: the source's vCPU has a short time slice meanwhile, so
+//!   that it takes its core back as soon as it wakes;
+//! - [`Autogroup`]: the destination's whole process (a session, so a
+//!   scheduling group, of its own) is at nice 19 until the pause.
+//!
+//! The stop-and-copy, when the VM waits for the copying, runs [`Urgent`]:
 //! ahead of everything else on the host, so that the pause is as short as
 //! the work.
 //!
