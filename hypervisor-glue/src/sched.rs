@@ -41,10 +41,12 @@ const URGENT_NICE: libc::c_int = -15;
 ///
 /// Not just nice 19: the kernel's EEVDF scheduler (Linux 6.6 on) lets a
 /// running task finish its slice (about 1-3 ms) before a woken one of any
-/// weight takes the core, so a nice 19 copier still held the VM's vCPU
-/// off a core for 1-3 ms at a time, hundreds of times in a 1 GiB round 0
-/// (`perf sched` on a 2-core host). A normal task that wakes takes the
-/// core from a `SCHED_IDLE` one at once.
+/// weight takes the core, so a nice 19 copier held the VM's vCPU off a
+/// core for 1-4 ms at a time, over 100 times a second of a 1 GiB round 0
+/// (`perf sched` on a 2-core host). `SCHED_IDLE` weighs less still, and a
+/// woken normal task of the same group takes the core from it; but an
+/// idle copier that waited for a core is still owed time, and the other
+/// process groups are not its group: hence [`Quick`] and [`Autogroup`].
 #[derive(Debug)]
 pub struct Background {
     tid: libc::pid_t,
@@ -89,33 +91,6 @@ fn back_to_normal(tid: libc::pid_t) {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: as in `leave_normal`.
     unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-}
-
-/// Whether this thread holds CAP_SYS_NICE (needed to come back from
-/// `SCHED_IDLE`, or to raise a nice value).
-fn may_raise() -> bool {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const CAP_SYS_NICE: u32 = 23;
-    let mut header = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget with a local header and room for the two words of
-    // version 3.
-    let ok = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } == 0;
-    ok && data[0].effective & (1 << CAP_SYS_NICE) != 0
 }
 
 impl Urgent {
@@ -164,7 +139,8 @@ impl Background {
         let tid = unsafe { libc::gettid() };
         // (`SCHED_RESET_ON_FORK` does not reset `SCHED_IDLE`: a thread
         // started from here would stay idle. None is.)
-        let idle = may_raise() && leave_normal(tid, libc::SCHED_IDLE, 0);
+        let idle = crate::lockdown::holds(crate::lockdown::CAP_SYS_NICE)
+            && leave_normal(tid, libc::SCHED_IDLE, 0);
         Background {
             tid,
             idle,
@@ -193,19 +169,25 @@ struct Nice {
     old: Option<libc::c_int>,
 }
 
+/// Thread `tid`'s nice value (None for a stale thread id).
+fn nice_of(tid: libc::pid_t) -> Option<libc::c_int> {
+    // SAFETY: getpriority on a thread id (of this process; a stale one
+    // fails, harmlessly); errno is cleared first because -1 is a valid
+    // priority.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let p = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        (*libc::__errno_location() == 0).then_some(p)
+    }
+}
+
 impl Nice {
     fn set(tid: libc::pid_t, nice: libc::c_int) -> Nice {
         let tid = tid as libc::id_t;
-        // SAFETY: getpriority/setpriority on a thread id (of this process;
-        // a stale one fails, harmlessly); errno is cleared first because
-        // -1 is a valid priority.
-        let old = unsafe {
-            *libc::__errno_location() = 0;
-            let p = libc::getpriority(libc::PRIO_PROCESS, tid);
-            let ok = *libc::__errno_location() == 0
-                && libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0;
-            ok.then_some(p)
-        };
+        let old = nice_of(tid as libc::pid_t).filter(|_| {
+            // SAFETY: setpriority on a thread id, as in `nice_of`.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) == 0 }
+        });
         Nice { tid, old }
     }
 }
@@ -231,9 +213,10 @@ pub const GROUP_NICE: libc::c_int = 19;
 /// change only how it shares its own part. Lowering the group's nice
 /// value makes its whole process background work for the host. Measured
 /// on a 2-core host (the destination beside the source, a 1 GiB VM under
-/// a 120 MB/s stream, interleaved runs): the client's added gap p50 / p99
-/// 2.9 / 6.2 ms with the copiers idle and the vCPU [`Quick`], and
-/// 1.0 / 1.9 ms with the destination's group at nice 19 too.
+/// a 120 MB/s stream, 8 interleaved runs each): the client's added gap
+/// p50 / p99 3.1 / 6.2 ms with the copiers idle and the vCPU [`Quick`],
+/// 1.0 / 4.9 ms with the destination's group at nice 19 too (2.9 / 16.1
+/// ms with neither, copiers at nice 19).
 ///
 /// The kernel takes at most one change of any autogroup's nice value per
 /// 100 ms from a process without CAP_SYS_ADMIN (EAGAIN otherwise):
@@ -371,18 +354,13 @@ fn set_slice(tid: libc::pid_t, ns: u64) -> bool {
         util_min: u32,
         util_max: u32,
     }
-    // SAFETY: sched_getscheduler and getpriority on a thread id of this
-    // process (a stale one fails); errno is cleared first because -1 is a
-    // valid priority.
-    let (policy, nice) = unsafe {
-        let policy = libc::sched_getscheduler(tid);
-        *libc::__errno_location() = 0;
-        let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
-        if policy < 0 || *libc::__errno_location() != 0 {
-            return false;
-        }
-        (policy & !libc::SCHED_RESET_ON_FORK, nice)
+    // SAFETY: sched_getscheduler on a thread id of this process (a stale
+    // one fails).
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    let Some(nice) = nice_of(tid).filter(|_| policy >= 0) else {
+        return false;
     };
+    let policy = policy & !libc::SCHED_RESET_ON_FORK;
     // Only a fair-class thread has a slice (a real-time one keeps its own).
     if policy != libc::SCHED_OTHER && policy != libc::SCHED_IDLE && policy != libc::SCHED_BATCH {
         return false;

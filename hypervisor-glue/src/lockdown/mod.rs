@@ -503,46 +503,61 @@ fn drop_bounding(keep_nice: bool) {
     }
 }
 
-const CAP_SYS_NICE: u32 = 23;
+pub(crate) const CAP_SYS_NICE: u32 = 23;
+
+/// `cap_user_header_t`, version 3.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+impl CapHeader {
+    fn this_thread() -> CapHeader {
+        CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        }
+    }
+}
+
+/// `cap_user_data_t`: version 3 takes two of them (capabilities 0-31,
+/// 32-63).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Whether the calling thread holds capability `cap` (below 32) now.
+pub(crate) fn holds(cap: u32) -> bool {
+    let mut header = CapHeader::this_thread();
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget with a local header and room for the two words of
+    // version 3.
+    let ok = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } == 0;
+    ok && data[0].effective & (1 << cap) != 0
+}
 
 /// Empties this thread's effective, permitted and inheritable sets (but
 /// CAP_SYS_NICE if asked).
 /// Only system calls (async-signal-safe).
 fn drop_capabilities(keep_nice: bool) -> std::io::Result<()> {
+    let header = CapHeader::this_thread();
+    let nice = if keep_nice { 1u32 << CAP_SYS_NICE } else { 0 };
+    let data = [
+        CapData {
+            effective: nice,
+            permitted: nice,
+            inheritable: 0,
+        },
+        CapData::default(),
+    ];
     // SAFETY: capset with a local, fully initialised header and data.
-    unsafe {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        let header = Header {
-            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-            pid: 0,
-        };
-        let nice = if keep_nice { 1u32 << CAP_SYS_NICE } else { 0 };
-        let data = [
-            Data {
-                effective: nice,
-                permitted: nice,
-                inheritable: 0,
-            },
-            Data {
-                effective: 0,
-                permitted: 0,
-                inheritable: 0,
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &header, data.as_ptr()) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
