@@ -7,9 +7,10 @@
 //! is `exit` (the process is killed on the spot, as by a crash), `stall:MS`
 //! (the step waits MS milliseconds, then goes on) or `cut` (the caller
 //! drops its connection without a word and goes on as if the message had
-//! been sent: a lost message) or `open` (the thread tries to open
-//! /etc/hostname, as a compromised VMM might: the seccomp filters must stop
-//! it). Each hit prints `ferry: failpoint NAME: ACTION` on stderr first.
+//! been sent: a lost message), `fail` (the step fails as on bad input,
+//! and the caller handles the error as it would any other) or `open` (the
+//! thread tries to open /etc/hostname, as a compromised VMM might: the
+//! seccomp filters must stop it). Each hit prints `ferry: failpoint NAME: ACTION` on stderr first.
 //! Besides the protocol's steps: `vm-run` (the vCPU thread, before the
 //! guest first runs) and `api-request` (a control connection's thread).
 
@@ -24,6 +25,9 @@ pub enum Action {
     Stall(Duration),
     /// The caller cuts its connection.
     Cut,
+    /// The step fails (the caller reports an error and goes on as for any
+    /// other failure of that step).
+    Fail,
     /// The thread opens a file it has no business with.
     Open,
 }
@@ -39,6 +43,7 @@ pub fn parse(spec: &str) -> Result<Vec<(String, Action)>, String> {
             let action = match action.trim() {
                 "exit" => Action::Exit,
                 "cut" => Action::Cut,
+                "fail" => Action::Fail,
                 "open" => Action::Open,
                 a => match a.strip_prefix("stall:").map(str::parse::<u64>) {
                     Some(Ok(ms)) => Action::Stall(Duration::from_millis(ms)),
@@ -54,7 +59,8 @@ pub fn parse(spec: &str) -> Result<Vec<(String, Action)>, String> {
 pub const ENABLED: bool = cfg!(feature = "failpoints");
 
 /// Runs failpoint `name`: `Some(Action::Cut)` if the caller must cut its
-/// connection; an `exit` never returns, a `stall` returns `None` late.
+/// connection, `Some(Action::Fail)` if the step must fail; an `exit` never
+/// returns, a `stall` returns `None` late.
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) -> Option<Action> {
     static ARMED: std::sync::OnceLock<Vec<(String, Action)>> = std::sync::OnceLock::new();
@@ -77,6 +83,7 @@ pub fn hit(name: &str) -> Option<Action> {
             None
         }
         Action::Cut => Some(Action::Cut),
+        Action::Fail => Some(Action::Fail),
         Action::Open => {
             match std::fs::File::open("/etc/hostname") {
                 Ok(_) => eprintln!("ferry: failpoint {name}: opened /etc/hostname"),
@@ -101,12 +108,13 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_ones_are_named() {
         assert_eq!(
-            parse("a=exit, b=stall:250,c=cut,d=open").unwrap(),
+            parse("a=exit, b=stall:250,c=cut,d=open,e=fail").unwrap(),
             vec![
                 ("a".into(), Action::Exit),
                 ("b".into(), Action::Stall(Duration::from_millis(250))),
                 ("c".into(), Action::Cut),
-                ("d".into(), Action::Open)
+                ("d".into(), Action::Open),
+                ("e".into(), Action::Fail)
             ]
         );
         assert!(parse("").unwrap().is_empty());

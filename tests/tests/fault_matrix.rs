@@ -377,24 +377,39 @@ fn source_dies_while_paused() {
 }
 
 /// The destination dies once it is READY (the state loaded, every page
-/// in): the source's Commit finds nobody; asking the receiver, it learns
-/// the session never committed, and resumes.
+/// in): the source's Commit, sent right behind Done, finds nobody; asking
+/// the receiver, it learns the session never committed, and resumes.
 #[test]
 fn destination_dies_after_ready() {
     let Some(mut k) = Case::start("fm_dest_dies_after_ready", "", "dst-ready=exit", &[]) else {
         return;
     };
     let err = k.migrate(&[]).unwrap_err();
-    // Ready went out when the state loaded: the source may have sent
-    // Commit (then it asks, and the receiver says the session was
-    // aborted), or learnt of the broken connection before (it resumes
-    // before Commit). Either way the VM runs on at the source.
     assert!(
-        err.contains("runs on here")
-            && (err.contains("aborted at the destination") || !err.contains("Commit")),
+        err.contains("runs on here") && err.contains("aborted at the destination"),
         "{err}"
     );
     k.assert_runs(Where::Source, Duration::from_secs(5));
+    k.finish_client(true);
+}
+
+/// The state fails to load at the destination after the source sent
+/// Commit (it does not wait to hear that the state loaded): the
+/// destination aborts and says so, and the source, waiting for Committed,
+/// reads the Abort and resumes.
+#[test]
+fn the_state_fails_to_load_after_commit() {
+    let Some(mut k) = Case::start("fm_state_fails_to_load", "", "dst-state=fail", &[]) else {
+        return;
+    };
+    let err = k.migrate(&[]).unwrap_err();
+    assert!(
+        err.contains("aborted at the destination") && err.contains("did not load"),
+        "{err}"
+    );
+    assert!(err.contains("runs on here"), "{err}");
+    k.assert_runs(Where::Source, Duration::from_secs(5));
+    wait_log(&k.receiver_log(), "discarded", Duration::from_secs(15));
     k.finish_client(true);
 }
 

@@ -37,7 +37,7 @@ use super::key::{Credentials, wipe};
 use super::wire::{Message, PageWriter, WireError};
 
 /// The protocol version spoken here.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 const MAGIC: [u8; 4] = *b"FRYM";
 const PREAMBLE_LEN: usize = 8;
 const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
@@ -566,7 +566,7 @@ mod tests {
         let (addr, t) = serve(|s| {
             let mut ch = Channel::accept(s, &key(1)).unwrap();
             let m = ch.recv().unwrap();
-            assert_eq!(m, Message::Ready);
+            assert_eq!(m, Message::CaptureOn);
             ch.authenticated();
             ch.send(&Message::Outcome(Outcome::Unknown)).unwrap();
             let m = ch.recv().unwrap();
@@ -574,7 +574,7 @@ mod tests {
         });
         let mut ch = Channel::connect(&addr, &key(1)).unwrap();
         assert!(ch.sealed());
-        ch.send(&Message::Ready).unwrap();
+        ch.send(&Message::CaptureOn).unwrap();
         assert_eq!(ch.recv().unwrap(), Message::Outcome(Outcome::Unknown));
         ch.send(&Message::State(&vec![3u8; 1 << 20])).unwrap();
         t.join().unwrap();
@@ -602,8 +602,8 @@ mod tests {
             ch.recv().map(|m| m.name()).unwrap()
         });
         let mut ch = Channel::connect(&addr, &Credentials::Insecure).unwrap();
-        ch.send(&Message::Ready).unwrap();
-        assert_eq!(t.join().unwrap(), "Ready");
+        ch.send(&Message::CaptureOn).unwrap();
+        assert_eq!(t.join().unwrap(), "CaptureOn");
     }
 
     #[test]
@@ -701,7 +701,7 @@ mod tests {
                 let _ = d.shutdown(std::net::Shutdown::Write);
             });
             let mut ch = Channel::connect(&raddr, &key(1)).unwrap();
-            ch.send(&Message::Ready).unwrap();
+            ch.send(&Message::CaptureOn).unwrap();
             ch.send(&Message::CaptureOn).unwrap();
             rt.join().unwrap();
             let (first, second) = t.join().unwrap();
@@ -711,7 +711,7 @@ mod tests {
                     "{attack}: {first:?}"
                 ),
                 _ => {
-                    assert_eq!(first.unwrap(), "Ready");
+                    assert_eq!(first.unwrap(), "CaptureOn");
                     assert!(
                         matches!(second, Err(ChannelError::Record)),
                         "{attack}: {second:?}"
@@ -725,14 +725,14 @@ mod tests {
     fn an_exported_channel_goes_on_in_other_hands() {
         let (addr, t) = serve(|s| {
             let mut ch = Channel::accept(s, &key(1)).unwrap();
-            assert_eq!(ch.recv().unwrap(), Message::Ready);
+            assert_eq!(ch.recv().unwrap(), Message::CaptureOn);
             let (stream, keys) = ch.export();
             let mut ch = Channel::from_parts(stream, &keys).unwrap();
             ch.send(&Message::CaptureOn).unwrap();
             ch.recv().map(|m| m.name())
         });
         let mut ch = Channel::connect(&addr, &key(1)).unwrap();
-        ch.send(&Message::Ready).unwrap();
+        ch.send(&Message::CaptureOn).unwrap();
         assert_eq!(ch.recv().unwrap(), Message::CaptureOn);
         ch.send(&Message::StartCapture).unwrap();
         assert_eq!(t.join().unwrap().unwrap(), "StartCapture");

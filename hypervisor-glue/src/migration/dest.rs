@@ -10,11 +10,13 @@
 //! ```
 //!
 //! Every step that can fail on this host (memory, the KVM VM, the tap, the
-//! control socket, loading the state) happens before Ready. Ready is said
-//! as soon as the state is loaded, while the last pages still come (its
-//! trip overlaps theirs); the source sends Commit after Done, so a Commit
-//! read here always follows every page. The session is READY once Done
-//! is read (the VM is whole here): only then may a resolve question,
+//! control socket, loading the state) happens before READY. The source
+//! sends Commit right behind Done, without waiting to hear that the state
+//! loaded, so a Commit read here always follows every page; a state that
+//! fails to load aborts the session, and the source, waiting for
+//! Committed, reads the Abort and resumes. The session is READY once the
+//! state is loaded and Done is read (the VM is whole here): only then may
+//! a resolve question,
 //! which carries the source's Commit, run it. READY is left once, under
 //! the [`Phase`] lock: to COMMITTED when Commit is read or a resolve query
 //! carries it, to ABORTED when the connection breaks or `commit_wait`
@@ -463,6 +465,9 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         ch.peer()
     ));
     let console = Console::new(Box::new(std::io::stdout()));
+    // FERRY_TRACE's marks print once the VM runs (or the session ends):
+    // the pause's steps are shorter than a write to stderr.
+    let held = crate::trace::Trace::new().hold();
     let received = receive(
         &mut ch,
         incoming,
@@ -560,6 +565,7 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         // has started again (urgent until then: the VM waits for all this).
         drop(urgent);
         ran();
+        drop(held);
     }));
     let end = vm.run(&mailbox);
     drop(api);
@@ -633,8 +639,6 @@ pub enum Next {
     CaptureOn,
     /// Say that everything up to this round's Sync is in, then wait.
     Synced(u32),
-    /// The state is loaded: say Ready, then wait.
-    Loaded,
     /// Everything arrived: the VM waits for Commit.
     Finished,
 }
@@ -661,7 +665,7 @@ impl Receiving {
                 vm.load(bytes)?;
                 crate::trace::Trace::new().mark("destination: state loaded");
                 *self = Receiving::Loaded;
-                Ok(Next::Loaded)
+                Ok(Next::Wait)
             }
             (Receiving::Loaded, Message::Done) => {
                 crate::trace::Trace::new().mark("destination: last pages in");
@@ -709,7 +713,11 @@ impl Arrival for Building {
     }
 
     fn load(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        failpoint::hit("dst-state");
+        if failpoint::hit("dst-state") == Some(Action::Fail) {
+            return Err(Error::Local(
+                "failpoint: the VM's state did not load".into(),
+            ));
+        }
         let state = crate::snapshot::decode_state("the migration stream", bytes)
             .map_err(|e| Error::Protocol(e.to_string()))?;
         // The state needs no page contents: it loads while the last pages
@@ -791,13 +799,6 @@ fn receive(
                 ));
             }
             Next::Synced(round) => ch.send(&Message::Synced { round })?,
-            Next::Loaded => {
-                // Said now, its trip overlaps the last pages'. (The
-                // receiver is not told: that would cost the pause a
-                // wakeup, and its answers do not depend on it.)
-                ch.send(&Message::Ready)?;
-                crate::trace::Trace::new().mark("destination: ready sent");
-            }
             Next::Finished => {
                 // (A source that never said StartCapture: never at the
                 // cost of the VM's priority here.)
@@ -921,7 +922,8 @@ mod tests {
             at.on(Message::Sync { round: 2 }, &mut vm).unwrap(),
             Next::Synced(2)
         );
-        assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Loaded);
+        assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Wait);
+        assert_eq!(at, Receiving::Loaded);
         assert_eq!(at.on(Message::Done, &mut vm).unwrap(), Next::Finished);
         assert_eq!((vm.captures, vm.loads), (1, 1));
         // Out of order: refused, and nothing is loaded twice.
@@ -935,7 +937,7 @@ mod tests {
                 Message::State(b"s"),
                 Message::State(b"s"),
             ],
-            &[Message::Ready],
+            &[Message::CaptureOn],
             &[Message::Sync { round: 1 }],
             &[
                 Message::StartCapture,

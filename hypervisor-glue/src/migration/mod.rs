@@ -22,10 +22,10 @@
 //!    | <-------------------------- Synced {round}       |  (the pause waits for the last round's)
 //!    |  [pause]  deadline: budget + margin              |
 //!    | -- State --------------------------------------> |  loads vCPU, clock, devices
-//!    | <------------------------------------------ Ready |  loaded: nothing left can fail
-//!    | -- Pages (the last), Done ---------------------> |  (Ready crosses them); READY
+//!    | -- Pages (the last), Done ---------------------> |  READY once loaded and Done read
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver
-//!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects
+//!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects;
+//!    |                                                  |  a state that failed to load: Abort
 //!    | <------------------------------ Committed {N+1}   |  RUNNING at generation N+1
 //!    |  GONE: the process ends                          |
 //! ```

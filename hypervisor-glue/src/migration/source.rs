@@ -34,7 +34,7 @@ const MAX_ROUNDS: u32 = 30;
 /// the last round measured); pausing, the state and the commit take the
 /// rest.
 const LAST_PAGES_SHARE: f64 = 0.25;
-/// How long the destination waits for Commit once it is Ready, beyond
+/// How long the destination waits for Commit once it is READY, beyond
 /// the stop-and-copy's deadline.
 const COMMIT_WAIT_SLACK: Duration = Duration::from_secs(2);
 /// How long the source waits for Committed after sending Commit.
@@ -42,6 +42,11 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 /// How long `ferry migrate` keeps asking about a move in doubt before it
 /// returns (the VM process keeps asking).
 const RESOLVE_WAIT: Duration = Duration::from_secs(10);
+/// Before the first resolve query: long enough for the destination to
+/// have seen what the source saw (a cut connection), short because the VM
+/// waits paused (Commit goes out before the destination says its state
+/// loaded, so a destination that dies loading it is learnt of this way).
+const RESOLVE_FIRST: Duration = Duration::from_millis(50);
 /// Between two resolve queries.
 const RESOLVE_EVERY: Duration = Duration::from_millis(500);
 /// How often progress is reported during a round.
@@ -293,8 +298,10 @@ impl Source {
                 progress(json!({"phase": "in-doubt", "why": why}));
                 let t = Instant::now();
                 let mut settled = Settled::Open(why);
+                let mut wait = RESOLVE_FIRST;
                 while t.elapsed() < RESOLVE_WAIT {
-                    std::thread::sleep(RESOLVE_EVERY);
+                    std::thread::sleep(wait);
+                    wait = RESOLVE_EVERY;
                     settled = self.ask_and_settle();
                     if !matches!(settled, Settled::Open(_)) {
                         break;
@@ -516,7 +523,9 @@ impl Source {
         // The pause: the vCPU thread stops the VM and answers with its
         // state in one step.
         let paused_at = Instant::now();
-        crate::trace::Trace::new().mark("source: stop asked");
+        let trace = crate::trace::Trace::new();
+        let _held = trace.hold();
+        trace.mark("source: stop asked");
         let state = match self.call(Command::Lifecycle(Event::Stop))? {
             Reply::State(s) => s,
             _ => {
@@ -527,7 +536,6 @@ impl Source {
         };
         let deadline = paused_at + deadline_budget;
         ch.set_deadline(Some(deadline));
-        let trace = crate::trace::Trace::new();
         let mut mark = |name: &str, since: &mut Instant| {
             trace.mark(name);
             stats.phases.insert(name.into(), json!(ms(since.elapsed())));
@@ -555,16 +563,17 @@ impl Source {
         stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
         ch.send(&Message::Done)?;
         mark("last_pages", &mut since);
-        expect(ch, "Ready")?;
-        mark("destination_ready", &mut since);
         if Instant::now() > deadline {
             return Err(Error::Deadline(deadline_budget.as_millis() as u64));
         }
 
         // The point of no return: from here the VM resumes here only if the
-        // destination says the session was aborted. Nothing but this
-        // thread can resume a VM stopped for a move, so the lifecycle
-        // learns of the commit while Commit travels.
+        // destination says the session was aborted. Commit follows Done at
+        // once, while the destination still loads the state: it runs the
+        // VM only if all of it loaded, and says Abort otherwise (see
+        // `docs/design.md`, "Commit behind Done"). Nothing but this thread
+        // can resume a VM stopped for a move, so the lifecycle learns of
+        // the commit while Commit travels.
         if failpoint::hit("src-before-commit") == Some(Action::Cut) {
             ch.shutdown();
             let _ = self.event(Event::CommitSent { generation });

@@ -200,7 +200,7 @@ pub struct Open {
     /// The CPU features the guest booted with (CPUID feature words; a
     /// destination that lacks one refuses the VM).
     pub cpu: [u32; 7],
-    /// How long the destination waits for Commit once Ready, in ms.
+    /// How long the destination waits for Commit once READY, in ms.
     pub commit_wait_ms: u32,
     /// The source host's name (for messages).
     pub source: String,
@@ -326,9 +326,6 @@ pub enum Message<'a> {
     CaptureOn,
     /// Source: the paused VM's state (archived `VmState`).
     State(&'a [u8]),
-    /// Destination: the state is loaded and every fallible step is done;
-    /// the VM runs on Commit.
-    Ready,
     /// Source: run it there.
     Commit {
         /// The session.
@@ -339,7 +336,7 @@ pub enum Message<'a> {
     /// Destination: it runs here.
     Committed(Committed),
     /// Source: what became of a session? (Carries the Commit: a session
-    /// still Ready commits.)
+    /// still READY commits.)
     Resolve(Resolve),
     /// Destination: the answer to [`Message::Resolve`].
     Outcome(Outcome),
@@ -376,7 +373,7 @@ enum Tag {
     StartCapture = 5,
     CaptureOn = 6,
     State = 7,
-    Ready = 8,
+    // 8 was Ready (protocol 3: the source waited for it before Commit).
     Commit = 9,
     Committed = 10,
     Resolve = 11,
@@ -388,7 +385,7 @@ enum Tag {
 }
 
 impl Tag {
-    const ALL: [Tag; 16] = [
+    const ALL: [Tag; 15] = [
         Tag::Open,
         Tag::Admitted,
         Tag::Refused,
@@ -396,7 +393,6 @@ impl Tag {
         Tag::StartCapture,
         Tag::CaptureOn,
         Tag::State,
-        Tag::Ready,
         Tag::Commit,
         Tag::Committed,
         Tag::Resolve,
@@ -523,7 +519,6 @@ impl<'a> Message<'a> {
                 w.u8(Tag::State as u8);
                 w.bytes(s);
             }
-            Message::Ready => w.u8(Tag::Ready as u8),
             Message::Sync { round } => {
                 w.u8(Tag::Sync as u8);
                 w.u32(*round);
@@ -619,7 +614,6 @@ impl<'a> Message<'a> {
             Tag::StartCapture => Message::StartCapture,
             Tag::CaptureOn => Message::CaptureOn,
             Tag::State => Message::State(r.bytes("VM state", MAX_STATE)?),
-            Tag::Ready => Message::Ready,
             Tag::Commit => Message::Commit {
                 session: SessionId(r.array("session")?),
                 generation: r.u64("generation")?,
@@ -651,7 +645,7 @@ impl<'a> Message<'a> {
         Ok(m)
     }
 
-    /// The message's name, for errors ("expected Ready, got Pages").
+    /// The message's name, for errors ("expected CaptureOn, got Pages").
     pub fn name(&self) -> &'static str {
         match self {
             Message::Open(_) => "Open",
@@ -661,7 +655,6 @@ impl<'a> Message<'a> {
             Message::StartCapture => "StartCapture",
             Message::CaptureOn => "CaptureOn",
             Message::State(_) => "State",
-            Message::Ready => "Ready",
             Message::Commit { .. } => "Commit",
             Message::Committed(_) => "Committed",
             Message::Resolve(_) => "Resolve",
@@ -846,7 +839,6 @@ mod tests {
             Message::StartCapture,
             Message::CaptureOn,
             Message::State(&[1, 2, 3]),
-            Message::Ready,
             Message::Sync { round: 3 },
             Message::Synced { round: u32::MAX },
             Message::Commit {
