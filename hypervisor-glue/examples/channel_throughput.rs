@@ -42,7 +42,7 @@ fn run(mib: u64, creds: Credentials) -> f64 {
                         pages += 1;
                     }
                 }
-                Message::Ready => return pages,
+                Message::Done => return pages,
                 m => panic!("{}", m.name()),
             }
         }
@@ -66,7 +66,7 @@ fn run(mib: u64, creds: Credentials) -> f64 {
         })
         .unwrap();
     }
-    ch.send(&Message::Ready).unwrap();
+    ch.send(&Message::Done).unwrap();
     let pages = t.join().unwrap();
     let secs = t0.elapsed().as_secs_f64();
     assert_eq!(pages, size / PAGE as u64);

@@ -57,7 +57,9 @@ pub enum Command {
     Stop,
     /// A step of the VM's lifecycle (a migration's; see
     /// [`crate::lifecycle`]). `Begin` answers with the
-    /// [`SourceContext`], `Stop` with the paused VM's state.
+    /// [`SourceContext`]; `Stop` answers twice (see [`Mailbox::request`]):
+    /// [`Reply::Paused`] as soon as guest memory stops changing, then the
+    /// paused VM's state.
     Lifecycle(Event),
     /// Start (true) or stop recording the frames the card reads (the
     /// capture overlap a migration's destination drops).
@@ -75,6 +77,10 @@ pub enum Reply {
     Snapshot(SnapshotReport),
     /// A migration may start: what it needs.
     Migration(Box<SourceContext>),
+    /// The VM is stopped, and nothing writes its memory any more (the
+    /// first of `Lifecycle(Stop)`'s two answers: the source collects the
+    /// last dirty pages while the rest of the state is read).
+    Paused,
     /// The VM's state.
     State(Box<VmState>),
     /// Refused, and why.
@@ -232,16 +238,25 @@ impl Mailbox {
     /// Sends `cmd` to the vCPU thread and waits for its answer; `None` if
     /// the VM ended first.
     pub fn call(&self, cmd: Command) -> Option<Reply> {
+        self.request(cmd)?.next()
+    }
+
+    /// Sends `cmd` to the vCPU thread; its answers come through the
+    /// returned [`Answers`] (one, but two for a migration's
+    /// `Lifecycle(Stop)`). `None` if the VM has ended.
+    pub fn request(&self, cmd: Command) -> Option<Answers> {
         if let Some(status) = self.arriving.lock().expect("mailbox").as_ref() {
-            return Some(match cmd {
+            let (tx, rx) = mpsc::channel();
+            let _ = tx.send(match cmd {
                 Command::Status => Reply::Status(Box::new(status.clone())),
                 _ => Reply::Refused(format!(
                     "the VM has not arrived here yet ({})",
                     status.detail
                 )),
             });
+            return Some(Answers(rx));
         }
-        self.enqueue(cmd)?.recv().ok()
+        self.enqueue(cmd).map(Answers)
     }
 
     /// Queues `cmd` for the vCPU thread and kicks it; where its answer
@@ -319,6 +334,22 @@ impl Responder {
     pub fn send(self, r: Reply) {
         let _ = self.0.send(r);
     }
+
+    /// An answer before the last one ([`Reply::Paused`]).
+    pub fn early(&self, r: Reply) {
+        let _ = self.0.send(r);
+    }
+}
+
+/// The answers to one [`Mailbox::request`], in order.
+#[derive(Debug)]
+pub struct Answers(mpsc::Receiver<Reply>);
+
+impl Answers {
+    /// The next answer; `None` if the VM ended before giving it.
+    pub fn next(&self) -> Option<Reply> {
+        self.0.recv().ok()
+    }
 }
 
 #[cfg(test)]
@@ -364,6 +395,28 @@ mod tests {
         assert!(!m.kick().pending(), "served: nothing pending");
         m.close();
         assert!(m.call(Command::Status).is_none());
+    }
+
+    /// A migration's Stop is answered twice, in order: the pause, then the
+    /// state; an answer never given reads as the VM's end.
+    #[test]
+    fn a_request_takes_every_answer_in_order() {
+        let m = Mailbox::new();
+        let m2 = m.clone();
+        let vcpu = std::thread::spawn(move || {
+            loop {
+                if let Some((_, r)) = m2.next(Duration::from_millis(50)) {
+                    r.early(Reply::Paused);
+                    r.send(Reply::Refused("no state".into()));
+                    return;
+                }
+            }
+        });
+        let answers = m.request(Command::Lifecycle(Event::Stop)).unwrap();
+        assert!(matches!(answers.next(), Some(Reply::Paused)));
+        assert!(matches!(answers.next(), Some(Reply::Refused(e)) if e == "no state"));
+        assert!(answers.next().is_none(), "no third answer");
+        vcpu.join().unwrap();
     }
 
     #[test]

@@ -377,8 +377,78 @@ fn set_slice(tid: libc::pid_t, ns: u64) -> bool {
     unsafe { libc::syscall(libc::SYS_sched_setattr, tid, &mut a, 0) == 0 }
 }
 
+/// MADV_POPULATE_READ (Linux 5.14), which libc may not name.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// Maps every page of this program's own code and read-only data now, so
+/// that code first run in a migration's pause (saving and encoding the
+/// state on the source, decoding and loading it on the destination) takes
+/// no page faults there. The kernel maps an executable's pages lazily, on
+/// first use: each first use costs a minor fault, and the pause runs a few
+/// dozen functions for the first time in the process (measured: the first
+/// encode of a VM's state took 59 us, the next ones 1.3 us). About 5 MB,
+/// from the page cache; an older kernel (EINVAL) just skips it. Returns
+/// the bytes mapped.
+pub fn prefault_code() -> usize {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        mapped: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid dl_phdr_info whose
+        // dlpi_phdr points at dlpi_phnum program headers, for the duration
+        // of this call.
+        let info = unsafe { &*info };
+        let headers = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        let page = 4096u64;
+        for h in headers
+            .iter()
+            .filter(|h| h.p_type == libc::PT_LOAD && h.p_flags & libc::PF_W == 0)
+        {
+            let start = (info.dlpi_addr + h.p_vaddr) & !(page - 1);
+            let end = (info.dlpi_addr + h.p_vaddr + h.p_memsz).next_multiple_of(page);
+            // SAFETY: advice on a read-only segment this program has
+            // mapped; populating reads it in, changing nothing.
+            let r = unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    (end - start) as usize,
+                    MADV_POPULATE_READ,
+                )
+            };
+            if r == 0 {
+                // SAFETY: `mapped` is the `usize` prefault_code passed.
+                unsafe { *mapped.cast::<usize>() += (end - start) as usize };
+            }
+        }
+        // The first object is the program itself: stop after it.
+        1
+    }
+    let mut mapped = 0usize;
+    // SAFETY: dl_iterate_phdr calls `each` with valid arguments, one object
+    // at a time, under its own lock; `mapped` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), (&raw mut mapped).cast()) };
+    mapped
+}
+
 #[cfg(test)]
 mod tests {
+    /// The program's code and read-only data are mapped (the test binary's
+    /// own: megabytes of it).
+    #[test]
+    fn prefaulting_maps_the_programs_code() {
+        let n = prefault_code();
+        assert!(
+            n > 1 << 20,
+            "only {n} bytes mapped (MADV_POPULATE_READ needs Linux 5.14)"
+        );
+    }
+
     use super::*;
 
     fn nice() -> libc::c_int {

@@ -464,6 +464,11 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         open.source,
         ch.peer()
     ));
+    // The pause runs code this process has not run yet (decoding and
+    // loading the state, resuming): map it and warm it now, while the
+    // pages come.
+    crate::sched::prefault_code();
+    crate::snapshot::warm_up();
     let console = Console::new(Box::new(std::io::stdout()));
     // FERRY_TRACE's marks print once the VM runs (or the session ends):
     // the pause's steps are shorter than a write to stderr.
@@ -554,12 +559,12 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
             ch.shutdown();
             return ran();
         }
-        let net = vm.net_status();
+        let (captured, duplicates) = vm.capture_counts();
         let _ = ch.send(&Message::Committed(Committed {
             generation,
             commit_to_running_us,
-            captured: net.as_ref().map_or(0, |n| n.captured),
-            duplicates: net.as_ref().map_or(0, |n| n.duplicates),
+            captured,
+            duplicates,
         }));
         // The vCPU runs on this thread, at its normal priority, once it
         // has started again (urgent until then: the VM waits for all this).

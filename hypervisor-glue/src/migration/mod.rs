@@ -21,8 +21,8 @@
 //!    | -- Pages (dirty rounds), each + Sync {round} --> |
 //!    | <-------------------------- Synced {round}       |  (the pause waits for the last round's)
 //!    |  [pause]  deadline: budget + margin              |
-//!    | -- State --------------------------------------> |  loads vCPU, clock, devices
-//!    | -- Pages (the last), Done ---------------------> |  READY once loaded and Done read
+//!    | -- Pages (the last) ---------------------------> |  (read while the state is saved)
+//!    | -- State, Done --------------------------------> |  loads vCPU, clock, devices; READY
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver
 //!    |  COMMITTING: never resumes on its own            |  first), resumes, re-injects;
 //!    |                                                  |  a state that failed to load: Abort

@@ -266,6 +266,10 @@ impl Source {
             Ok(_) => return Err("internal: Begin answered without a context".into()),
             Err(e) => return Err(format!("no migration: {e}")),
         };
+        // The pause runs code this process has not run yet (saving and
+        // encoding the state): map it and warm it now, not in the pause.
+        crate::sched::prefault_code();
+        crate::snapshot::warm_up();
         let mut stats = Stats::default();
         let mut ch = None;
         match self.attempt(&ctx, session, p, progress, &mut stats, &mut ch, t0) {
@@ -520,20 +524,25 @@ impl Source {
             .kick()
             .vcpu_tid()
             .map(crate::sched::Urgent::thread);
-        // The pause: the vCPU thread stops the VM and answers with its
-        // state in one step.
+        // The pause: the vCPU thread stops the VM and says so as soon as
+        // guest memory stops changing; the last dirty pages go while it
+        // reads the rest of the state, which it answers with next.
         let paused_at = Instant::now();
         let trace = crate::trace::Trace::new();
         let _held = trace.hold();
         trace.mark("source: stop asked");
-        let state = match self.call(Command::Lifecycle(Event::Stop))? {
-            Reply::State(s) => s,
-            _ => {
-                return Err(Error::Local(
-                    "internal: Stop answered without the state".into(),
-                ));
-            }
+        let answers = self
+            .mailbox
+            .request(Command::Lifecycle(Event::Stop))
+            .ok_or_else(|| Error::Vm("the VM has ended".into()))?;
+        let answer = || match answers.next() {
+            Some(Reply::Refused(e)) => Err(Error::Vm(e)),
+            Some(r) => Ok(r),
+            None => Err(Error::Vm("the VM has ended".into())),
         };
+        if !matches!(answer()?, Reply::Paused) {
+            return Err(Error::Local("internal: Stop answered out of order".into()));
+        }
         let deadline = paused_at + deadline_budget;
         ch.set_deadline(Some(deadline));
         let mut mark = |name: &str, since: &mut Instant| {
@@ -542,10 +551,23 @@ impl Source {
             *since = Instant::now();
         };
         let mut since = paused_at;
-        mark("pause_and_save", &mut since);
+        mark("pause", &mut since);
         cut_at(ch, "src-paused");
-        // The state first: the destination loads it while the last pages
-        // are on their way.
+        // The last pages first: the destination writes them while the
+        // state is read here, and loads the state once it comes.
+        pending.extend(collect_dirty(ctx)?);
+        pending.sort_unstable();
+        pending.dedup();
+        stats.last_pages = pending.len();
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
+        mark("last_pages", &mut since);
+        let Reply::State(state) = answer()? else {
+            return Err(Error::Local(
+                "internal: Stop answered without the state".into(),
+            ));
+        };
+        // What of the save the last pages did not hide.
+        mark("save", &mut since);
         let enc = crate::snapshot::encode_state(&state).map_err(|e| Error::Local(e.to_string()))?;
         if failpoint::hit("src-mid-state") == Some(Action::Cut) {
             ch.send_cut(&Message::State(&enc));
@@ -555,14 +577,8 @@ impl Source {
         }
         ch.send(&Message::State(&enc))?;
         stats.bytes += enc.len() as u64;
-        mark("state_send", &mut since);
-        pending.extend(collect_dirty(ctx)?);
-        pending.sort_unstable();
-        pending.dedup();
-        stats.last_pages = pending.len();
-        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
         ch.send(&Message::Done)?;
-        mark("last_pages", &mut since);
+        mark("state_send", &mut since);
         if Instant::now() > deadline {
             return Err(Error::Deadline(deadline_budget.as_millis() as u64));
         }

@@ -829,6 +829,8 @@ impl VirtioNet {
         // any still waiting in this tap, which later capture passes check
         // against what is left of the list.
         active.overlap.clear();
+        // Sized once (this runs in the pause; growing rehashes).
+        active.overlap.reserve(state.overlap.len());
         for h in &state.overlap {
             *active.overlap.entry(*h).or_default() += 1;
         }
