@@ -14,7 +14,8 @@
 //!
 //! The stop-and-copy, when the VM waits for the copying, runs [`Urgent`]:
 //! ahead of everything else on the host, so that the pause is as short as
-//! the work.
+//! the work; and [`prefault_code`] has mapped the code it runs before it
+//! starts.
 //!
 //! Urgent is real-time (`SCHED_FIFO` at the lowest real-time priority),
 //! not just a low nice value: a nice -15 thread still waits for a
