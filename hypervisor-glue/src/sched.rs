@@ -223,7 +223,17 @@ pub const GROUP_NICE: libc::c_int = 19;
 /// 100 ms from a process without CAP_SYS_ADMIN (EAGAIN otherwise):
 /// [`Autogroup::restore`] waits that out.
 #[derive(Debug)]
-pub struct Autogroup(std::fs::File);
+pub struct Autogroup {
+    file: std::fs::File,
+    /// When the group's nice value last changed, as far as this process
+    /// knows (its start for a change made before it: `open` is called
+    /// early).
+    changed: std::cell::Cell<std::time::Instant>,
+}
+
+/// How often the kernel takes a change of an autogroup's nice value from
+/// a process without CAP_SYS_ADMIN (any group's: one limit for the host).
+const GROUP_CHANGE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where a process's autogroup is.
 const AUTOGROUP: &std::ffi::CStr = c"/proc/self/autogroup";
@@ -237,7 +247,10 @@ impl Autogroup {
             .write(true)
             .open(AUTOGROUP.to_str().ok()?)
             .ok()
-            .map(Autogroup)
+            .map(|file| Autogroup {
+                file,
+                changed: std::cell::Cell::new(std::time::Instant::now()),
+            })
     }
 
     /// Lowers the calling process's group to [`GROUP_NICE`], best effort.
@@ -260,7 +273,7 @@ impl Autogroup {
     pub fn nice(&self) -> Option<libc::c_int> {
         use std::os::unix::fs::FileExt;
         let mut b = [0u8; 64];
-        let n = self.0.read_at(&mut b, 0).ok()?;
+        let n = self.file.read_at(&mut b, 0).ok()?;
         // "/autogroup-12 nice 19"
         let text = std::str::from_utf8(&b[..n]).ok()?;
         text.split_whitespace().last()?.parse().ok()
@@ -269,7 +282,18 @@ impl Autogroup {
     /// Sets the group's nice value.
     pub fn set(&self, nice: libc::c_int) -> std::io::Result<()> {
         use std::io::Write;
-        (&self.0).write_all(nice.to_string().as_bytes())
+        (&self.file).write_all(nice.to_string().as_bytes())?;
+        self.changed.set(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// Whether a change now would be too soon after this process's last
+    /// one for the kernel to take it at once (without CAP_SYS_ADMIN; with
+    /// it, or once another process changed a group since, this may be
+    /// wrong either way: [`Autogroup::set`] then says EAGAIN).
+    pub fn recently_changed(&self) -> bool {
+        // A margin over the kernel's 100 ms: it counts in jiffies.
+        self.changed.get().elapsed() < GROUP_CHANGE_EVERY + GROUP_CHANGE_EVERY / 5
     }
 
     /// Sets the group's nice value back to 0, retrying for up to `within`
@@ -483,6 +507,23 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_group_opened_now_counts_as_recently_changed() {
+        // The change that matters came just before `open` (the receiver's,
+        // between fork and exec): for the kernel's 100 ms, it is recent.
+        let Some(g) = Autogroup::open() else {
+            assert!(
+                std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1"),
+                "this kernel has no autogroups (/proc/self/autogroup); FERRY_ALLOW_SKIP=1 skips this"
+            );
+            return;
+        };
+        assert!(g.nice().is_some());
+        assert!(g.recently_changed());
+        std::thread::sleep(GROUP_CHANGE_EVERY + GROUP_CHANGE_EVERY / 4);
+        assert!(!g.recently_changed());
     }
 
     #[test]

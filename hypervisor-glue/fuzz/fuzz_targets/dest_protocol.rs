@@ -62,6 +62,11 @@ fuzz_target!(|data: &[u8]| {
             Ok(Next::CaptureOn) => assert_eq!(at, Receiving::Capturing),
             // A Sync is answered only between capture and the state.
             Ok(Next::Synced(_)) => assert_eq!(at, Receiving::Capturing),
+            // Pausing comes once, after capture and before the state.
+            Ok(Next::Stopping) => {
+                assert_eq!(at, Receiving::Stopping);
+                assert_eq!((vm.captures, vm.loads), (1, 0));
+            }
             // The state loads once; only the last pages and Done follow it.
             Ok(Next::Wait) if at == Receiving::Loaded => assert_eq!(vm.loads, 1),
             Ok(Next::Wait) => assert_eq!(vm.loads, 0),

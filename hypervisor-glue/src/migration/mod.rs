@@ -21,6 +21,7 @@
 //!    | -- Pages (dirty rounds), each + Sync {round} --> |
 //!    | <-------------------------- Synced {round}       |  (the pause waits for the last round's)
 //!    |  [pause]  deadline: budget + margin              |
+//!    | -- Pausing ------------------------------------> |  background until now: real-time
 //!    | -- Pages (the last) ---------------------------> |  (read while the state is saved)
 //!    | -- State, Done --------------------------------> |  loads vCPU, clock, devices; READY
 //!    | -- Commit {session, N+1} ------------------------> |  COMMITTED (told to the receiver

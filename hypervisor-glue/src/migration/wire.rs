@@ -324,6 +324,10 @@ pub enum Message<'a> {
     StartCapture,
     /// Destination: capturing.
     CaptureOn,
+    /// Source: the VM stops now; the stop-and-copy follows (the last pages,
+    /// the state, Done and Commit). The destination takes its CPU from here
+    /// on, not before: until then it is background work for its host.
+    Pausing,
     /// Source: the paused VM's state (archived `VmState`).
     State(&'a [u8]),
     /// Source: run it there.
@@ -382,10 +386,11 @@ enum Tag {
     Done = 14,
     Sync = 15,
     Synced = 16,
+    Pausing = 17,
 }
 
 impl Tag {
-    const ALL: [Tag; 15] = [
+    const ALL: [Tag; 16] = [
         Tag::Open,
         Tag::Admitted,
         Tag::Refused,
@@ -401,6 +406,7 @@ impl Tag {
         Tag::Done,
         Tag::Sync,
         Tag::Synced,
+        Tag::Pausing,
     ];
 }
 
@@ -515,6 +521,7 @@ impl<'a> Message<'a> {
             }
             Message::StartCapture => w.u8(Tag::StartCapture as u8),
             Message::CaptureOn => w.u8(Tag::CaptureOn as u8),
+            Message::Pausing => w.u8(Tag::Pausing as u8),
             Message::State(s) => {
                 w.u8(Tag::State as u8);
                 w.bytes(s);
@@ -613,6 +620,7 @@ impl<'a> Message<'a> {
             }
             Tag::StartCapture => Message::StartCapture,
             Tag::CaptureOn => Message::CaptureOn,
+            Tag::Pausing => Message::Pausing,
             Tag::State => Message::State(r.bytes("VM state", MAX_STATE)?),
             Tag::Commit => Message::Commit {
                 session: SessionId(r.array("session")?),
@@ -654,6 +662,7 @@ impl<'a> Message<'a> {
             Message::Pages(_) => "Pages",
             Message::StartCapture => "StartCapture",
             Message::CaptureOn => "CaptureOn",
+            Message::Pausing => "Pausing",
             Message::State(_) => "State",
             Message::Commit { .. } => "Commit",
             Message::Committed(_) => "Committed",
@@ -838,6 +847,7 @@ mod tests {
             Message::Pages(p),
             Message::StartCapture,
             Message::CaptureOn,
+            Message::Pausing,
             Message::State(&[1, 2, 3]),
             Message::Sync { round: 3 },
             Message::Synced { round: u32::MAX },

@@ -121,6 +121,11 @@ const RX_COALESCE: core::time::Duration = core::time::Duration::from_micros(500)
 /// Longest halt without a wake-up from the card or a timer that is due.
 const MAX_HALT: core::time::Duration = core::time::Duration::from_secs(1);
 
+/// With `net.stats=1`, a halt longer than this (ns) is reported at once,
+/// with what it waited for: on a busy host a late wake-up is otherwise
+/// hard to tell from a guest that had nothing to do.
+const LONG_HALT_NS: u64 = 3_000_000;
+
 /// Counters of the event loop, printed every 2 s with `net.stats=1`.
 #[derive(Default)]
 pub(super) struct LoopStats {
@@ -331,6 +336,16 @@ pub(super) fn idle(now: Instant, timer: Option<Instant>) {
         s.card.disarm(interrupted);
         if s.stats.enabled {
             let after = crate::time::now();
+            let halted = after.as_nanos().saturating_sub(now.as_nanos());
+            if halted > LONG_HALT_NS {
+                crate::println!(
+                    "net: stats: a halt of {} us: its timer was due after {} us, card interrupts {}, woken by the card {}",
+                    halted / 1000,
+                    deadline.as_nanos().saturating_sub(now.as_nanos()) / 1000,
+                    if rx_interrupt { "armed" } else { "off" },
+                    interrupted
+                );
+            }
             let st = &mut s.stats;
             st.idles += 1;
             st.irq_wakes += u64::from(interrupted);

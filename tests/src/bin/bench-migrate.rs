@@ -28,6 +28,15 @@ struct Args {
     /// Loads: the stream app's rate (`120M`, `full`, or any rate it takes).
     #[arg(long, value_delimiter = ',', default_value = "120M,full")]
     loads: Vec<String>,
+    /// Capture settings to measure: `on` (the destination captures the
+    /// VM's frames during the pause, as users run it; the aims' measure),
+    /// `off`.
+    #[arg(long, value_delimiter = ',', default_value = "on,off", value_parser = ["on", "off"])]
+    captures: Vec<String>,
+    /// Also measure each point's first load over `--insecure`, interleaved
+    /// (what the channel's crypto costs).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    crypto: bool,
     /// Runs per point (medians are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -46,6 +55,11 @@ struct Args {
     /// `$FERRY_BIN` picks the VMM).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Settings for the migrated VM's runtime (`ferry run --guest-arg`),
+    /// e.g. `net.stats=1`: its event-loop counters, and each halt over
+    /// 3 ms, in the VM logs under target/test-logs/bench-migrate.
+    #[arg(long, value_delimiter = ',')]
+    guest_args: Vec<String>,
     /// The stream app migrated: `stream` (Ferry's runtime) or
     /// `hermit-stream` (std Rust on RustyHermit).
     #[arg(long, default_value = "stream")]
@@ -185,6 +199,7 @@ fn one_run(
     secure: bool,
     seconds: f64,
     n: u32,
+    guest_args: &[String],
 ) -> Result<Value> {
     let dir = cluster::log_dir("bench-migrate");
     let api_a = dir.join(format!("a{n}.sock"));
@@ -199,11 +214,15 @@ fn one_run(
     if rate != "full" {
         args.push(&rate_arg);
     }
+    let mut ferry_args = vec!["--api", api_a.to_str().expect("utf-8")];
+    for g in guest_args {
+        ferry_args.extend(["--guest-arg", g]);
+    }
     let a = c.start_vm_with(
         "hostA",
         &image(app),
         &memory,
-        &["--api", api_a.to_str().expect("utf-8")],
+        &ferry_args,
         &args,
         &dir.join(format!("a{n}.log")),
         "listening",
@@ -231,6 +250,7 @@ fn one_run(
     let sampler = ferry_tests::schedstat::start(a, t0, Duration::from_millis(2));
     std::thread::sleep(Duration::from_secs_f64(planned));
     let at = t0.elapsed().as_secs_f64();
+    let at_monotonic_s = ferry_tests::monotonic_s();
     let report = c
         .migrate(&api_a, "hostB", port, channel)
         .map_err(anyhow::Error::msg)?;
@@ -266,6 +286,10 @@ fn one_run(
         "precopy_bytes_per_s": precopy_bytes_per_s,
         "migration_gap_ms": g.gap_ms,
         "gap_at_ms": g.gap_at_ms,
+        // Where the gap ended and the migration began on CLOCK_MONOTONIC
+        // (what `perf record -k mono` stamps), to find them in a trace.
+        "gap_end_monotonic_s": cv["start_monotonic_s"].as_f64().map(|s| s + at + g.gap_at_ms / 1e3),
+        "migration_at_monotonic_s": at_monotonic_s,
         "own_gap_ms": g.own_gap_ms,
         "added_ms": g.added_ms(),
         "added_without_migration_ms": gaps::added_without_migration(&cv, at, total_s),
@@ -406,11 +430,25 @@ fn main() -> Result<()> {
     let mut n = 0u32;
     for &size in a.sizes.iter().filter(|_| !a.only_qemu) {
         for rate in a.loads.iter().map(String::as_str) {
-            for capture in [true, false] {
+            for capture in a.captures.iter().map(|c| c == "on") {
+                let run = |c: &mut Cluster, secure: bool, n: u32| {
+                    let app = &a.app;
+                    one_run(
+                        c,
+                        app,
+                        size,
+                        rate,
+                        capture,
+                        secure,
+                        a.seconds,
+                        n,
+                        &a.guest_args,
+                    )
+                };
                 let mut runs = Vec::new();
                 for _ in 0..a.runs {
                     n += 1;
-                    match one_run(&mut c, &a.app, size, rate, capture, true, a.seconds, n) {
+                    match run(&mut c, true, n) {
                         Ok(r) => runs.push(r),
                         Err(e) => {
                             eprintln!("bench-migrate: {size} MiB {rate} capture={capture}: {e:#}")
@@ -418,9 +456,9 @@ fn main() -> Result<()> {
                     }
                     // What the crypto costs: the same run over an
                     // --insecure channel, interleaved (120M, capture on).
-                    if rate == a.loads[0] && capture {
+                    if a.crypto && rate == a.loads[0] && capture {
                         n += 1;
-                        match one_run(&mut c, &a.app, size, rate, capture, false, a.seconds, n) {
+                        match run(&mut c, false, n) {
                             Ok(r) => insecure.push(r),
                             Err(e) => eprintln!("bench-migrate: {size} MiB insecure: {e:#}"),
                         }

@@ -197,6 +197,7 @@ fn sample_tcp_info(
 fn main() -> std::process::ExitCode {
     let a = Args::parse();
     let start = Instant::now();
+    let start_monotonic_s = ferry_tests::monotonic_s();
     let mut conn = match TcpStream::connect_timeout(&a.addr, Duration::from_secs(10)) {
         Ok(c) => c,
         Err(e) => {
@@ -362,7 +363,7 @@ fn main() -> std::process::ExitCode {
             .map(|(t, g)| format!("{{\"at_s\":{t:.3},\"gap_ms\":{g:.3}}}"))
             .collect();
         println!(
-            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"tcp_info\":[{}],\"retransmits\":{retransmits},\"error\":{}}}",
+            "{{\"bytes_verified\":{verified},\"seconds\":{secs:.3},\"bytes_per_second\":{rate:.0},\"max_gap_ms\":{:.3},\"gaps\":[{}],\"upstream_bytes\":{up},\"echo_bytes_sent\":{echo_sent},\"echo_bytes_verified\":{echo_verified},\"windows\":{windows:?},\"tcp_info\":[{}],\"retransmits\":{retransmits},\"start_monotonic_s\":{start_monotonic_s:.6},\"error\":{}}}",
             max_gap.as_secs_f64() * 1e3,
             gaps_json.join(","),
             tcp_info.join(","),
