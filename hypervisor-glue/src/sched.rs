@@ -463,6 +463,8 @@ pub fn prefault_code() -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The program's code and read-only data are mapped (the test binary's
     /// own: megabytes of it).
     #[test]
@@ -473,8 +475,6 @@ mod tests {
             "only {n} bytes mapped (MADV_POPULATE_READ needs Linux 5.14)"
         );
     }
-
-    use super::*;
 
     fn nice() -> libc::c_int {
         // SAFETY: as above.

@@ -465,10 +465,8 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         ch.peer()
     ));
     // The pause runs code this process has not run yet (decoding and
-    // loading the state, resuming): map it and warm it now, while the
-    // pages come.
-    crate::sched::prefault_code();
-    crate::snapshot::warm_up();
+    // loading the state, resuming): warm it now, while the pages come.
+    super::warm_up_the_pause();
     let console = Console::new(Box::new(std::io::stdout()));
     // FERRY_TRACE's marks print once the VM runs (or the session ends):
     // the pause's steps are shorter than a write to stderr.

@@ -54,6 +54,18 @@
 //! `docs/design.md` says why each step is where it is;
 //! `docs/fault-matrix.md` lists each fault and its outcome.
 
+/// Maps this program's code and runs the state's encoding and decoding
+/// once ([`crate::sched::prefault_code`], [`crate::snapshot::warm_up`]),
+/// so that a migration's pause, on either side, finds them warm. Once per
+/// process: a source that retries a move pays it once.
+pub(crate) fn warm_up_the_pause() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        crate::sched::prefault_code();
+        crate::snapshot::warm_up();
+    });
+}
+
 pub mod channel;
 pub mod dest;
 pub use crate::failpoint;

@@ -267,9 +267,8 @@ impl Source {
             Err(e) => return Err(format!("no migration: {e}")),
         };
         // The pause runs code this process has not run yet (saving and
-        // encoding the state): map it and warm it now, not in the pause.
-        crate::sched::prefault_code();
-        crate::snapshot::warm_up();
+        // encoding the state): warm it now, not in the pause.
+        super::warm_up_the_pause();
         let mut stats = Stats::default();
         let mut ch = None;
         match self.attempt(&ctx, session, p, progress, &mut stats, &mut ch, t0) {

@@ -264,6 +264,15 @@ fn card(
     )
 }
 
+/// A paused VM whose vCPU has settled ([`Vm::settle`]): what the rest of
+/// its save needs.
+struct Settled {
+    /// The guest clock it paused at.
+    clock: ClockState,
+    /// The registers KVM handed back as the vCPU settled.
+    synced: Option<kvm::Synced>,
+}
+
 impl Vm {
     /// Reads the image, maps memory, creates the VM and loads the image.
     /// The VM gets a new identity, at generation 0.
@@ -515,8 +524,8 @@ impl Vm {
 
     /// The whole VM's state; it must be paused.
     pub fn save(&mut self) -> Result<VmState, Error> {
-        let synced = self.settle()?;
-        self.save_settled(synced.as_ref())
+        let settled = self.settle()?;
+        self.save_settled(&settled)
     }
 
     /// Completes what the vCPU left unfinished (see
@@ -524,18 +533,18 @@ impl Vm {
     /// `in` may still write a register, a string `ins` guest memory);
     /// after it, nothing changes the paused VM's memory. It must be
     /// paused.
-    fn settle(&mut self) -> Result<Option<kvm::Synced>, Error> {
-        if self.paused.is_none() {
-            return Err(Error::BadState("save() of a running VM".into()));
-        }
-        Ok(self.vcpu.settle())
-    }
-
-    /// The whole VM's state, once [`Vm::settle`]d.
-    fn save_settled(&mut self, synced: Option<&kvm::Synced>) -> Result<VmState, Error> {
+    fn settle(&mut self) -> Result<Settled, Error> {
         let clock = self
             .paused
             .ok_or_else(|| Error::BadState("save() of a running VM".into()))?;
+        Ok(Settled {
+            clock,
+            synced: self.vcpu.settle(),
+        })
+    }
+
+    /// The whole VM's state, once [`Vm::settle`]d.
+    fn save_settled(&mut self, settled: &Settled) -> Result<VmState, Error> {
         Ok(VmState {
             identity: self.identity,
             config: self.config.clone(),
@@ -544,10 +553,10 @@ impl Vm {
                 .iter()
                 .map(|r| (r.start_addr().0, r.len()))
                 .collect(),
-            vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd(), synced)?,
+            vcpu: kvm::save_vcpu(&self.machine.kvm, self.vcpu.fd(), settled.synced.as_ref())?,
             cpu: self.cpu,
             irqchip: kvm::save_irqchip(&self.machine.vm)?,
-            clock,
+            clock: settled.clock,
             console: self.bus.console.save(),
             net: self.bus.net.as_ref().map(Persist::save),
         })
@@ -715,9 +724,9 @@ impl Vm {
                     // dirty pages while this thread reads the rest of the
                     // state (each vCPU ioctl costs ~10 us here).
                     Ok(end) if stop => match self.settle() {
-                        Ok(synced) => {
+                        Ok(settled) => {
                             reply.early(Reply::Paused);
-                            match self.save_settled(synced.as_ref()) {
+                            match self.save_settled(&settled) {
                                 Ok(s) => (Reply::State(Box::new(s)), end),
                                 Err(e) => refused(format!("cannot save the VM's state: {e}")),
                             }
