@@ -240,9 +240,12 @@ const AUTOGROUP: &std::ffi::CStr = c"/proc/self/autogroup";
 
 impl Autogroup {
     /// Opens this process's autogroup (to be done before the lockdown: it
-    /// opens no path after). None where the kernel has no autogroups.
+    /// opens no path after). None where the kernel has no autogroups, and
+    /// for a process in the host's root group (one whose session began
+    /// outside any autogroup, as a service manager's children may be: the
+    /// file then reads empty and the kernel refuses a nice value for it).
     pub fn open() -> Option<Autogroup> {
-        std::fs::OpenOptions::new()
+        let g = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(AUTOGROUP.to_str().ok()?)
@@ -250,7 +253,8 @@ impl Autogroup {
             .map(|file| Autogroup {
                 file,
                 changed: std::cell::Cell::new(std::time::Instant::now()),
-            })
+            })?;
+        g.nice().is_some().then_some(g)
     }
 
     /// Lowers the calling process's group to [`GROUP_NICE`], best effort.
@@ -513,6 +517,18 @@ mod tests {
     fn a_group_opened_now_counts_as_recently_changed() {
         // The change that matters came just before `open` (the receiver's,
         // between fork and exec): for the kernel's 100 ms, it is recent.
+        let own_session = || {
+            // SAFETY: getsid and getpid have no preconditions.
+            unsafe { libc::getsid(0) == libc::getpid() }
+        };
+        if !own_session() && Autogroup::open().is_none() {
+            // This test runs in the host's root group (started outside
+            // any session of its own): run it again where the destination
+            // runs, in a session (and so an autogroup) of its own.
+            return in_a_session_of_its_own(
+                "sched::tests::a_group_opened_now_counts_as_recently_changed",
+            );
+        }
         let Some(g) = Autogroup::open() else {
             assert!(
                 std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1"),
@@ -524,6 +540,29 @@ mod tests {
         assert!(g.recently_changed());
         std::thread::sleep(GROUP_CHANGE_EVERY + GROUP_CHANGE_EVERY / 4);
         assert!(!g.recently_changed());
+    }
+
+    /// Runs the test `name` of this binary again in a new session, and
+    /// asserts that it ran and passed there.
+    fn in_a_session_of_its_own(name: &str) {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([name, "--exact", "--nocapture", "--test-threads=1"]);
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "in a session of its own: {out:?}"
+        );
     }
 
     #[test]
