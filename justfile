@@ -51,15 +51,22 @@ setup:
       cargo install uhyve --locked --version {{uhyve_version}} --quiet
     fi
 
+# The VMM (`ferry`) links statically (glibc's static-pie): a process that
+# loads no shared library (and runs no libgcc_s constructor, whose CPUID
+# instructions each trap to the host here) starts ~0.4 ms sooner, a tenth
+# of a small VM's boot. `cargo rustc` gives the flag to that binary alone.
+vmm_flags := "-C target-feature=+crt-static"
+
 # Build the VMM, the `ferry` CLI and the host tools (cluster, stream client), release.
 build:
-    cargo build --release --quiet -p ferry -p ferry-tests --bins
+    cargo build --release --quiet -p ferry-tests --bins
+    cargo rustc --release --quiet -p ferry --bin ferry -- {{vmm_flags}}
 
 # Build target/release/ferry-failpoints: `ferry` with the migration protocol's failpoints, for the fault-matrix tests.
 build-failpoints:
-    cargo build --release --quiet -p ferry --features failpoints
+    cargo rustc --release --quiet -p ferry --bin ferry --features failpoints -- {{vmm_flags}}
     cp target/release/ferry target/release/ferry-failpoints.new && mv -f target/release/ferry-failpoints.new target/release/ferry-failpoints
-    cargo build --release --quiet -p ferry
+    cargo rustc --release --quiet -p ferry --bin ferry -- {{vmm_flags}}
 
 # Make a new service apps/NAME from the template (apps/template; `just new-app NAME hermit`: std Rust on RustyHermit, from apps/hermit-echo); `just run-app NAME` runs it.
 new-app NAME KIND="ferry":
@@ -174,7 +181,7 @@ bench-overflow ROUNDS="3": setup build
     #!/usr/bin/env bash
     set -euo pipefail
     for i in stream kv; do images/build $i >/dev/null; done
-    CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=false cargo build --release --quiet -p ferry --target-dir target/wrapping
+    CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=false cargo rustc --release --quiet -p ferry --bin ferry --target-dir target/wrapping -- {{vmm_flags}}
     out=target/bench/overflow
     rm -rf "$out"
     for r in $(seq {{ROUNDS}}); do

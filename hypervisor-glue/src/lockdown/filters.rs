@@ -195,7 +195,7 @@ fn fcntls() -> Vec<SeccompRule> {
 }
 
 /// `clone` making a thread (CLONE_THREAD set) — or, with `fork`, a
-/// process too (the teardown helper).
+/// process too (the teardown helper, which shares this one's memory).
 fn clones(fork: bool) -> Vec<SeccompRule> {
     let thread = libc::CLONE_THREAD as u64;
     let mut rules = vec![rule(vec![cond(0, Op::MaskedEq(thread), thread)])];
@@ -259,9 +259,8 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
             let mut reqs = KVM_VCPU_IOCTLS.to_vec();
             reqs.extend([TUNSETOFFLOAD, FIONBIO, FIOCLEX]);
             add(libc::SYS_ioctl, ioctls(&reqs));
-            // The teardown helper (a fork that only waits).
+            // The teardown helper (a process that only waits).
             add(libc::SYS_clone, clones(true));
-            add(libc::SYS_clone3, vec![]);
             add(libc::SYS_pause, vec![]);
             add(libc::SYS_getppid, vec![]);
             add(libc::SYS_wait4, vec![]);
@@ -314,7 +313,6 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
                 vec![rule(vec![cond(2, Op::Eq, 0)])],
             );
             add(libc::SYS_clone, clones(false));
-            add(libc::SYS_clone3, vec![]);
         }
         Role::Signals => {
             add(libc::SYS_rt_sigtimedwait, vec![]);
@@ -328,59 +326,71 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<SeccompRule
 /// handler (installing allocates nothing).
 pub struct Programs {
     roles: Vec<(Role, BpfProgram)>,
-    /// `clone3` fails with ENOSYS (glibc then uses `clone`, whose flags a
-    /// filter can see).
-    no_clone3: BpfProgram,
 }
 
 /// Compiles the filters. `unlink_dir`: the descriptor of the directory of
 /// the control socket, which the vCPU thread removes at the end.
 pub fn build(unlink_dir: Option<i32>) -> Result<Programs, Error> {
-    let compile = |role: &'static str, f: Result<SeccompFilter, seccompiler::BackendError>| {
-        f.and_then(BpfProgram::try_from).map_err(|e| Error::Filter {
-            role,
-            why: e.to_string(),
-        })
-    };
-    let arch = TargetArch::x86_64;
-    let mut roles = Vec::new();
-    for role in Role::ALL {
-        let f = SeccompFilter::new(
-            allowed(role, unlink_dir),
-            SeccompAction::Trap,
-            SeccompAction::Allow,
-            arch,
-        );
-        roles.push((role, compile(role.name(), f)?));
-    }
-    let f = SeccompFilter::new(
-        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+    let roles = Role::ALL
+        .iter()
+        .map(|&role| Ok((role, compile(role, unlink_dir)?)))
+        .collect::<Result<_, Error>>()?;
+    Ok(Programs { roles })
+}
+
+/// Compiles `role`'s filter (see [`build`] for `unlink_dir`). It starts
+/// by failing `clone3` with ENOSYS: glibc then makes its threads with
+/// `clone`, whose flags a filter can see (`clone3` passes them in memory).
+pub fn compile(role: Role, unlink_dir: Option<i32>) -> Result<BpfProgram, Error> {
+    let mut prog = SeccompFilter::new(
+        allowed(role, unlink_dir),
+        SeccompAction::Trap,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch,
+        TargetArch::x86_64,
+    )
+    .and_then(BpfProgram::try_from)
+    .map_err(|e| Error::Filter {
+        role: role.name(),
+        why: e.to_string(),
+    })?;
+    // Three instructions before seccompiler's (whose jumps are relative,
+    // and whose first looks at the architecture again): load the call's
+    // number; if it is clone3's, return ENOSYS, else go on. An x32 call's
+    // number has bit 30 set and never matches.
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    prog.splice(
+        0..0,
+        [
+            op(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+            op(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+            op(RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        ],
     );
-    Ok(Programs {
-        roles,
-        no_clone3: compile("clone3", f)?,
-    })
+    Ok(prog)
 }
 
 impl Programs {
-    /// Sets NoNewPrivs and installs `role`'s filters on this thread. Only
+    /// Sets NoNewPrivs and installs `role`'s filter on this thread. Only
     /// system calls: safe in a signal handler.
     pub fn apply(&self, role: Role) -> std::io::Result<()> {
         let Some((_, prog)) = self.roles.iter().find(|(r, _)| *r == role) else {
             return Err(std::io::Error::other("no filter for the role"));
         };
-        // SAFETY: prctl with integer arguments.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        for p in [&self.no_clone3, prog] {
-            install(p)?;
-        }
-        Ok(())
+        apply(prog)
     }
+}
+
+/// Sets NoNewPrivs and installs `prog` on this thread. Only system calls.
+pub fn apply(prog: &BpfProgram) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    install(prog)
 }
 
 fn install(p: &BpfProgram) -> std::io::Result<()> {
@@ -429,6 +439,12 @@ mod tests {
         }
         assert!(!allowed(Role::Net, None).contains_key(&libc::SYS_socket));
         assert!(!allowed(Role::Vcpu, None).contains_key(&libc::SYS_unlinkat));
+        // Each starts by failing clone3 with ENOSYS, then seccompiler's.
+        for (_, prog) in &p.roles {
+            assert_eq!(prog[0].code, 0x20);
+            assert_eq!(prog[1].k, libc::SYS_clone3 as u32);
+            assert_eq!(prog[2].k, 0x0005_0000 | libc::ENOSYS as u32);
+        }
         // KVM_RUN: the well-known number.
         assert_eq!(KVM_VCPU_IOCTLS[0], 0xae80);
         assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);

@@ -166,6 +166,10 @@ static ROLES: [AtomicU8; SLOTS] = [const { AtomicU8::new(0) }; SLOTS];
 static DONE: [AtomicU8; SLOTS] = [const { AtomicU8::new(0) }; SLOTS];
 /// How many threads took a filter (for `ferry status`).
 static FILTERED: AtomicI32 = AtomicI32::new(0);
+/// Threads [`spawn`] started that have not called [`enter`] yet: [`lock`]
+/// waits for them (a thread starts in ~1 ms here; its creator goes on
+/// meanwhile).
+static STARTING: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
     /// This thread's role (0: none yet), for the violation line.
@@ -310,6 +314,10 @@ pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
         let _ = PROGRAMS.set(programs);
         crate::trace::Trace::new().mark("lockdown: filters compiled");
     }
+    // Every thread started so far registers before the lock is taken: it
+    // then takes its capabilities' loss and filter with the others.
+    wait_for(|| Ok(STARTING.load(Ordering::Acquire) == 0))
+        .map_err(|()| Error::Thread("starting"))?;
     MY_ROLE.with(|r| r.set(role as u8));
     let others = {
         let mut reg = REGISTRY.lock().expect("lockdown registry");
@@ -344,13 +352,13 @@ const FAILED: u8 = 255;
 /// The phase the lockdown signal's handler runs.
 static PHASE: AtomicU8 = AtomicU8::new(0);
 
-/// Bumped (with a futex wake) by each thread that ends a phase, so that
-/// the locking thread sleeps until then rather than polling: the lockdown
-/// is on every VM's way to its first instruction.
+/// Bumped (with a futex wake) by each thread that ends a phase or has
+/// registered, so that the locking thread sleeps until then rather than
+/// polling: the lockdown is on every VM's way to its first instruction.
 static PROGRESS: AtomicU32 = AtomicU32::new(0);
 
-/// Wakes the thread waiting in [`wait_phase`]. Async-signal-safe.
-fn phase_ended() {
+/// Wakes the thread waiting in [`wait_for`]. Async-signal-safe.
+fn made_progress() {
     PROGRESS.fetch_add(1, Ordering::AcqRel);
     // SAFETY: FUTEX_WAKE on a static atomic, no other memory involved.
     unsafe {
@@ -386,58 +394,72 @@ fn start_phase(phase: u8, slots: &[usize]) -> Vec<usize> {
 
 /// Waits (at most 5 s) for the threads in `waiting` to end `phase`.
 fn wait_phase(phase: u8, waiting: &[usize]) -> Result<(), Error> {
-    let until = Instant::now() + Duration::from_secs(5);
     for &i in waiting {
-        loop {
-            // Read before the check: a thread that ends the phase after it
-            // has bumped the count, and the wait returns at once.
-            let seen = PROGRESS.load(Ordering::Acquire);
+        let role = || Role::from_u8(ROLES[i].load(Ordering::Acquire));
+        wait_for(|| {
             let done = DONE[i].load(Ordering::Acquire);
-            if done == phase || TIDS[i].load(Ordering::Acquire) == 0 {
-                break;
+            if done == FAILED {
+                return Err(());
             }
-            if done == FAILED || Instant::now() > until {
-                let role = Role::from_u8(ROLES[i].load(Ordering::Acquire));
-                return Err(Error::Thread(role.map_or("?", Role::name)));
-            }
-            let tick = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 1_000_000,
-            };
-            // SAFETY: FUTEX_WAIT on a static atomic with a local timeout;
-            // it returns when the count is no longer `seen`, on a wake, or
-            // after the tick (then the loop looks again).
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    PROGRESS.as_ptr(),
-                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                    seen,
-                    &tick as *const libc::timespec,
-                );
-            }
-        }
+            Ok(done == phase || TIDS[i].load(Ordering::Acquire) == 0)
+        })
+        .map_err(|()| Error::Thread(role().map_or("?", Role::name)))?;
     }
     Ok(())
 }
 
-/// Spawns a thread that takes `role` first thing, and returns once it
-/// has registered (so that [`lock`] cannot miss it).
+/// Sleeps until `done` says so (Ok(true)), failing when it fails or after
+/// 5 s. Threads bump [`PROGRESS`] when what it looks at changes.
+fn wait_for(mut done: impl FnMut() -> Result<bool, ()>) -> Result<(), ()> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Read before the check: a thread that changes things after it
+        // has bumped the count, and the wait returns at once.
+        let seen = PROGRESS.load(Ordering::Acquire);
+        if done()? {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(());
+        }
+        let tick = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: FUTEX_WAIT on a static atomic with a local timeout; it
+        // returns when the count is no longer `seen`, on a wake, or after
+        // the tick (then the loop looks again).
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                PROGRESS.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                &tick as *const libc::timespec,
+            );
+        }
+    }
+}
+
+/// Spawns a thread that takes `role` first thing. It returns at once: a
+/// [`lock`] waits until the thread has registered, so it cannot miss it.
 pub fn spawn<T: Send + 'static>(
     role: Role,
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<T>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let h = std::thread::Builder::new()
+    STARTING.fetch_add(1, Ordering::AcqRel);
+    std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
             enter(role);
-            let _ = tx.send(());
+            STARTING.fetch_sub(1, Ordering::AcqRel);
+            made_progress();
             f()
-        })?;
-    let _ = rx.recv();
-    Ok(h)
+        })
+        .inspect_err(|_| {
+            STARTING.fetch_sub(1, Ordering::AcqRel);
+        })
 }
 
 /// Installs `role`'s filters on this thread (and sets NoNewPrivs).
@@ -478,7 +500,7 @@ extern "C" fn on_lock_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut li
         _ => false,
     };
     DONE[i].store(if ok { phase } else { FAILED }, Ordering::Release);
-    phase_ended();
+    made_progress();
 }
 
 /// Empties this thread's bounding and ambient sets (but CAP_SYS_NICE if
@@ -490,8 +512,13 @@ fn drop_bounding(keep_nice: bool) {
             if keep_nice && cap == CAP_SYS_NICE {
                 continue;
             }
-            // EINVAL past the last capability this kernel knows.
-            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            // EINVAL past the last capability this kernel knows (they are
+            // numbered from 0 without holes): none is left.
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
+            {
+                break;
+            }
         }
         libc::prctl(
             libc::PR_CAP_AMBIENT,

@@ -842,12 +842,23 @@ impl Vm {
         }
     }
 
-    /// Releases the VM at the end of the process: the card (its tap) at
-    /// once, the KVM VM and guest memory after the process has exited (see
-    /// [`crate::teardown`]).
-    pub fn end(mut self) {
-        drop(self.bus.net.take());
-        crate::teardown::defer();
+    /// Releases the VM at the end of the process: the devices (the card's
+    /// tap, the console's last output) at once, the KVM VM and guest
+    /// memory after the process has exited (see [`crate::teardown`]).
+    pub fn end(self) {
+        let Vm {
+            vcpu,
+            bus,
+            machine,
+            mem,
+            ..
+        } = self;
+        drop(bus);
+        if crate::teardown::defer() {
+            // The helper holds them; closing and unmapping them here
+            // would only do its slow work in this process.
+            std::mem::forget((vcpu, machine, mem));
+        }
     }
 
     /// Guest memory (a migration's destination writes the last pages
