@@ -331,17 +331,25 @@ fn udp_through_a_migration(test: &str, receive: &[&str]) -> Option<UdpRun> {
 
 /// Frames that arrive while the VM is between hosts are captured by the
 /// destination and delivered when the VM runs there: not one is lost.
+/// A migration whose capture window saw no datagram proves nothing (the
+/// sender shares 2 cores with both VMMs, and a loaded host can hold it
+/// off for the whole window): up to three are tried, every one must lose
+/// nothing and deliver nothing twice, and one must have captured.
 #[test]
 fn capture_loses_no_datagram_sent_during_the_pause() {
-    let Some(run) = udp_through_a_migration("capture_loses_no_datagram", &[]) else {
-        return;
-    };
-    assert!(
-        run.captured > 0,
-        "no frame arrived during the pause window, so this run proves nothing: raise UDP_RATE"
+    for _ in 0..3 {
+        let Some(run) = udp_through_a_migration("capture_loses_no_datagram", &[]) else {
+            return;
+        };
+        assert_eq!(run.distinct, run.sent, "datagrams lost despite capture");
+        assert_eq!(run.duplicates, 0, "captured frames delivered twice");
+        if run.captured > 0 {
+            return;
+        }
+    }
+    panic!(
+        "no frame arrived during the capture window in 3 migrations, so they prove nothing: raise UDP_RATE"
     );
-    assert_eq!(run.distinct, run.sent, "datagrams lost despite capture");
-    assert_eq!(run.duplicates, 0, "captured frames delivered twice");
 }
 
 /// The same without capture: the frames of the pause window are lost (the

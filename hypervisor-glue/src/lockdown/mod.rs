@@ -310,9 +310,7 @@ pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
     let p = POLICY.get().ok_or(Error::NotConfigured)?.clone();
     if p.seccomp {
         quiet_libc();
-        let programs = filters::build(unlink_dir)?;
-        let _ = PROGRAMS.set(programs);
-        crate::trace::Trace::new().mark("lockdown: filters compiled");
+        let _ = PROGRAMS.set(Programs::new(unlink_dir));
     }
     // Every thread started so far registers before the lock is taken: it
     // then takes its capabilities' loss and filter with the others.
@@ -331,6 +329,16 @@ pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
             })
             .collect::<Vec<_>>()
     };
+    // The filters the signal's handler installs, and this thread's.
+    if let Some(programs) = PROGRAMS.get() {
+        let roles = others
+            .iter()
+            .filter_map(|&i| Role::from_u8(ROLES[i].load(Ordering::Acquire)));
+        for r in roles.chain([role]) {
+            programs.prepare(r)?;
+        }
+        crate::trace::Trace::new().mark("lockdown: filters compiled");
+    }
     // (The bounding and ambient sets went at `configure`.)
     if let Some(j) = &p.jail {
         jail(j)?;
@@ -467,6 +475,7 @@ fn apply_here(role: Role) -> Result<(), Error> {
     let Some(programs) = PROGRAMS.get() else {
         return Ok(());
     };
+    programs.prepare(role)?;
     programs
         .apply(role)
         .map_err(os("installing the seccomp filter"))?;
