@@ -557,10 +557,20 @@ fn agents_start_and_move_vms_and_a_restarted_agent_finds_its_vms() {
     assert_eq!(d.estab_resets, 0, "{d:?}");
 }
 
+/// The client's TCP retransmissions a chaos run tolerates per stream. On
+/// these 2-core hosts, CI saw host-wide stalls of 0.2-0.9 s during chaos
+/// runs (3 VMs, 3 etcd members, 3 agents and the clients on 2 cores): all
+/// three streams stalled at once, the untouched VM's too, and a stall
+/// past the 200 ms minimum RTO retransmits the client's upstream segments
+/// (2-12 seen). What a chaos run must show is that the streams survive
+/// whole; the fault-free run (`chaos` "none") still allows none.
+const CHAOS_RETRANSMITS: u64 = 20;
+
 /// Runs `fleet-demo` (three streaming VMs, hostA drained, then the fleet
 /// consolidated) with fault `chaos`, and checks its report: hostA
-/// drained, every stream verified with nothing retransmitted or reset, no
-/// VM ever answering `running` in two places, none lost, no errors.
+/// drained, every stream verified, none reset and nothing retransmitted
+/// (but a few with a fault injected, see [`CHAOS_RETRANSMITS`]), no VM
+/// ever answering `running` in two places, none lost, no errors.
 fn demo(test: &str, chaos: &str) -> Option<Value> {
     if !ferry_tests::needs(
         test,
@@ -602,9 +612,18 @@ fn demo(test: &str, chaos: &str) -> Option<Value> {
     assert_eq!(r["two_copies_seen"], false, "{r}");
     assert_eq!(r["lost"].as_array().map(Vec::len), Some(0), "{r}");
     assert_eq!(r["errors"].as_array().map(Vec::len), Some(0), "{r}");
+    let allowed = if chaos == "none" {
+        0
+    } else {
+        CHAOS_RETRANSMITS
+    };
     for vm in r["vms"].as_array().unwrap() {
         assert!(vm["bytes_verified"].as_u64().unwrap() > 1_000_000, "{vm}");
-        assert_eq!(vm["retransmits"], 0, "{vm}");
+        assert!(
+            vm["retransmits"].as_u64().unwrap() <= allowed,
+            "more than {allowed} retransmissions: {vm}\n(faults: {})",
+            r["faults"]
+        );
         assert_eq!(vm["resets"], 0, "{vm}");
     }
     assert_eq!(r["client_counters"]["estab_resets"], 0, "{r}");

@@ -47,7 +47,11 @@ fn step(
     node: &str,
     args: &[&str],
 ) -> (Value, Vec<Value>, Option<String>) {
-    println!("fleet-demo: ferry fleet {}", args.join(" "));
+    println!(
+        "fleet-demo: ferry fleet {} (at {:.3} s)",
+        args.join(" "),
+        ferry_tests::monotonic_s()
+    );
     let mut all = args.to_vec();
     all.push("--json");
     let (v, err) = match c.fleet(node, &all) {
@@ -269,7 +273,10 @@ fn run(a: Args) -> Result<bool> {
         }
         "partition" => {
             c.exec("hostB", "ip", &["link", "set", "m0", "down"])?;
-            faults.push("hostB cut off from the backplane (etcd, migrations)".into());
+            faults.push(format!(
+                "hostB cut off from the backplane (etcd, migrations) at {:.3} s",
+                ferry_tests::monotonic_s()
+            ));
             let t = Instant::now();
             // Its lease expires: it is no longer live, its VMs fenced there.
             while c.fleet("hostA", &["ls", "--json"]).is_ok_and(|t| {
@@ -294,7 +301,10 @@ fn run(a: Args) -> Result<bool> {
     errors.extend(e);
     if chaos == "partition" {
         c.exec("hostB", "ip", &["link", "set", "m0", "up"])?;
-        faults.push("hostB's backplane healed".into());
+        faults.push(format!(
+            "hostB's backplane healed at {:.3} s",
+            ferry_tests::monotonic_s()
+        ));
     }
     for o in moves.iter().map(|m| &m["outcome"]) {
         if let Some(e) = o["error"].as_str() {
@@ -320,6 +330,10 @@ fn run(a: Args) -> Result<bool> {
             "retransmits": v["retransmits"],
             "resets": u64::from(error.as_deref().is_some_and(|e| e.contains("reset"))),
             "max_gap_ms": v["max_gap_ms"],
+            // The largest gaps, at CLOCK_MONOTONIC seconds (as the faults').
+            "gaps_at_monotonic_s": v["gaps"].as_array().into_iter().flatten().filter_map(|g| {
+                Some(json!([v["start_monotonic_s"].as_f64()? + g["at_s"].as_f64()?, g["gap_ms"]]))
+            }).collect::<Vec<_>>(),
         }));
     }
     stop.store(true, Ordering::Relaxed);
