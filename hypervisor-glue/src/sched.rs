@@ -530,16 +530,27 @@ mod tests {
             );
         }
         let Some(g) = Autogroup::open() else {
-            assert!(
-                std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1"),
-                "this kernel has no autogroups (/proc/self/autogroup); FERRY_ALLOW_SKIP=1 skips this"
+            return skip(
+                "a_group_opened_now_counts_as_recently_changed",
+                "this kernel has no autogroups (/proc/self/autogroup)",
             );
-            return;
         };
         assert!(g.nice().is_some());
         assert!(g.recently_changed());
         std::thread::sleep(GROUP_CHANGE_EVERY + GROUP_CHANGE_EVERY / 4);
         assert!(!g.recently_changed());
+    }
+
+    /// A test that cannot run here: it fails, unless `FERRY_ALLOW_SKIP=1`,
+    /// and then says SKIPPED straight to the terminal (past the harness's
+    /// capture of `eprintln!`).
+    fn skip(test: &str, why: &str) {
+        use std::io::Write;
+        assert!(
+            std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1"),
+            "{test} cannot run: {why}; FERRY_ALLOW_SKIP=1 skips it"
+        );
+        let _ = writeln!(std::io::stderr(), "!!! SKIPPED {test}: {why} !!!");
     }
 
     /// Runs the test `name` of this binary again in a new session, and
@@ -611,13 +622,10 @@ mod tests {
         // Custom slices came with Linux 6.12; before it the kernel takes
         // the attribute and ignores its runtime.
         if kernel() < (6, 12) {
-            assert!(
-                std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1"),
-                "Linux {:?} has no custom time slices (6.12 on); FERRY_ALLOW_SKIP=1 skips this",
-                kernel()
+            return skip(
+                "quick_shortens_a_threads_slice_and_gives_it_back",
+                &format!("Linux {:?} has no custom time slices (6.12 on)", kernel()),
             );
-            eprintln!("SKIPPED: quick_shortens_a_threads_slice_and_gives_it_back (Linux < 6.12)");
-            return;
         }
         std::thread::spawn(|| {
             // SAFETY: gettid has no preconditions.

@@ -72,7 +72,12 @@ pub fn defer() -> bool {
     };
     // SAFETY: restores this thread's mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    pid > 0
+    if pid <= 0 {
+        // SAFETY: the mapping made above, which nothing used.
+        unsafe { libc::munmap(stack, STACK) };
+        return false;
+    }
+    true
 }
 
 /// The helper: lets go of the standard streams (a caller reading our
@@ -147,10 +152,18 @@ mod tests {
         });
         let pid = rx.recv().unwrap();
         starter.join().unwrap();
+        // It ends (SIGKILL from the kernel) within a few seconds at most.
         let mut status = 0;
-        // SAFETY: waits for our own child; `status` is a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert_eq!(r, pid);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let r = loop {
+            // SAFETY: looks at our own child; `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r != 0 || std::time::Instant::now() > until {
+                break r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(r, pid, "the helper still waits after its starter ended");
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
     }
 }

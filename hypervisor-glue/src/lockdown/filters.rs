@@ -373,7 +373,7 @@ impl Programs {
 /// Compiles `role`'s filter (see [`Programs::new`] for `unlink_dir`). It starts
 /// by failing `clone3` with ENOSYS: glibc then makes its threads with
 /// `clone`, whose flags a filter can see (`clone3` passes them in memory).
-pub fn compile(role: Role, unlink_dir: Option<i32>) -> Result<BpfProgram, Error> {
+fn compile(role: Role, unlink_dir: Option<i32>) -> Result<BpfProgram, Error> {
     let mut prog = SeccompFilter::new(
         allowed(role, unlink_dir),
         SeccompAction::Trap,
@@ -406,7 +406,7 @@ pub fn compile(role: Role, unlink_dir: Option<i32>) -> Result<BpfProgram, Error>
 }
 
 /// Sets NoNewPrivs and installs `prog` on this thread. Only system calls.
-pub fn apply(prog: &BpfProgram) -> std::io::Result<()> {
+fn apply(prog: &BpfProgram) -> std::io::Result<()> {
     // SAFETY: prctl with integer arguments.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -143,6 +143,9 @@ pub enum Error {
     /// and drops the bounding sets).
     #[error("internal: the lockdown was not configured before the VM's threads started")]
     NotConfigured,
+    /// A thread the VMM started did not get to its first step in time.
+    #[error("a thread of the VMM did not start within 5 s; the VMM stops")]
+    NotStarted,
     /// A thread did not take its filter.
     #[error("the {0} thread did not lock down (its filter or capabilities); the VMM stops")]
     Thread(&'static str),
@@ -314,8 +317,7 @@ pub fn lock(role: Role, unlink_dir: Option<i32>) -> Result<(), Error> {
     }
     // Every thread started so far registers before the lock is taken: it
     // then takes its capabilities' loss and filter with the others.
-    wait_for(|| Ok(STARTING.load(Ordering::Acquire) == 0))
-        .map_err(|()| Error::Thread("starting"))?;
+    wait_for(|| Ok(STARTING.load(Ordering::Acquire) == 0)).map_err(|()| Error::NotStarted)?;
     MY_ROLE.with(|r| r.set(role as u8));
     let others = {
         let mut reg = REGISTRY.lock().expect("lockdown registry");
