@@ -79,8 +79,12 @@ pub enum Reply {
     Migration(Box<SourceContext>),
     /// The VM is stopped, and nothing writes its memory any more (the
     /// first of `Lifecycle(Stop)`'s two answers: the source collects the
-    /// last dirty pages while the rest of the state is read).
-    Paused,
+    /// last dirty pages while the rest of the state is read), with the
+    /// moment the guest last ran: a migration's downtime starts there.
+    Paused {
+        /// When KVM_RUN returned for the stop.
+        left_guest: std::time::Instant,
+    },
     /// The VM's state.
     State(Box<VmState>),
     /// Refused, and why.
@@ -406,14 +410,16 @@ mod tests {
         let vcpu = std::thread::spawn(move || {
             loop {
                 if let Some((_, r)) = m2.next(Duration::from_millis(50)) {
-                    r.early(Reply::Paused);
+                    r.early(Reply::Paused {
+                        left_guest: std::time::Instant::now(),
+                    });
                     r.send(Reply::Refused("no state".into()));
                     return;
                 }
             }
         });
         let answers = m.request(Command::Lifecycle(Event::Stop)).unwrap();
-        assert!(matches!(answers.next(), Some(Reply::Paused)));
+        assert!(matches!(answers.next(), Some(Reply::Paused { .. })));
         assert!(matches!(answers.next(), Some(Reply::Refused(e)) if e == "no state"));
         assert!(answers.next().is_none(), "no third answer");
         vcpu.join().unwrap();

@@ -9,6 +9,8 @@
 //! Another thread gets the vCPU out of KVM_RUN with a [`Kick`]
 //! ([`crate::kick`]): never lost, never repeated.
 
+use std::time::Instant;
+
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 pub use crate::kick::Kick;
@@ -122,6 +124,9 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// Whether the missing host file system was reported (uhyve v1).
     files_said: bool,
+    /// When KVM_RUN last returned: since then no guest instruction ran
+    /// (a migration's downtime starts here, not at the request to stop).
+    left_guest: Instant,
 }
 
 enum Exit {
@@ -144,7 +149,13 @@ impl Vcpu {
         Vcpu {
             fd,
             files_said: false,
+            left_guest: Instant::now(),
         }
+    }
+
+    /// When the guest last stopped running (KVM_RUN returned).
+    pub fn left_guest(&self) -> Instant {
+        self.left_guest
     }
 
     /// The vCPU fd.
@@ -218,6 +229,7 @@ impl Vcpu {
             }
             self.fd.set_sync_valid_reg(SyncReg::Register);
             let result = self.fd.run();
+            self.left_guest = Instant::now();
             let exit = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if bus.pio_write(port, data) {

@@ -543,8 +543,10 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
     let ipc2 = ipc.clone();
     let vm_name = open.vm;
     vm.on_running(Box::new(move |vm| {
-        let commit_to_running_us = committed_at.elapsed().as_micros() as u64;
-        // The source first (it waits, paused), then the receiver.
+        // The receiver first, then the source: Committed is the last thing
+        // before the guest runs again (but for this thread's priority),
+        // so the source's downtime, which ends when Committed reaches it,
+        // is never shorter than the real one.
         let ran = || {
             ipc2.step(&Step::Running);
             say(&format!(
@@ -557,7 +559,9 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
             ch.shutdown();
             return ran();
         }
+        ran();
         let (captured, duplicates) = vm.capture_counts();
+        let commit_to_running_us = committed_at.elapsed().as_micros() as u64;
         let _ = ch.send(&Message::Committed(Committed {
             generation,
             commit_to_running_us,
@@ -567,7 +571,6 @@ pub fn run_session(api_gid: Option<u32>) -> Result<i32, Error> {
         // The vCPU runs on this thread, at its normal priority, once it
         // has started again (urgent until then: the VM waits for all this).
         drop(urgent);
-        ran();
         drop(held);
     }));
     let end = vm.run(&mailbox);

@@ -547,17 +547,23 @@ impl Source {
             Some(r) => Ok(r),
             None => Err(Error::Vm("the VM has ended".into())),
         };
-        if !matches!(answer()?, Reply::Paused) {
+        let Reply::Paused { left_guest } = answer()? else {
             return Err(Error::Local("internal: Stop answered out of order".into()));
-        }
+        };
         let deadline = paused_at + deadline_budget;
         ch.set_deadline(Some(deadline));
+        // The guest ran until the vCPU left it: the request's way there
+        // (the kick) is its own phase, outside the downtime.
+        stats.phases.insert(
+            "kick".into(),
+            json!(ms(left_guest.saturating_duration_since(paused_at))),
+        );
         let mut mark = |name: &str, since: &mut Instant| {
             trace.mark(name);
             stats.phases.insert(name.into(), json!(ms(since.elapsed())));
             *since = Instant::now();
         };
-        let mut since = paused_at;
+        let mut since = left_guest;
         mark("pause", &mut since);
         cut_at(ch, "src-paused");
         // The last pages first: the destination writes them while the
@@ -619,9 +625,13 @@ impl Source {
         match ch.recv() {
             Ok(Message::Committed(c)) if c.generation == generation => {
                 mark("commit_to_running", &mut since);
+                // From the guest's last instruction here to Committed
+                // back, which the destination sends as the last thing
+                // before its vCPU enters the guest: the downtime, and the
+                // way back of one message more.
                 stats
                     .phases
-                    .insert("downtime".into(), json!(ms(paused_at.elapsed())));
+                    .insert("downtime".into(), json!(ms(left_guest.elapsed())));
                 Ok(Step::Committed(Some((host, c))))
             }
             // The destination decided against it (its fencing step found

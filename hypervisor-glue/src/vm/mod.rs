@@ -725,7 +725,9 @@ impl Vm {
                     // state (each vCPU ioctl costs ~10 us here).
                     Ok(end) if stop => match self.settle() {
                         Ok(settled) => {
-                            reply.early(Reply::Paused);
+                            reply.early(Reply::Paused {
+                                left_guest: self.vcpu.left_guest(),
+                            });
                             match self.save_settled(&settled) {
                                 Ok(s) => (Reply::State(Box::new(s)), end),
                                 Err(e) => refused(format!("cannot save the VM's state: {e}")),
