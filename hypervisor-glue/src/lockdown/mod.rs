@@ -136,7 +136,7 @@ pub enum Error {
     Filter {
         /// The thread's role.
         role: &'static str,
-        /// seccompiler's complaint.
+        /// Why.
         why: String,
     },
     /// [`lock`] without [`configure`] first (which installs the handlers
