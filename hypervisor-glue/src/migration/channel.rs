@@ -53,6 +53,11 @@ pub const MAX_FIRST_RECORD: usize = 64 << 10;
 pub const MAX_RECORD: usize = 128 << 20;
 /// How long one read or write may block when no deadline is set.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How far past its deadline a read or write may end: a socket timeout
+/// is set again only once the time left has shrunk by more than this.
+const TIMEOUT_SLACK: Duration = Duration::from_micros(200);
+/// The read-ahead buffer's size.
+const READ_AHEAD: usize = 64 << 10;
 
 /// The channel's modes.
 #[repr(u8)]
@@ -183,6 +188,15 @@ pub struct Channel {
     recv: Option<Cipher>,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
+    /// Bytes read ahead from the socket, `inbuf[inpos..inend]` not yet
+    /// taken: a record's header, its body and often the records after it
+    /// come in one read.
+    inbuf: Box<[u8]>,
+    inpos: usize,
+    inend: usize,
+    /// The socket's timeouts as last set (each set is a system call).
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
     max_record: usize,
     deadline: Option<Instant>,
     peer: SocketAddr,
@@ -279,6 +293,11 @@ impl Channel {
             recv: None,
             wbuf: Vec::new(),
             rbuf: Vec::new(),
+            inbuf: vec![0; READ_AHEAD].into_boxed_slice(),
+            inpos: 0,
+            inend: 0,
+            read_timeout: None,
+            write_timeout: None,
             max_record: MAX_FIRST_RECORD,
             deadline: Some(Instant::now() + HANDSHAKE_TIMEOUT),
             peer,
@@ -385,16 +404,56 @@ impl Channel {
         }
     }
 
+    /// Whether a socket timeout last set to `prev` will do for `t`: the
+    /// same, or longer by at most [`TIMEOUT_SLACK`] (a read or write may
+    /// then end that much past the deadline).
+    fn timeout_holds(prev: Option<Duration>, t: Duration) -> bool {
+        prev.is_some_and(|p| p >= t && p - t <= TIMEOUT_SLACK)
+    }
+
     fn write_raw(&mut self, b: &[u8], what: &'static str) -> Result<(), ChannelError> {
         let t = self.timeout(what)?;
-        self.stream.set_write_timeout(Some(t))?;
+        if !Self::timeout_holds(self.write_timeout, t) {
+            self.stream.set_write_timeout(Some(t))?;
+            self.write_timeout = Some(t);
+        }
         self.stream.write_all(b).map_err(|e| io_kind(e, what))
     }
 
     fn read_raw(&mut self, b: &mut [u8], what: &'static str) -> Result<(), ChannelError> {
-        let t = self.timeout(what)?;
-        self.stream.set_read_timeout(Some(t))?;
-        self.stream.read_exact(b).map_err(|e| io_kind(e, what))
+        let ahead = self.inend - self.inpos;
+        let mut done = b.len().min(ahead);
+        b[..done].copy_from_slice(&self.inbuf[self.inpos..self.inpos + done]);
+        self.inpos += done;
+        while done < b.len() {
+            let t = self.timeout(what)?;
+            if !Self::timeout_holds(self.read_timeout, t) {
+                self.stream.set_read_timeout(Some(t))?;
+                self.read_timeout = Some(t);
+            }
+            let want = b.len() - done;
+            // A large rest straight into place; a small one with what
+            // follows it, into the read-ahead buffer.
+            let direct = want >= self.inbuf.len();
+            let r = if direct {
+                self.stream.read(&mut b[done..])
+            } else {
+                self.stream.read(&mut self.inbuf)
+            };
+            match r {
+                Ok(0) => return Err(io_kind(std::io::ErrorKind::UnexpectedEof.into(), what)),
+                Ok(n) if direct => done += n,
+                Ok(n) => {
+                    let k = n.min(want);
+                    b[done..done + k].copy_from_slice(&self.inbuf[..k]);
+                    (self.inpos, self.inend) = (k, n);
+                    done += k;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_kind(e, what)),
+            }
+        }
+        Ok(())
     }
 
     /// Sends one message.
@@ -496,6 +555,10 @@ impl Channel {
     }
 
     /// Splits the channel into its socket and its keys, to hand it on.
+    /// Bytes read ahead are dropped: the protocol hands a channel on
+    /// between the source's Open and the destination's answer, when the
+    /// source sends nothing (a peer that did would find the session's
+    /// records out of order, and it ended).
     pub fn export(mut self) -> (TcpStream, SessionKeys) {
         let keys = SessionKeys {
             send: self.send.take().map(|c| (c.raw, c.counter)),
@@ -515,6 +578,11 @@ impl Channel {
             recv: keys.recv.map(|(k, n)| Cipher::new(k, n)),
             wbuf: Vec::new(),
             rbuf: Vec::new(),
+            inbuf: vec![0; READ_AHEAD].into_boxed_slice(),
+            inpos: 0,
+            inend: 0,
+            read_timeout: None,
+            write_timeout: None,
             max_record: MAX_RECORD,
             deadline: None,
             peer,
@@ -577,6 +645,37 @@ mod tests {
         ch.send(&Message::CaptureOn).unwrap();
         assert_eq!(ch.recv().unwrap(), Message::Outcome(Outcome::Unknown));
         ch.send(&Message::State(&vec![3u8; 1 << 20])).unwrap();
+        t.join().unwrap();
+    }
+
+    /// Records of every size, sent back to back, come out whole and in
+    /// order through the read-ahead buffer (small ones several to a
+    /// read, large ones straight into place, some straddling both).
+    #[test]
+    fn records_read_ahead_come_whole_and_in_order() {
+        let sizes: Vec<usize> = (0..60)
+            .map(|i| [1, 17, 4000, READ_AHEAD - 9, READ_AHEAD + 3, 300_000][i % 6] + i)
+            .collect();
+        let expect = sizes.clone();
+        let (addr, t) = serve(move |s| {
+            let mut ch = Channel::accept(s, &key(1)).unwrap();
+            ch.authenticated();
+            for (i, &n) in expect.iter().enumerate() {
+                match ch.recv().unwrap() {
+                    Message::State(b) => {
+                        assert_eq!(b.len(), n, "record {i}");
+                        assert!(b.iter().all(|&x| x == i as u8), "record {i}");
+                    }
+                    m => panic!("record {i}: {m:?}"),
+                }
+                assert_eq!(ch.recv().unwrap(), Message::Sync { round: i as u32 });
+            }
+        });
+        let mut ch = Channel::connect(&addr, &key(1)).unwrap();
+        for (i, &n) in sizes.iter().enumerate() {
+            ch.send(&Message::State(&vec![i as u8; n])).unwrap();
+            ch.send(&Message::Sync { round: i as u32 }).unwrap();
+        }
         t.join().unwrap();
     }
 
