@@ -192,7 +192,7 @@ fn answer(reply: Option<Reply>) -> Value {
         Some(Reply::Status(s)) => ok(serde_json::to_value(*s).expect("status serializes")),
         Some(Reply::Snapshot(r)) => ok(serde_json::to_value(r).expect("report serializes")),
         Some(Reply::Refused(e)) => error(e),
-        Some(Reply::Migration(_)) | Some(Reply::Paused { .. }) | Some(Reply::State(_)) => {
+        Some(Reply::Migration(_)) | Some(Reply::Paused { .. }) | Some(Reply::Rest(_)) => {
             error("internal: a migration reply on the socket")
         }
     }

@@ -58,8 +58,8 @@ pub enum Command {
     /// A step of the VM's lifecycle (a migration's; see
     /// [`crate::lifecycle`]). `Begin` answers with the
     /// [`SourceContext`]; `Stop` answers twice (see [`Mailbox::request`]):
-    /// [`Reply::Paused`] as soon as guest memory stops changing, then the
-    /// paused VM's state.
+    /// [`Reply::Paused`] as soon as guest memory stops changing, with the
+    /// state but the vCPU's rest, then [`Reply::Rest`].
     Lifecycle(Event),
     /// Start (true) or stop recording the frames the card reads (the
     /// capture overlap a migration's destination drops).
@@ -78,15 +78,18 @@ pub enum Reply {
     /// A migration may start: what it needs.
     Migration(Box<SourceContext>),
     /// The VM is stopped, and nothing writes its memory any more (the
-    /// first of `Lifecycle(Stop)`'s two answers: the source collects the
-    /// last dirty pages while the rest of the state is read), with the
-    /// moment the guest last ran: a migration's downtime starts there.
+    /// first of `Lifecycle(Stop)`'s two answers: the source sends the
+    /// state and collects the last dirty pages while the rest of the
+    /// vCPU's is read).
     Paused {
-        /// When KVM_RUN returned for the stop.
+        /// When KVM_RUN returned for the stop: the guest's last
+        /// instruction here (a migration's downtime starts there).
         left_guest: std::time::Instant,
+        /// The VM's state, its vCPU's rest left empty.
+        state: Box<VmState>,
     },
-    /// The VM's state.
-    State(Box<VmState>),
+    /// The rest of the vCPU's state (`Lifecycle(Stop)`'s second answer).
+    Rest(Box<crate::kvm::VcpuRest>),
     /// Refused, and why.
     Refused(String),
 }
@@ -412,6 +415,7 @@ mod tests {
                 if let Some((_, r)) = m2.next(Duration::from_millis(50)) {
                     r.early(Reply::Paused {
                         left_guest: std::time::Instant::now(),
+                        state: Box::new(crate::snapshot::shaped_like_a_vm()),
                     });
                     r.send(Reply::Refused("no state".into()));
                     return;

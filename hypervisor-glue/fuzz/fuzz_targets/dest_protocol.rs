@@ -2,7 +2,8 @@
 //! the input is a sequence of frames (2-byte length, then a message as the
 //! channel would deliver it), fed in order to a destination receiving into
 //! a flat guest. It may refuse, never panic; it finishes only after the
-//! capture started and the state loaded, each exactly once, in that order.
+//! capture started, the state loaded and the rest of the vCPU's state
+//! loaded, each exactly once, in that order.
 #![no_main]
 
 use ferry::migration::Error;
@@ -14,6 +15,7 @@ struct Flat {
     mem: Vec<u8>,
     captures: usize,
     loads: usize,
+    rests: usize,
 }
 
 impl Arrival for Flat {
@@ -36,6 +38,11 @@ impl Arrival for Flat {
         self.loads += 1;
         Ok(())
     }
+    fn load_rest(&mut self, _: &[u8]) -> Result<(), Error> {
+        assert_eq!((self.loads, self.rests), (1, 0), "vCPU rest before the state, or twice");
+        self.rests += 1;
+        Ok(())
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -43,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         mem: vec![0; 1 << 16],
         captures: 0,
         loads: 0,
+        rests: 0,
     };
     let mut at = Receiving::Copying;
     let mut rest = data;
@@ -56,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
         match at.on(msg, &mut vm) {
             Err(_) => return,
             Ok(Next::Finished) => {
-                assert_eq!((vm.captures, vm.loads), (1, 1));
+                assert_eq!((vm.captures, vm.loads, vm.rests), (1, 1, 1));
                 return;
             }
             Ok(Next::CaptureOn) => assert_eq!(at, Receiving::Capturing),
@@ -67,9 +75,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(at, Receiving::Stopping);
                 assert_eq!((vm.captures, vm.loads), (1, 0));
             }
-            // The state loads once; only the last pages and Done follow it.
-            Ok(Next::Wait) if at == Receiving::Loaded => assert_eq!(vm.loads, 1),
-            Ok(Next::Wait) => assert_eq!(vm.loads, 0),
+            // The state loads once, then the vCPU's rest once; only the
+            // last pages and Done follow them.
+            Ok(Next::Wait) if at == Receiving::Loaded => assert_eq!((vm.loads, vm.rests), (1, 1)),
+            Ok(Next::Wait) if at == Receiving::Loading => assert_eq!((vm.loads, vm.rests), (1, 0)),
+            Ok(Next::Wait) => assert_eq!((vm.loads, vm.rests), (0, 0)),
         }
     }
 });

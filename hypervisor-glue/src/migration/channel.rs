@@ -37,7 +37,7 @@ use super::key::{Credentials, wipe};
 use super::wire::{Message, PageWriter, WireError};
 
 /// The protocol version spoken here.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 const MAGIC: [u8; 4] = *b"FRYM";
 const PREAMBLE_LEN: usize = 8;
 const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";

@@ -610,8 +610,8 @@ pub fn exit_status(end: Result<End, crate::vm::Error>) -> i32 {
 /// keep. Anything else ends the session as a protocol error.
 ///
 /// ```text
-/// Copying --StartCapture--> Capturing --Pausing--> Stopping --State--> Loaded --Done--> (finished)
-///    Pages: in any of the four;  Sync: while Capturing;  Abort: anywhere (the source gave up)
+/// Copying --StartCapture--> Capturing --Pausing--> Stopping --State--> Loading --VcpuRest--> Loaded --Done--> (finished)
+///    Pages: in any of the five;  Sync: while Capturing;  Abort: anywhere (the source gave up)
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Receiving {
@@ -620,8 +620,12 @@ pub enum Receiving {
     /// Frames for the VM are captured; the last pre-copy rounds come,
     /// the VM still running at the source.
     Capturing,
-    /// The VM stops at the source: the last pages and its state come.
+    /// The VM stops at the source: its state, the last pages and the
+    /// rest of its vCPU's state come.
     Stopping,
+    /// The state is loaded but the rest of the vCPU's, which comes after
+    /// (the source reads it while this loads the rest).
+    Loading,
     /// The state is loaded (the VM is here, paused); the last pages, then
     /// Done, come.
     Loaded,
@@ -634,8 +638,11 @@ pub trait Arrival {
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String>;
     /// The VM stops at the source next: capture its frames from now on.
     fn start_capture(&mut self) -> Result<(), Error>;
-    /// Decodes and loads the VM's state (the VM is then here, paused).
+    /// Decodes and loads the VM's state but the rest of its vCPU's.
     fn load(&mut self, state: &[u8]) -> Result<(), Error>;
+    /// Decodes and loads the rest of the vCPU's state (the VM is then
+    /// here, paused).
+    fn load_rest(&mut self, rest: &[u8]) -> Result<(), Error>;
 }
 
 /// What follows a message.
@@ -679,6 +686,13 @@ impl Receiving {
                 crate::trace::Trace::new().mark("destination: state received");
                 vm.load(bytes)?;
                 crate::trace::Trace::new().mark("destination: state loaded");
+                *self = Receiving::Loading;
+                Ok(Next::Wait)
+            }
+            (Receiving::Loading, Message::VcpuRest(bytes)) => {
+                crate::trace::Trace::new().mark("destination: vCPU rest received");
+                vm.load_rest(bytes)?;
+                crate::trace::Trace::new().mark("destination: vCPU rest loaded");
                 *self = Receiving::Loaded;
                 Ok(Next::Wait)
             }
@@ -694,6 +708,7 @@ impl Receiving {
                     Receiving::Copying => "copying memory",
                     Receiving::Capturing => "receiving the last pre-copy rounds",
                     Receiving::Stopping => "waiting for the VM's state",
+                    Receiving::Loading => "waiting for the rest of the vCPU's state",
                     Receiving::Loaded => "receiving the last pages",
                 }
             ))),
@@ -701,9 +716,10 @@ impl Receiving {
     }
 }
 
-/// The real [`Arrival`]: the VM being set up, then the loaded VM.
+/// The real [`Arrival`]: the VM being set up, being loaded, then loaded.
 struct Building {
     incoming: Option<Incoming>,
+    loading: Option<crate::vm::incoming::Loading>,
     loaded: Option<Vm>,
     console: Option<Console>,
     capture: bool,
@@ -711,10 +727,11 @@ struct Building {
 
 impl Arrival for Building {
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), String> {
-        let mem = match (&self.incoming, &self.loaded) {
-            (Some(i), _) => i.memory(),
-            (None, Some(vm)) => vm.memory(),
-            (None, None) => return Err("no VM".into()),
+        let mem = match (&self.incoming, &self.loading, &self.loaded) {
+            (Some(i), _, _) => i.memory(),
+            (None, Some(l), _) => l.memory(),
+            (None, None, Some(vm)) => vm.memory(),
+            (None, None, None) => return Err("no VM".into()),
         };
         memory::write(mem, gpa, data).map_err(|e| e.to_string())
     }
@@ -743,8 +760,19 @@ impl Arrival for Building {
             .console
             .take()
             .ok_or(Error::Local("no console".into()))?;
-        let vm = incoming
-            .finish(&state, console)
+        let loading = incoming
+            .load(&state, console)
+            .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
+        self.loading = Some(loading);
+        Ok(())
+    }
+
+    fn load_rest(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        let rest = crate::snapshot::decode_rest("the migration stream", bytes)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let loading = self.loading.take().ok_or(Error::Local("no VM".into()))?;
+        let vm = loading
+            .finish(rest)
             .map_err(|e| Error::Local(format!("cannot load the VM's state: {e}")))?;
         self.loaded = Some(vm);
         Ok(())
@@ -787,6 +815,7 @@ fn receive(
     let mut first_pages = true;
     let mut vm = Building {
         incoming: Some(incoming),
+        loading: None,
         loaded: None,
         console: Some(console),
         capture: h.capture,
@@ -935,6 +964,10 @@ mod tests {
             self.loads += 1;
             Ok(())
         }
+        fn load_rest(&mut self, _: &[u8]) -> Result<(), Error> {
+            self.loads += 1;
+            Ok(())
+        }
     }
 
     #[test]
@@ -957,9 +990,11 @@ mod tests {
         assert_eq!(at.on(Message::Pausing, &mut vm).unwrap(), Next::Stopping);
         assert_eq!(at, Receiving::Stopping);
         assert_eq!(at.on(Message::State(b"s"), &mut vm).unwrap(), Next::Wait);
+        assert_eq!(at, Receiving::Loading);
+        assert_eq!(at.on(Message::VcpuRest(b"r"), &mut vm).unwrap(), Next::Wait);
         assert_eq!(at, Receiving::Loaded);
         assert_eq!(at.on(Message::Done, &mut vm).unwrap(), Next::Finished);
-        assert_eq!((vm.captures, vm.loads), (1, 1));
+        assert_eq!((vm.captures, vm.loads), (1, 2));
         // Out of order: refused, and nothing is loaded twice.
         for script in [
             &[Message::State(b"s")][..],
@@ -975,6 +1010,26 @@ mod tests {
                 Message::Pausing,
                 Message::State(b"s"),
                 Message::State(b"s"),
+            ],
+            // The rest of the vCPU's state after the state, once, and
+            // Done only after both.
+            &[
+                Message::StartCapture,
+                Message::Pausing,
+                Message::VcpuRest(b"r"),
+            ],
+            &[
+                Message::StartCapture,
+                Message::Pausing,
+                Message::State(b"s"),
+                Message::Done,
+            ],
+            &[
+                Message::StartCapture,
+                Message::Pausing,
+                Message::State(b"s"),
+                Message::VcpuRest(b"r"),
+                Message::VcpuRest(b"r"),
             ],
             &[Message::CaptureOn],
             &[Message::Sync { round: 1 }],
@@ -998,7 +1053,7 @@ mod tests {
                 }
             }
             assert!(failed, "{script:?} was accepted");
-            assert!(vm.loads <= 1 && vm.captures <= 1);
+            assert!(vm.loads <= 2 && vm.captures <= 1);
         }
         let mut at = Receiving::Capturing;
         assert!(matches!(

@@ -547,7 +547,7 @@ impl Source {
             Some(r) => Ok(r),
             None => Err(Error::Vm("the VM has ended".into())),
         };
-        let Reply::Paused { left_guest } = answer()? else {
+        let Reply::Paused { left_guest, state } = answer()? else {
             return Err(Error::Local("internal: Stop answered out of order".into()));
         };
         let deadline = paused_at + deadline_budget;
@@ -566,21 +566,9 @@ impl Source {
         let mut since = left_guest;
         mark("pause", &mut since);
         cut_at(ch, "src-paused");
-        // The last pages first: the destination writes them while the
-        // state is read here, and loads the state once it comes.
-        pending.extend(collect_dirty(ctx)?);
-        pending.sort_unstable();
-        pending.dedup();
-        stats.last_pages = pending.len();
-        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
-        mark("last_pages", &mut since);
-        let Reply::State(state) = answer()? else {
-            return Err(Error::Local(
-                "internal: Stop answered without the state".into(),
-            ));
-        };
-        // What of the save the last pages did not hide.
-        mark("save", &mut since);
+        // The state first (all but the rest of the vCPU's, which the vCPU
+        // thread reads meanwhile): the destination loads it while the
+        // last pages and that rest come.
         let enc = crate::snapshot::encode_state(&state).map_err(|e| Error::Local(e.to_string()))?;
         if failpoint::hit("src-mid-state") == Some(Action::Cut) {
             ch.send_cut(&Message::State(&enc));
@@ -590,8 +578,26 @@ impl Source {
         }
         ch.send(&Message::State(&enc))?;
         stats.bytes += enc.len() as u64;
-        ch.send(&Message::Done)?;
         mark("state_send", &mut since);
+        pending.extend(collect_dirty(ctx)?);
+        pending.sort_unstable();
+        pending.dedup();
+        stats.last_pages = pending.len();
+        stats.bytes += send_pages(ch, ctx, &mut pending.into_iter(), false, &mut |_, _| true)?;
+        mark("last_pages", &mut since);
+        let Reply::Rest(rest) = answer()? else {
+            return Err(Error::Local(
+                "internal: Stop answered without the vCPU's state".into(),
+            ));
+        };
+        // What of the vCPU's save the state and the last pages did not
+        // hide.
+        mark("save", &mut since);
+        let enc = crate::snapshot::encode_rest(&rest).map_err(|e| Error::Local(e.to_string()))?;
+        ch.send(&Message::VcpuRest(&enc))?;
+        stats.bytes += enc.len() as u64;
+        ch.send(&Message::Done)?;
+        mark("rest_send", &mut since);
         if Instant::now() > deadline {
             return Err(Error::Deadline(deadline_budget.as_millis() as u64));
         }

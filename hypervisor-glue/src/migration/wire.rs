@@ -328,8 +328,12 @@ pub enum Message<'a> {
     /// the state, Done and Commit). The destination takes its CPU from here
     /// on, not before: until then it is background work for its host.
     Pausing,
-    /// Source: the paused VM's state (archived `VmState`).
+    /// Source: the paused VM's state (archived `VmState`) but the rest of
+    /// its vCPU's (left empty), which follows in [`Message::VcpuRest`]:
+    /// the destination loads this while the source reads that.
     State(&'a [u8]),
+    /// Source: the rest of the vCPU's state (archived `VcpuRest`).
+    VcpuRest(&'a [u8]),
     /// Source: run it there.
     Commit {
         /// The session.
@@ -387,10 +391,11 @@ enum Tag {
     Sync = 15,
     Synced = 16,
     Pausing = 17,
+    VcpuRest = 18,
 }
 
 impl Tag {
-    const ALL: [Tag; 16] = [
+    const ALL: [Tag; 17] = [
         Tag::Open,
         Tag::Admitted,
         Tag::Refused,
@@ -407,6 +412,7 @@ impl Tag {
         Tag::Sync,
         Tag::Synced,
         Tag::Pausing,
+        Tag::VcpuRest,
     ];
 }
 
@@ -526,6 +532,10 @@ impl<'a> Message<'a> {
                 w.u8(Tag::State as u8);
                 w.bytes(s);
             }
+            Message::VcpuRest(s) => {
+                w.u8(Tag::VcpuRest as u8);
+                w.bytes(s);
+            }
             Message::Sync { round } => {
                 w.u8(Tag::Sync as u8);
                 w.u32(*round);
@@ -622,6 +632,7 @@ impl<'a> Message<'a> {
             Tag::CaptureOn => Message::CaptureOn,
             Tag::Pausing => Message::Pausing,
             Tag::State => Message::State(r.bytes("VM state", MAX_STATE)?),
+            Tag::VcpuRest => Message::VcpuRest(r.bytes("vCPU state", MAX_STATE)?),
             Tag::Commit => Message::Commit {
                 session: SessionId(r.array("session")?),
                 generation: r.u64("generation")?,
@@ -664,6 +675,7 @@ impl<'a> Message<'a> {
             Message::CaptureOn => "CaptureOn",
             Message::Pausing => "Pausing",
             Message::State(_) => "State",
+            Message::VcpuRest(_) => "VcpuRest",
             Message::Commit { .. } => "Commit",
             Message::Committed(_) => "Committed",
             Message::Resolve(_) => "Resolve",
@@ -849,6 +861,7 @@ mod tests {
             Message::CaptureOn,
             Message::Pausing,
             Message::State(&[1, 2, 3]),
+            Message::VcpuRest(&[4, 5]),
             Message::Sync { round: 3 },
             Message::Synced { round: u32::MAX },
             Message::Commit {

@@ -347,6 +347,18 @@ pub fn encode_state(state: &VmState) -> Result<Vec<u8>, Error> {
 /// 22-52 us here, a warm one about 10 (see also
 /// [`crate::sched::prefault_code`]). Whether the state came back whole.
 pub fn warm_up() -> bool {
+    let state = shaped_like_a_vm();
+    let rest = state.vcpu.rest();
+    encode_state(&state)
+        .and_then(|bytes| decode_state("the warm-up state", &bytes))
+        .is_ok_and(|back| back == state)
+        && encode_rest(&rest)
+            .and_then(|bytes| decode_rest("the warm-up state", &bytes))
+            .is_ok_and(|back| back == rest)
+}
+
+/// A state shaped like a networked VM's (for [`warm_up`] and tests).
+pub fn shaped_like_a_vm() -> VmState {
     use crate::devices::virtio::net::{QueuePosition, QueueState};
     let queue = QueueState {
         size: 256,
@@ -355,7 +367,7 @@ pub fn warm_up() -> bool {
         driver: 2 << 20,
         device: 3 << 20,
     };
-    let state = VmState {
+    VmState {
         identity: Identity {
             id: [0; 16],
             generation: 0,
@@ -415,10 +427,7 @@ pub fn warm_up() -> bool {
             backlog: vec![vec![0; 1514]],
             overlap: vec![0; 256],
         }),
-    };
-    encode_state(&state)
-        .and_then(|bytes| decode_state("the warm-up state", &bytes))
-        .is_ok_and(|back| back == state)
+    }
 }
 
 /// Validates and deserializes archived state bytes.
@@ -429,6 +438,26 @@ pub fn decode_state(path: &str, bytes: &[u8]) -> Result<VmState, Error> {
     rkyv::from_bytes::<VmState, rkyv::rancor::Error>(&aligned).map_err(|e| Error::State {
         path: path.into(),
         why: e.to_string(),
+    })
+}
+
+/// Encodes the rest of a vCPU's state (a migration's second state
+/// message).
+pub fn encode_rest(rest: &crate::kvm::VcpuRest) -> Result<Vec<u8>, Error> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(rest)
+        .map(|v| v.to_vec())
+        .map_err(|e| Error::Serialize(e.to_string()))
+}
+
+/// Decodes (and validates) what [`encode_rest`] made.
+pub fn decode_rest(path: &str, bytes: &[u8]) -> Result<crate::kvm::VcpuRest, Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<crate::kvm::VcpuRest, rkyv::rancor::Error>(&aligned).map_err(|e| {
+        Error::State {
+            path: path.into(),
+            why: e.to_string(),
+        }
     })
 }
 

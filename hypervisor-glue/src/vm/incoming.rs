@@ -145,6 +145,15 @@ impl Incoming {
     /// state must be the VM announced (identity, configuration) at the
     /// generation before this one.
     pub fn finish(self, st: &VmState, console: Console) -> Result<Vm, Error> {
+        self.load(st, console)?.finish(st.vcpu.rest())
+    }
+
+    /// Loads `st` but the rest of its vCPU's state (which a migration
+    /// sends after it: [`Loading::finish`] takes it): the checks, the
+    /// card, the interrupt controllers, the vCPU's segment registers and
+    /// registers. The state must be the VM announced (identity,
+    /// configuration) at the generation before this one.
+    pub fn load(self, st: &VmState, console: Console) -> Result<Loading, Error> {
         check_layout(&st.config, &st.memory)?;
         check_cpu(&st.cpu, &self.host)?;
         if st.config != self.config {
@@ -179,19 +188,74 @@ impl Incoming {
             }
         };
         kvm::restore_irqchip(&self.machine.vm, &st.irqchip)?;
-        kvm::restore_vcpu(&self.machine.kvm, &self.fd, &st.vcpu, Some(&self.fresh))?;
+        kvm::restore_vcpu_front(&self.fd, &st.vcpu, Some(&self.fresh))?;
         let console = Console::restore(console.into_output(), &st.console).expect("infallible");
-        Ok(Vm {
-            vcpu: Vcpu::new(self.fd),
-            bus: IoBus::new(console, net),
-            machine: Arc::new(self.machine),
-            on_running: None,
-            clock: GuestClock::restore(self.tsc_khz, &st.clock).expect("infallible"),
-            paused: Some(st.clock),
-            lifecycle: Lifecycle::Running,
+        Ok(Loading {
+            mem: self.mem,
+            machine: self.machine,
+            fd: self.fd,
+            fresh: self.fresh,
+            tsc_khz: self.tsc_khz,
+            tap: self.tap,
             identity: self.identity,
+            bus: IoBus::new(console, net),
+            vcpu: st.vcpu.front(),
+            clock: st.clock,
             cpu: st.cpu,
             config: st.config.clone(),
+        })
+    }
+}
+
+/// A VM brought in whose state is loaded but for the rest of its vCPU's
+/// ([`Incoming::load`]).
+pub struct Loading {
+    mem: GuestRam,
+    machine: Machine,
+    fd: kvm_ioctls::VcpuFd,
+    fresh: kvm::VcpuState,
+    tsc_khz: u32,
+    tap: Option<String>,
+    identity: Identity,
+    bus: IoBus,
+    /// The vCPU's state loaded so far (its events are set last, with the
+    /// rest).
+    vcpu: kvm::VcpuState,
+    clock: crate::clock::ClockState,
+    cpu: kvm::CpuFeatures,
+    config: ConfigState,
+}
+
+impl std::fmt::Debug for Loading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loading")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Loading {
+    /// Guest memory, to fill.
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// Loads the rest of the vCPU's state and gives the VM, paused:
+    /// [`Vm::run`] resumes it.
+    pub fn finish(self, rest: kvm::VcpuRest) -> Result<Vm, Error> {
+        let vcpu = self.vcpu.with_rest(rest);
+        kvm::restore_vcpu_rest(&self.machine.kvm, &self.fd, &vcpu, Some(&self.fresh))?;
+        Ok(Vm {
+            vcpu: Vcpu::new(self.fd),
+            bus: self.bus,
+            machine: Arc::new(self.machine),
+            on_running: None,
+            clock: GuestClock::restore(self.tsc_khz, &self.clock).expect("infallible"),
+            paused: Some(self.clock),
+            lifecycle: Lifecycle::Running,
+            identity: self.identity,
+            cpu: self.cpu,
+            config: self.config,
             tap: self.tap,
             tsc_khz: self.tsc_khz,
             started: None,
