@@ -228,8 +228,13 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(1);
             }
             self.fd.set_sync_valid_reg(SyncReg::Register);
+            // A KVM_RUN with immediate_exit set (by the kick, or above)
+            // runs no guest code: the guest last ran before it.
+            let enters = self.fd.get_kvm_run().immediate_exit == 0;
             let result = self.fd.run();
-            self.left_guest = Instant::now();
+            if enters {
+                self.left_guest = Instant::now();
+            }
             let exit = match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if bus.pio_write(port, data) {

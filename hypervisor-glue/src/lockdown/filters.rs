@@ -192,21 +192,14 @@ fn masked(arg: u8, mask: u64, v: u64) -> Cond {
 /// A rule: all its conditions hold.
 type Rule = Vec<Cond>;
 
-fn rule(conds: Vec<Cond>) -> Rule {
-    conds
-}
-
 /// `ioctl` with one of `requests` as its request.
 fn ioctls(requests: &[u64]) -> Vec<Rule> {
-    requests.iter().map(|&r| rule(vec![eq32(1, r)])).collect()
+    requests.iter().map(|&r| vec![eq32(1, r)]).collect()
 }
 
 /// `prctl` options a thread may use.
 fn prctls(options: &[i32]) -> Vec<Rule> {
-    options
-        .iter()
-        .map(|&o| rule(vec![eq(0, o as u64)]))
-        .collect()
+    options.iter().map(|&o| vec![eq(0, o as u64)]).collect()
 }
 
 /// `fcntl` commands a thread may use (no locks, no owner or lease changes).
@@ -219,7 +212,7 @@ fn fcntls() -> Vec<Rule> {
         libc::F_DUPFD_CLOEXEC,
     ]
     .iter()
-    .map(|&c| rule(vec![eq32(1, c as u64)]))
+    .map(|&c| vec![eq32(1, c as u64)])
     .collect()
 }
 
@@ -227,9 +220,9 @@ fn fcntls() -> Vec<Rule> {
 /// process too (the teardown helper, which shares this one's memory).
 fn clones(fork: bool) -> Vec<Rule> {
     let thread = libc::CLONE_THREAD as u64;
-    let mut rules = vec![rule(vec![masked(0, thread, thread)])];
+    let mut rules = vec![vec![masked(0, thread, thread)]];
     if fork {
-        rules.push(rule(vec![masked(0, thread, 0)]));
+        rules.push(vec![masked(0, thread, 0)]);
     }
     rules
 }
@@ -256,7 +249,7 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<Rule>> {
     // Signals to this process only (a failpoint's kill -9 of itself).
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() } as u64;
-    add(libc::SYS_kill, vec![rule(vec![eq32(0, me)])]);
+    add(libc::SYS_kill, vec![vec![eq32(0, me)]]);
     // The stop-and-copy runs real-time (`sched::Urgent`), the bulk copy
     // idle (`sched::Background`), and back: no other policy, and no
     // real-time priority inherited by a new thread.
@@ -268,7 +261,7 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<Rule>> {
             libc::SCHED_IDLE,
         ]
         .iter()
-        .map(|&p| rule(vec![eq32(1, p as u64)]))
+        .map(|&p| vec![eq32(1, p as u64)])
         .collect(),
     );
     // Only ever adds restrictions: a thread started after the lockdown
@@ -290,7 +283,7 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<Rule>> {
             add(libc::SYS_msync, vec![]);
             // The control socket's name, removed at the end (only there).
             if let Some(fd) = unlink_dir {
-                add(libc::SYS_unlinkat, vec![rule(vec![eq32(0, fd as u64)])]);
+                add(libc::SYS_unlinkat, vec![vec![eq32(0, fd as u64)]]);
             }
         }
         Role::Net => {
@@ -312,8 +305,8 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<Rule>> {
             add(
                 libc::SYS_socket,
                 vec![
-                    rule(vec![eq(0, libc::AF_INET as u64)]),
-                    rule(vec![eq(0, libc::AF_INET6 as u64)]),
+                    vec![eq(0, libc::AF_INET as u64)],
+                    vec![eq(0, libc::AF_INET6 as u64)],
                 ],
             );
             add(libc::SYS_connect, vec![]);
@@ -323,7 +316,7 @@ fn allowed(role: Role, unlink_dir: Option<i32>) -> BTreeMap<i64, Vec<Rule>> {
             // copy (`sched::Quick`). The attribute is a pointer, so its
             // policy cannot be checked here: only this role may, and with
             // no flags.
-            add(libc::SYS_sched_setattr, vec![rule(vec![eq(2, 0)])]);
+            add(libc::SYS_sched_setattr, vec![vec![eq(2, 0)]]);
             add(libc::SYS_clone, clones(false));
         }
         Role::Signals => {

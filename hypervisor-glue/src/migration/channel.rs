@@ -555,16 +555,22 @@ impl Channel {
     }
 
     /// Splits the channel into its socket and its keys, to hand it on.
-    /// Bytes read ahead are dropped: the protocol hands a channel on
-    /// between the source's Open and the destination's answer, when the
-    /// source sends nothing (a peer that did would find the session's
-    /// records out of order, and it ended).
-    pub fn export(mut self) -> (TcpStream, SessionKeys) {
+    /// The protocol hands a channel on between the source's Open and the
+    /// destination's answer, when the source sends nothing: bytes already
+    /// read past Open are the peer breaking the protocol, refused here
+    /// (they could not be handed on with the socket).
+    pub fn export(mut self) -> Result<(TcpStream, SessionKeys), ChannelError> {
+        if self.inpos < self.inend {
+            return Err(ChannelError::Message(WireError::Invalid(format!(
+                "{} bytes sent before the answer to Open",
+                self.inend - self.inpos
+            ))));
+        }
         let keys = SessionKeys {
             send: self.send.take().map(|c| (c.raw, c.counter)),
             recv: self.recv.take().map(|c| (c.raw, c.counter)),
         };
-        (self.stream, keys)
+        Ok((self.stream, keys))
     }
 
     /// A channel from a socket and keys handed on by [`Channel::export`]
@@ -825,7 +831,7 @@ mod tests {
         let (addr, t) = serve(|s| {
             let mut ch = Channel::accept(s, &key(1)).unwrap();
             assert_eq!(ch.recv().unwrap(), Message::CaptureOn);
-            let (stream, keys) = ch.export();
+            let (stream, keys) = ch.export().unwrap();
             let mut ch = Channel::from_parts(stream, &keys).unwrap();
             ch.send(&Message::CaptureOn).unwrap();
             ch.recv().map(|m| m.name())
@@ -835,6 +841,26 @@ mod tests {
         assert_eq!(ch.recv().unwrap(), Message::CaptureOn);
         ch.send(&Message::StartCapture).unwrap();
         assert_eq!(t.join().unwrap().unwrap(), "StartCapture");
+    }
+
+    /// A peer that sends on before it is answered (bytes read ahead past
+    /// the message that decides the hand-off) is refused, by name, rather
+    /// than handed on with bytes the new owner would never see.
+    #[test]
+    fn a_channel_with_bytes_read_ahead_is_not_handed_on() {
+        let (addr, t) = serve(|s| {
+            let mut ch = Channel::accept(s, &key(1)).unwrap();
+            ch.authenticated();
+            // Both records are in the socket by now: one read takes both.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(ch.recv().unwrap(), Message::CaptureOn);
+            ch.export().map(|_| ()).unwrap_err().to_string()
+        });
+        let mut ch = Channel::connect(&addr, &key(1)).unwrap();
+        ch.send(&Message::CaptureOn).unwrap();
+        ch.send(&Message::StartCapture).unwrap();
+        let e = t.join().unwrap();
+        assert!(e.contains("bytes sent before the answer to Open"), "{e}");
     }
 
     #[test]

@@ -488,7 +488,7 @@ impl Receiver {
             ApiFor::Fixed(a) => a.clone(),
             ApiFor::PerVm(dir) => Some(dir.join(format!("{}.sock", open.vm))),
         };
-        let (stream, keys) = ch.export();
+        let (stream, keys) = ch.export().map_err(std::io::Error::other)?;
         let (ours, theirs) = seqpacket_pair()?;
         let handoff = Handoff {
             keys: SessionKeys {

@@ -153,7 +153,7 @@ impl Incoming {
     /// card, the interrupt controllers, the vCPU's segment registers and
     /// registers. The state must be the VM announced (identity,
     /// configuration) at the generation before this one.
-    pub fn load(self, st: &VmState, console: Console) -> Result<Loading, Error> {
+    pub fn load(mut self, st: &VmState, console: Console) -> Result<Loading, Error> {
         check_layout(&st.config, &st.memory)?;
         check_cpu(&st.cpu, &self.host)?;
         if st.config != self.config {
@@ -172,7 +172,7 @@ impl Incoming {
                 self.identity.generation.wrapping_sub(1)
             )));
         }
-        let net = match (&st.net, self.net) {
+        let net = match (&st.net, self.net.take()) {
             (Some(ns), Some(card)) => Some(VirtioNet::restore(
                 NetRestore {
                     card,
@@ -191,18 +191,11 @@ impl Incoming {
         kvm::restore_vcpu_front(&self.fd, &st.vcpu, Some(&self.fresh))?;
         let console = Console::restore(console.into_output(), &st.console).expect("infallible");
         Ok(Loading {
-            mem: self.mem,
-            machine: self.machine,
-            fd: self.fd,
-            fresh: self.fresh,
-            tsc_khz: self.tsc_khz,
-            tap: self.tap,
-            identity: self.identity,
             bus: IoBus::new(console, net),
             vcpu: st.vcpu.front(),
             clock: st.clock,
             cpu: st.cpu,
-            config: st.config.clone(),
+            incoming: self,
         })
     }
 }
@@ -210,26 +203,21 @@ impl Incoming {
 /// A VM brought in whose state is loaded but for the rest of its vCPU's
 /// ([`Incoming::load`]).
 pub struct Loading {
-    mem: GuestRam,
-    machine: Machine,
-    fd: kvm_ioctls::VcpuFd,
-    fresh: kvm::VcpuState,
-    tsc_khz: u32,
-    tap: Option<String>,
-    identity: Identity,
+    /// What was set up (its card now in `bus`; its configuration the
+    /// state's, as checked).
+    incoming: Incoming,
     bus: IoBus,
     /// The vCPU's state loaded so far (its events are set last, with the
     /// rest).
     vcpu: kvm::VcpuState,
     clock: crate::clock::ClockState,
     cpu: kvm::CpuFeatures,
-    config: ConfigState,
 }
 
 impl std::fmt::Debug for Loading {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Loading")
-            .field("config", &self.config)
+            .field("config", &self.incoming.config)
             .finish()
     }
 }
@@ -237,29 +225,30 @@ impl std::fmt::Debug for Loading {
 impl Loading {
     /// Guest memory, to fill.
     pub fn memory(&self) -> &GuestRam {
-        &self.mem
+        &self.incoming.mem
     }
 
     /// Loads the rest of the vCPU's state and gives the VM, paused:
     /// [`Vm::run`] resumes it.
     pub fn finish(self, rest: kvm::VcpuRest) -> Result<Vm, Error> {
+        let inc = self.incoming;
         let vcpu = self.vcpu.with_rest(rest);
-        kvm::restore_vcpu_rest(&self.machine.kvm, &self.fd, &vcpu, Some(&self.fresh))?;
+        kvm::restore_vcpu_rest(&inc.machine.kvm, &inc.fd, &vcpu, Some(&inc.fresh))?;
         Ok(Vm {
-            vcpu: Vcpu::new(self.fd),
+            vcpu: Vcpu::new(inc.fd),
             bus: self.bus,
-            machine: Arc::new(self.machine),
+            machine: Arc::new(inc.machine),
             on_running: None,
-            clock: GuestClock::restore(self.tsc_khz, &self.clock).expect("infallible"),
+            clock: GuestClock::restore(inc.tsc_khz, &self.clock).expect("infallible"),
             paused: Some(self.clock),
             lifecycle: Lifecycle::Running,
-            identity: self.identity,
+            identity: inc.identity,
             cpu: self.cpu,
-            config: self.config,
-            tap: self.tap,
-            tsc_khz: self.tsc_khz,
+            config: inc.config,
+            tap: inc.tap,
+            tsc_khz: inc.tsc_khz,
             started: None,
-            mem: self.mem,
+            mem: inc.mem,
         })
     }
 }
